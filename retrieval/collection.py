@@ -1,0 +1,292 @@
+"""An index directory as one object: the metadata store, the vector caches and the model.
+
+This is the library's entry point (`retrieval.open_index`). The store is the truth; each
+kind's FAISS file is a cache checked against the store's generation when opened, synced
+by id when behind, and rebuilt when damaged.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import LOCK_NAME, default_index_dir, default_model
+from .errors import EmptyIndex, IndexInUse, IndexReadOnly, ModelMismatch, ModelUnavailable
+from .store import ModelManifest, Store
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .encoder import Encoder, ModelSource
+    from .indexer import IndexReport
+    from .search import Result
+    from .vectors import VectorIndex
+
+log = logging.getLogger("mmsearch")
+
+KINDS = ("image", "text")
+
+
+class Collection:
+    """An open index: add files or texts, search by text, image or vector, embed."""
+
+    def __init__(self, directory: Path, store: Store, model: str | None = None,
+                 pretrained: str | None = None, device: str = "auto") -> None:
+        self.directory = directory
+        self.store = store
+        self.device = device
+        self._requested = (model, pretrained)
+        self._encoder: Encoder | None = None
+        self._vectors: dict[str, VectorIndex] = {}
+        self._dirty: set[str] = set()
+
+    # --- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, directory: str | Path | None = None, *, model: str | None = None,
+             pretrained: str | None = None, device: str = "auto", create: bool = True) -> Collection:
+        """Open the index at `directory` (default: MMSEARCH_INDEX or the per-user data dir).
+
+        `model`/`pretrained` name the model for a new index; on an existing one they must
+        match the recorded model (ModelMismatch) or may be left out.
+        """
+        path = Path(directory).expanduser().resolve() if directory else default_index_dir()
+        return cls(path, Store.open(path, create=create), model, pretrained, device)
+
+    def close(self) -> None:
+        """Release the database; vectors not yet saved are rebuilt from it next time."""
+        self.store.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- model ------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> ModelManifest | None:
+        """The model that built this index (None while it is empty and new)."""
+        return self.store.manifest()
+
+    def _source(self) -> ModelSource:
+        """The model to use: the recorded one, checked against any model asked for."""
+        from .encoder import model_key, resolve_model
+
+        manifest = self.manifest
+        name, pretrained = self._requested
+        if manifest is None:
+            if name is None:
+                name, default_pretrained = default_model()
+                pretrained = pretrained or default_pretrained
+            return resolve_model(name, pretrained)
+        if name is not None and model_key(name) != manifest.name:
+            raise ModelMismatch(f"this index was built with {manifest.describe()}, not {name}; "
+                                "use the same model or another --index")
+        if pretrained is not None:
+            source = resolve_model(manifest.name, pretrained)
+            if (source.sha256 or source.pretrained) != (manifest.checkpoint_sha256 or manifest.pretrained):
+                raise ModelMismatch(f"this index was built with {manifest.describe()}, not weights {pretrained}; "
+                                    "use the same model or another --index")
+            return source
+        if manifest.checkpoint_sha256 and manifest.pretrained and not Path(manifest.pretrained).is_file():
+            raise ModelUnavailable(f"the checkpoint this index was built with is missing: {manifest.pretrained}")
+        return resolve_model(manifest.name, manifest.pretrained)
+
+    @property
+    def encoder(self) -> Encoder:
+        """The torch encoder of this index's model, loaded on first use."""
+        if self._encoder is None:
+            from .encoder import load_source
+
+            self._encoder = load_source(self._source(), self.device)
+        return self._encoder
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalized float32 [n, dim] embeddings of texts with this index's model."""
+        return self.encoder.embed_texts(list(texts))
+
+    def embed_query_text(self, text: str) -> np.ndarray:
+        """The unit vector of one query text."""
+        return self.embed_texts([text])[0]
+
+    def embed_images(self, images: Sequence[Image.Image | str | Path]) -> np.ndarray:
+        """L2-normalized float32 [n, dim] embeddings of PIL images or image files."""
+        return self.encoder.embed_images(list(images))
+
+    # --- writing ----------------------------------------------------------------------------
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the index's write lock (IndexInUse if another process has it) and save on exit."""
+        try:
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise IndexReadOnly(f"index directory {self.directory} is not writable: {exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise IndexInUse(f"index {self.directory} is in use by another `mmsearch index`; "
+                                     "try again when it finishes") from None
+                raise
+            if not os.access(self.directory, os.W_OK):
+                raise IndexReadOnly(f"index directory {self.directory} is read-only")
+            try:
+                yield
+            finally:
+                self.save()
+        finally:
+            os.close(fd)
+
+    def claim_model(self) -> Encoder:
+        """Load the encoder and record (or check) it as this index's model."""
+        encoder = self.encoder
+        self.store.claim_model(encoder.manifest)
+        return encoder
+
+    def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:
+        """Index image files/folders and text corpora (incremental); see `indexer.index_paths`.
+
+        With no paths, re-scans every root indexed before.
+        """
+        from .indexer import index_paths
+
+        with self.writing():
+            return index_paths(self, [str(p) for p in paths], **options)
+
+    def add_texts(self, texts: Sequence[str], source: str) -> IndexReport:
+        """Index texts that live in no file, under the name `source` (replacing earlier ones)."""
+        from .indexer import index_texts
+
+        with self.writing():
+            return index_texts(self, list(texts), source)
+
+    def apply(self, ids: dict[str, np.ndarray], vecs: dict[str, np.ndarray], gone: dict[str, np.ndarray]) -> None:
+        """Mirror one committed store batch into the vector caches."""
+        for kind, removed in gone.items():
+            if len(removed):
+                self.vectors(kind).remove(removed)
+                self._dirty.add(kind)
+        for kind, new in ids.items():
+            self.vectors(kind).add(new, vecs[kind])
+            self._dirty.add(kind)
+
+    def save(self) -> None:
+        """Atomically write every changed vector cache, re-laid out when it outgrew its layout."""
+        generation = self.store.generation()
+        for kind in sorted(self._dirty):
+            index = self._vectors[kind]
+            if index.needs_rebuild():
+                index = self._vectors[kind] = self._build(kind)
+            index.save(self._vector_path(kind), generation)
+        self._dirty.clear()
+
+    def reindex(self, layout: str | None = None) -> dict[str, str]:
+        """Rebuild every vector cache from the store (forcing a FAISS `layout` if given)."""
+        with self.writing():
+            for kind in KINDS:
+                self._vectors[kind] = self._build(kind, layout)
+                self._dirty.add(kind)
+        return {kind: self._vectors[kind].layout for kind in KINDS}
+
+    # --- vector caches ----------------------------------------------------------------------
+
+    def _vector_path(self, kind: str) -> Path:
+        return self.directory / f"vectors-{kind}.faiss"
+
+    def _dim(self) -> int:
+        manifest = self.manifest
+        if manifest is None:
+            raise EmptyIndex(f"index {self.directory} is empty: run `mmsearch index PATH` first")
+        return manifest.dim
+
+    def _build(self, kind: str, layout: str | None = None) -> VectorIndex:
+        from .vectors import VectorIndex  # faiss loads only when vectors are needed
+
+        chunks = list(self.store.vectors(kind))
+        dim = self._dim()
+        ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
+        vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
+        return VectorIndex.build(ids, vecs, dim, layout)
+
+    def vectors(self, kind: str) -> VectorIndex:
+        """The FAISS cache of one kind, loaded and brought up to date with the store."""
+        if kind in self._vectors:
+            return self._vectors[kind]
+        from .vectors import VectorFileDamaged, VectorIndex
+
+        generation = self.store.generation()
+        path = self._vector_path(kind)
+        try:
+            index, saved = VectorIndex.load(path, self._dim())
+        except VectorFileDamaged as exc:
+            if path.exists():
+                log.warning("vector file %s is damaged (%s); rebuilding it from the database", path.name, exc)
+            index, saved = self._build(kind), -1
+            self._dirty.add(kind)
+        if saved != generation and saved != -1:
+            self._sync(kind, index)
+        self._vectors[kind] = index
+        return index
+
+    def _sync(self, kind: str, index: VectorIndex) -> None:
+        """Bring a cache that lags the store (a crash between commit and save) up to date by id."""
+        have, want = index.ids(), self.store.item_ids(kind)
+        extra = np.setdiff1d(have, want, assume_unique=True)
+        missing = np.setdiff1d(want, have, assume_unique=True)
+        if len(extra):
+            index.remove(extra)
+        for ids, vecs in self.store.vectors(kind, missing):
+            index.add(ids, vecs)
+        if len(extra) or len(missing):
+            log.info("vector cache %s: %d added, %d removed to match the database", kind, len(missing), len(extra))
+            self._dirty.add(kind)
+
+    # --- searching --------------------------------------------------------------------------
+
+    def search(self, query: str | Path | Image.Image | np.ndarray, **options: Any) -> list[Result]:
+        """Search by text, image (path or PIL image) or vector; see `search.search`."""
+        from .search import search
+
+        return search(self, query, **options)
+
+    def info(self) -> dict[str, Any]:
+        """Index path, model, counts per kind, FAISS layouts and size on disk."""
+        counts = self.store.counts()
+        manifest = self.manifest
+        size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+        layouts = {}
+        if manifest is not None:
+            for kind in KINDS:
+                if counts.get(kind):
+                    layouts[kind] = self.vectors(kind).layout
+        return {
+            "index": str(self.directory),
+            "model": None if manifest is None else {
+                "name": manifest.name, "pretrained": manifest.pretrained,
+                "checkpoint_sha256": manifest.checkpoint_sha256, "dim": manifest.dim,
+            },
+            "images": counts.get("image", 0),
+            "texts": counts.get("text", 0),
+            "files": counts["files"],
+            "failures": counts["failures"],
+            "layouts": layouts,
+            "roots": self.store.roots(),
+            "size_bytes": size,
+        }
+
+
+def open_index(directory: str | Path | None = None, **options: Any) -> Collection:
+    """Open (or create) an index; see `Collection.open`."""
+    return Collection.open(directory, **options)

@@ -1,0 +1,274 @@
+"""CLIP encoders: resolving a model offline-safely and embedding texts and pixels.
+
+`resolve_model` finds weights without torch (bundled config, local checkpoint, or the hub
+cache) and fails in seconds with a fix when they cannot be had. `load_encoder` builds the
+open_clip model; torch is imported only there. Knows nothing of SQLite, FAISS or click.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import BUNDLED_DIR
+from .errors import ModelUnavailable
+from .images import Geometry, fit, open_image
+from .store import ModelManifest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger("mmsearch")
+
+#: Values of --pretrained that mean "no weights": a seeded random init, for benchmarks.
+RANDOM_WEIGHTS = ("random", "none")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_HUB_HOST = ("huggingface.co", 443)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's config and weights come from, resolved without torch."""
+
+    name: str  # as recorded in the index: an open_clip name, a bundled name, or a config file path
+    arch: str  # the name open_clip knows the architecture by
+    pretrained: str | None  # hub tag, absolute checkpoint path, or "random"
+    checkpoint: Path | None  # a local file to load, when there is one
+    sha256: str | None
+    config: Path | None  # an open_clip model config shipped outside open_clip (bundled models)
+    hub_cfg: dict[str, Any] | None = None  # open_clip's pretrained config, for a tag
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's content, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped in index_data/ (an open_clip config + a checkpoint each)."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.json") if (BUNDLED_DIR / f"{p.stem}.pt").exists())
+
+
+def _looks_like_path(value: str) -> bool:
+    return os.sep in value or value.startswith(".") or value.lower().endswith(_CHECKPOINT_SUFFIXES)
+
+
+def _hub_cached_file(hub_cfg: dict[str, Any]) -> Path | None:
+    """The locally cached weights of an open_clip tag, or None (never touches the network)."""
+    if hub_cfg.get("hf_hub"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        # open_clip writes 'org/repo/' (default file names) or 'org/repo/file.bin'.
+        repo, filename = os.path.split(hub_cfg["hf_hub"])
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for fname in names:
+            found = try_to_load_from_cache(repo, fname)
+            if isinstance(found, str):
+                return Path(found)
+    if hub_cfg.get("url"):
+        target = Path("~/.cache/clip").expanduser() / os.path.basename(hub_cfg["url"])
+        if target.exists():
+            return target
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("MMSEARCH_OFFLINE"):
+        return False
+    try:
+        socket.create_connection(_HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def model_key(name: str) -> str:
+    """The name an index records for a model: config files by absolute path, others as given."""
+    return str(Path(name).expanduser().resolve()) if name.lower().endswith(".json") else name
+
+
+def resolve_model(name: str, pretrained: str | None) -> ModelSource:
+    """Find a model's config and weights; raise ModelUnavailable (fast, with a fix) if impossible.
+
+    `name` is an open_clip architecture, a model bundled in index_data/, or the path of an
+    open_clip model config (.json) for a custom architecture.
+    """
+    config: Path | None = None
+    if name.lower().endswith(".json"):
+        config = Path(model_key(name))
+        if not config.is_file():
+            raise ModelUnavailable(f"model config not found: {name}")
+        name = str(config)
+    elif (BUNDLED_DIR / f"{name}.json").exists():
+        config = BUNDLED_DIR / f"{name}.json"
+        if pretrained is None:
+            pretrained = str(BUNDLED_DIR / f"{name}.pt")
+    arch = config.stem if config else name
+    if config is None:
+        import open_clip
+
+        if name not in open_clip.list_models():
+            raise ModelUnavailable(
+                f"unknown model {name!r}: use an open_clip architecture such as ViT-B-32, "
+                f"or a bundled model ({', '.join(bundled_models()) or 'none installed'})"
+            )
+    if pretrained is None or pretrained.lower() in RANDOM_WEIGHTS:
+        return ModelSource(name, arch, "random", None, None, config)
+    if _looks_like_path(pretrained) or Path(pretrained).exists():
+        path = Path(pretrained).expanduser().resolve()
+        if not path.is_file():
+            raise ModelUnavailable(f"checkpoint not found: {path}")
+        return ModelSource(name, arch, str(path), path, sha256_file(path), config)
+    import open_clip
+
+    hub_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not hub_cfg:
+        raise ModelUnavailable(
+            f"unknown pretrained tag {pretrained!r} for {name}; pass an open_clip tag or a local checkpoint file"
+        )
+    cached = _hub_cached_file(hub_cfg)
+    if cached is None and not _hub_reachable():
+        raise ModelUnavailable(
+            f"weights for {name}/{pretrained} are not cached and the model hub cannot be reached: "
+            "run once with internet access, or pass --pretrained /path/to/checkpoint "
+            "(or try the bundled --model shapes-mini)"
+        )
+    return ModelSource(name, arch, pretrained, cached, None, config, hub_cfg)
+
+
+def pick_device(device: str) -> str:
+    """'auto' → 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailable("--device cuda asked for, but torch sees no CUDA GPU (use --device cpu)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelUnavailable(f"unknown device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+class Encoder:
+    """An open_clip model ready to embed texts and images as L2-normalized float32 arrays."""
+
+    def __init__(self, model: Any, tokenizer: Any, manifest: ModelManifest, geometry: Geometry,
+                 mean: Sequence[float], std: Sequence[float], device: str) -> None:
+        import torch
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.geometry = geometry
+        self.device = device
+        self.context_length: int = int(tokenizer.context_length)
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(shape) * 255.0
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(shape) * 255.0
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return self.manifest.dim
+
+    def _autocast(self) -> Any:
+        import torch
+
+        if self.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cpu", enabled=False)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Embed texts (truncated to the model's context); returns float32 [n, dim], unit norm."""
+        import torch
+
+        out = [np.zeros((0, self.dim), np.float32)]
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+                out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed uint8 [n, size, size, 3] pixels (from `images.fit`); returns float32 [n, dim], unit norm."""
+        import torch
+
+        batch = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.startswith("cuda"):
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast():
+            x = (batch.permute(0, 3, 1, 2).float() - self._mean) / self._std
+            return self.model.encode_image(x, normalize=True).float().cpu().numpy()
+
+    def embed_images(self, images: Sequence[Image.Image | str | Path], batch_size: int = 64) -> np.ndarray:
+        """Embed PIL images or image files; returns float32 [n, dim], unit norm.
+
+        Raises OSError/ValueError for an unreadable file; the indexer uses `images.decode_file` instead.
+        """
+        out = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = [fit(open_image(im) if isinstance(im, (str, Path)) else _rgb(im), self.geometry) for im in chunk]
+            out.append(self.embed_pixels(np.stack(pixels)))
+        return np.concatenate(out)
+
+    def count_tokens(self, text: str) -> int:
+        """BPE tokens including start/end markers; above `context_length` the text is truncated."""
+        encode = getattr(self.tokenizer, "encode", None)
+        return len(encode(text)) + 2 if encode else 0
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    from .images import to_rgb
+
+    return to_rgb(img)
+
+
+def load_encoder(name: str, pretrained: str | None, device: str = "auto") -> Encoder:
+    """Resolve and load an open_clip model; raises ModelUnavailable with a fix when it can't."""
+    source = resolve_model(name, pretrained)
+    return load_source(source, device)
+
+
+def load_source(source: ModelSource, device: str = "auto") -> Encoder:
+    """Build the torch model for a resolved source (imports torch and open_clip)."""
+    import open_clip
+    import torch
+
+    device = pick_device(device)
+    if source.config is not None:
+        open_clip.add_model_config(source.config)
+    kwargs: dict[str, Any] = {}
+    if source.hub_cfg:
+        kwargs = {"image_mean": source.hub_cfg.get("mean"), "image_std": source.hub_cfg.get("std")}
+    if source.pretrained == "random":
+        torch.manual_seed(0)  # the same random weights in every process, so index and query agree
+        weights = None
+    else:
+        weights = str(source.checkpoint) if source.checkpoint else source.pretrained
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(source.arch, pretrained=weights, device="cpu", **kwargs)
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        raise ModelUnavailable(f"cannot load {source.arch} weights {weights}: {str(exc).splitlines()[0]}") from None
+    model = model.to(device).eval()
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
+    with torch.inference_mode():
+        dim = int(model.encode_text(open_clip.get_tokenizer(source.arch)(["a"]).to(device)).shape[-1])
+    manifest = ModelManifest(source.name, source.pretrained, source.sha256, dim)
+    geometry = Geometry(int(size), "squash" if cfg.get("resize_mode") == "squash" else "shortest")
+    return Encoder(model, open_clip.get_tokenizer(source.arch), manifest, geometry, cfg["mean"], cfg["std"], device)

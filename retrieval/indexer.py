@@ -1,0 +1,254 @@
+"""The incremental indexing pipeline: scan → diff against the store → embed in batches → commit.
+
+Each batch is one store transaction followed by the matching vector-cache update, so a
+crash loses at most the batch in flight. Files are recognized by size + mtime, then by
+content hash: a renamed file keeps its vectors, and a file whose root folder is missing
+(an unmounted drive) is never removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .config import kind_of
+from .encoder import sha256_file
+from .errors import PathNotFound, UnsupportedFile
+from .images import decode_many
+from .scan import Candidate, read_corpus, scan
+from .store import FileRow, NewFile
+
+if TYPE_CHECKING:
+    from .collection import Collection
+
+log = logging.getLogger("mmsearch")
+
+#: Seconds between atomic saves of the vector cache during a long run.
+SAVE_EVERY = 60.0
+
+
+@dataclass
+class IndexReport:
+    """What an `index` run did."""
+
+    added: int = 0
+    updated: int = 0
+    renamed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    texts: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    missing_roots: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the end of `mmsearch index`."""
+        line = (f"added {self.added}, updated {self.updated}, renamed {self.renamed}, "
+                f"removed {self.removed}, unchanged {self.unchanged}, skipped {self.skipped}")
+        if self.texts:
+            line += f"; {self.texts} texts"
+        if self.truncated:
+            line += f", {self.truncated} truncated to the model's context"
+        return line
+
+
+@dataclass
+class Plan:
+    """The diff of what is on disk against what the store holds."""
+
+    new: list[Candidate] = field(default_factory=list)
+    changed: list[Candidate] = field(default_factory=list)
+    moved: list[tuple[int, str, int, float]] = field(default_factory=list)
+    gone: list[FileRow] = field(default_factory=list)
+    unchanged: int = 0
+
+
+def _resolve_roots(collection: Collection, paths: Sequence[str], report: IndexReport) -> list[str]:
+    if not paths:
+        roots = []
+        for root in collection.store.roots():
+            if os.path.exists(root) and os.access(root, os.R_OK):
+                roots.append(root)
+            else:
+                report.missing_roots.append(root)
+                log.warning("indexed root %s is missing or unreadable (unmounted?): kept as it was", root)
+        return roots
+    roots = []
+    for raw in paths:
+        root = os.path.abspath(os.path.expanduser(raw))
+        if not os.path.exists(root):
+            raise PathNotFound(f"no such file or folder: {raw}")
+        if not os.access(root, os.R_OK):
+            raise PathNotFound(f"cannot read: {raw}")
+        if os.path.isfile(root) and kind_of(Path(root)) is None:
+            raise UnsupportedFile(f"not an image or a text corpus (.txt, .jsonl, .csv): {raw}")
+        roots.append(root)
+    return roots
+
+
+def plan(collection: Collection, roots: Sequence[str], report: IndexReport) -> Plan:
+    """Compare the files under `roots` with the store: new, changed, moved, gone, unchanged."""
+    result = Plan()
+    found: dict[str, Candidate] = {}
+    known: dict[str, FileRow] = {}
+    for root in roots:
+        scanned = scan(root)
+        report.failures.extend(scanned.failures)
+        found.update((c.path, c) for c in scanned.candidates)
+        known.update(collection.store.files_under(root))
+    for path, cand in found.items():
+        row = known.get(path)
+        if row is None:
+            result.new.append(cand)
+        elif (row.size, row.mtime) == (cand.size, cand.mtime):
+            result.unchanged += 1
+        elif row.size == cand.size and sha256_file_safe(path) == row.sha256:
+            result.moved.append((row.id, path, cand.size, cand.mtime))  # touched, same content
+            result.unchanged += 1
+        else:
+            result.changed.append(cand)
+    gone = [row for path, row in known.items() if path not in found]
+    # A rename keeps size and content: hash only new files whose size matches a vanished one.
+    by_key = {(row.size, row.sha256): row for row in gone}
+    sizes = {row.size for row in gone}
+    still_new = []
+    for cand in result.new:
+        row = by_key.pop((cand.size, sha256_file_safe(cand.path)), None) if cand.size in sizes else None
+        if row is not None and row.kind == cand.kind:
+            result.moved.append((row.id, cand.path, cand.size, cand.mtime))
+            report.renamed += 1
+        else:
+            still_new.append(cand)
+    result.new = still_new
+    moved_ids = {m[0] for m in result.moved}
+    result.gone = [row for row in gone if row.id not in moved_ids]
+    return result
+
+
+def sha256_file_safe(path: str) -> str:
+    """Content hash, or '' when the file cannot be read (it then counts as changed)."""
+    try:
+        return sha256_file(Path(path))
+    except OSError:
+        return ""
+
+
+def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str | None = None,
+                batch_size: int = 64, workers: int | None = None, draft: bool = True,
+                progress: Callable[[int], None] | None = None,
+                on_total: Callable[[int], None] | None = None) -> IndexReport:
+    """Index files and folders incrementally; see the module docstring.
+
+    `progress(n)` is called as n more files are done; `on_total(n)` once with the number to embed.
+    Raises PathNotFound/UnsupportedFile for bad paths before changing anything.
+    """
+    report = IndexReport()
+    roots = _resolve_roots(collection, paths, report)
+    encoder = collection.claim_model()
+    work = plan(collection, roots, report)
+    report.unchanged = work.unchanged
+    report.skipped = len(report.failures)
+    collection.store.add_roots(os.path.abspath(os.path.expanduser(p)) for p in paths)
+    if work.moved or work.gone or report.failures:
+        ids, vecs, gone = collection.store.commit(
+            removed_files=[row.id for row in work.gone], moved=work.moved, failures=report.failures)
+        collection.apply(ids, vecs, gone)
+        report.removed = len(work.gone)
+    todo = work.new + work.changed
+    changed = {c.path for c in work.changed}
+    if on_total:
+        on_total(len(todo))
+    images = [c.path for c in todo if c.kind == "image"]
+    texts = [c.path for c in todo if c.kind == "text"]
+    if workers is None:
+        workers = max(1, min((os.cpu_count() or 2) - 1, 16))
+    last_save = time.monotonic()
+    batch: list = []
+
+    def flush() -> None:
+        ok = [d for d in batch if d.pixels is not None]
+        bad = [(d.path, d.error or "unreadable") for d in batch if d.pixels is None]
+        added = []
+        if ok:
+            vectors = encoder.embed_pixels(np.stack([d.pixels for d in ok]))
+            added = [NewFile(d.path, "image", d.size, d.mtime, d.sha256, [0], [None], vectors[i : i + 1])
+                     for i, d in enumerate(ok)]
+        ids, vecs, gone = collection.store.commit(added=added, failures=bad, cleared_failures=[d.path for d in ok])
+        collection.apply(ids, vecs, gone)
+        for d in ok:
+            if d.path in changed:
+                report.updated += 1
+            else:
+                report.added += 1
+        report.skipped += len(bad)
+        report.failures.extend(bad)
+        if progress:
+            progress(len(batch))
+        batch.clear()
+
+    for decoded in decode_many(images, encoder.geometry, workers, draft):
+        batch.append(decoded)
+        if len(batch) >= batch_size:
+            flush()
+            if time.monotonic() - last_save > SAVE_EVERY:
+                collection.save()
+                last_save = time.monotonic()
+    if batch:
+        flush()
+    for path in texts:
+        _index_corpus(collection, path, text_field, path in changed, report)
+        if progress:
+            progress(1)
+    return report
+
+
+def _index_corpus(collection: Collection, path: str, text_field: str | None, changed: bool, report: IndexReport) -> None:
+    try:
+        st = os.stat(path)
+        sha = sha256_file(Path(path))
+        entries, bad = read_corpus(path, text_field)
+    except OSError as exc:
+        bad_file = [(path, f"cannot read: {exc.strerror}")]
+        collection.store.commit(failures=bad_file)
+        report.failures.extend(bad_file)
+        report.skipped += 1
+        return
+    texts = [e.text for e in entries]
+    _commit_texts(collection, NewFile(path, "text", st.st_size, st.st_mtime, sha), [e.line for e in entries], texts, bad, report)
+    if changed:
+        report.updated += 1
+    else:
+        report.added += 1
+
+
+def _commit_texts(collection: Collection, file: NewFile, lines: list[int], texts: list[str],
+                  bad: list[tuple[str, str]], report: IndexReport) -> None:
+    encoder = collection.encoder
+    file.lines, file.texts = lines, list(texts)
+    file.vectors = encoder.embed_texts(texts) if texts else np.zeros((0, encoder.dim), np.float32)
+    report.truncated += sum(1 for t in texts if encoder.count_tokens(t) > encoder.context_length)
+    report.texts += len(texts)
+    report.skipped += len(bad)
+    report.failures.extend(bad)
+    ids, vecs, gone = collection.store.commit(added=[file], failures=bad, cleared_failures=[file.path])
+    collection.apply(ids, vecs, gone)
+
+
+def index_texts(collection: Collection, texts: list[str], source: str) -> IndexReport:
+    """Index texts given directly (no file), stored under `source`; replaces earlier texts of `source`."""
+    report = IndexReport()
+    collection.claim_model()
+    sha = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    kept = [(n, t) for n, t in enumerate(texts, start=1) if t.strip()]
+    _commit_texts(collection, NewFile(source, "text", 0, 0.0, sha), [n for n, _ in kept], [t for _, t in kept], [], report)
+    report.added = 1
+    return report

@@ -1,0 +1,404 @@
+"""SQLite metadata store (through SQLAlchemy): the source of truth of an index.
+
+One database per index directory holds the files seen, the items embedded from them
+(one per image, one per text line/record) with their float32 vectors, the model that
+built the index, and the failures of the last runs. Every write is one transaction;
+`generation` grows with each, so a vector cache can tell whether it is current.
+Knows nothing of torch or FAISS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .config import DB_NAME
+from .errors import IndexInUse, IndexNotFound, IndexReadOnly, MMSearchError, ModelMismatch
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the index schema (portable to PostgreSQL)."""
+
+
+class Migration(Base):
+    __tablename__ = "migrations"
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    applied_at: Mapped[float] = mapped_column(Float)
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Root(Base):
+    """A folder or file a user asked to index; re-scanned by a bare `mmsearch index`."""
+
+    __tablename__ = "roots"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String, unique=True)
+
+
+class File(Base):
+    """A file on disk: an image, or a text corpus that yields many items."""
+
+    __tablename__ = "files"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String, unique=True)
+    kind: Mapped[str] = mapped_column(String)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime: Mapped[float] = mapped_column(Float)
+    sha256: Mapped[str] = mapped_column(String, index=True)
+
+
+class Item(Base):
+    """One embedded thing; its id is the key of its vector in the FAISS cache."""
+
+    __tablename__ = "items"
+    # AUTOINCREMENT: ids are never reused, so a stale cache can never map an old id to a new item.
+    __table_args__ = {"sqlite_autoincrement": True}
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    file_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String, index=True)
+    line: Mapped[int] = mapped_column(Integer, default=0)
+    text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Failure(Base):
+    """A file (or text record) that could not be indexed, with the reason."""
+
+    __tablename__ = "failures"
+    path: Mapped[str] = mapped_column(String, primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[float] = mapped_column(Float)
+
+
+def _m0001_initial(conn: Connection) -> None:
+    Base.metadata.create_all(conn)
+
+
+#: Named schema migrations, applied once each, in order.
+MIGRATIONS = [("0001_initial", _m0001_initial)]
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """Which model built an index: vectors of two models must never be mixed."""
+
+    name: str
+    pretrained: str | None
+    checkpoint_sha256: str | None
+    dim: int
+
+    def identity(self) -> tuple[str, str | None, int]:
+        """What must match: a local checkpoint is identified by content, a hub tag by name."""
+        return (self.name, self.checkpoint_sha256 or self.pretrained, self.dim)
+
+    def describe(self) -> str:
+        """Human-readable model description for errors and `info`."""
+        weights = self.pretrained or "random"
+        if self.checkpoint_sha256:
+            weights = f"{weights} (sha256 {self.checkpoint_sha256[:12]})"
+        return f"{self.name} / {weights}, dim {self.dim}"
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """A file as last indexed."""
+
+    id: int
+    path: str
+    kind: str
+    size: int
+    mtime: float
+    sha256: str
+
+
+@dataclass
+class NewFile:
+    """A file to insert (or replace) with the items embedded from it."""
+
+    path: str
+    kind: str
+    size: int
+    mtime: float
+    sha256: str
+    lines: list[int] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """What a search result shows about an item."""
+
+    id: int
+    kind: str
+    path: str
+    line: int
+    text: str | None
+
+
+def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers never block the writer and a crash rolls back to the last commit.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+class Store:
+    """The metadata database of one index directory."""
+
+    def __init__(self, engine: Engine, directory: Path) -> None:
+        self.engine = engine
+        self.directory = directory
+
+    @classmethod
+    def open(cls, directory: Path, *, create: bool) -> Store:
+        """Open (and with `create`, create and migrate) the database in `directory`."""
+        db = directory / DB_NAME
+        if not db.exists():
+            if not create:
+                raise IndexNotFound(f"no index at {directory} (run `mmsearch index PATH` first, or pass --index)")
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise IndexReadOnly(f"cannot create index directory {directory}: {exc.strerror}") from None
+        engine = create_engine(f"sqlite:///{db}")
+        event.listen(engine, "connect", _sqlite_pragmas)
+        store = cls(engine, directory)
+        try:
+            store._migrate()
+        except OperationalError as exc:
+            raise _operational_error(exc, directory) from None
+        return store
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.engine.dispose()
+
+    def _migrate(self) -> None:
+        with self.engine.begin() as conn:
+            Migration.__table__.create(conn, checkfirst=True)
+            done = set(conn.scalars(select(Migration.name)))
+            for name, step in MIGRATIONS:
+                if name not in done:
+                    step(conn)
+                    conn.execute(insert(Migration).values(name=name, applied_at=time.time()))
+
+    # --- meta -------------------------------------------------------------------------------
+
+    def _get_meta(self, conn: Connection, key: str) -> str | None:
+        return conn.scalar(select(Meta.value).where(Meta.key == key))
+
+    def _set_meta(self, conn: Connection, key: str, value: str) -> None:
+        conn.execute(delete(Meta).where(Meta.key == key))
+        conn.execute(insert(Meta).values(key=key, value=value))
+
+    def manifest(self) -> ModelManifest | None:
+        """The model recorded by the first `index` run, or None for a new index."""
+        with self.engine.connect() as conn:
+            raw = self._get_meta(conn, "model")
+        return ModelManifest(**json.loads(raw)) if raw else None
+
+    def claim_model(self, manifest: ModelManifest) -> None:
+        """Record the index's model, or refuse a different one (ModelMismatch)."""
+        with self.engine.begin() as conn:
+            raw = self._get_meta(conn, "model")
+            if raw is None:
+                self._set_meta(conn, "model", json.dumps(asdict(manifest)))
+                return
+        current = ModelManifest(**json.loads(raw))
+        if current.identity() != manifest.identity():
+            raise ModelMismatch(
+                f"this index was built with {current.describe()}, not {manifest.describe()}; "
+                "use the same model or another --index"
+            )
+
+    def generation(self) -> int:
+        """Counter bumped by every write; the vector cache records the one it reflects."""
+        with self.engine.connect() as conn:
+            return int(self._get_meta(conn, "generation") or 0)
+
+    def _bump(self, conn: Connection) -> None:
+        value = int(self._get_meta(conn, "generation") or 0) + 1
+        self._set_meta(conn, "generation", str(value))
+
+    # --- roots and files --------------------------------------------------------------------
+
+    def add_roots(self, paths: Iterable[str]) -> None:
+        """Remember folders/files the user indexed so a bare `index` re-scans them."""
+        with self.engine.begin() as conn:
+            known = set(conn.scalars(select(Root.path)))
+            for path in paths:
+                if path not in known:
+                    conn.execute(insert(Root).values(path=path))
+
+    def roots(self) -> list[str]:
+        """Every root indexed so far."""
+        with self.engine.connect() as conn:
+            return list(conn.scalars(select(Root.path).order_by(Root.path)))
+
+    def files_under(self, root: str) -> dict[str, FileRow]:
+        """Files recorded at `root` (a file) or below it (a folder), by path."""
+        prefix = root.rstrip(os.sep) + os.sep
+        stmt = select(File).where((File.path == root) | (func.substr(File.path, 1, len(prefix)) == prefix))
+        with self.engine.connect() as conn:
+            return {r.path: FileRow(r.id, r.path, r.kind, r.size, r.mtime, r.sha256) for r in conn.execute(stmt)}
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def commit(
+        self,
+        added: Iterable[NewFile] = (),
+        removed_files: Iterable[int] = (),
+        moved: Iterable[tuple[int, str, int, float]] = (),
+        failures: Iterable[tuple[str, str]] = (),
+        cleared_failures: Iterable[str] = (),
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Apply one batch of changes in one transaction.
+
+        `added` files replace any earlier file of the same path; `moved` is (file id, new
+        path, size, mtime) for a file recognized by content. Returns, per kind, the new item
+        ids, their vectors, and the item ids that were deleted, for the vector cache.
+        """
+        new_ids: dict[str, list[int]] = {}
+        new_vecs: dict[str, list[np.ndarray]] = {}
+        gone: dict[str, list[int]] = {}
+        with self.engine.begin() as conn:
+            for file_id, path, size, mtime in moved:
+                conn.execute(update(File).where(File.id == file_id).values(path=path, size=size, mtime=mtime))
+            removed = list(removed_files)
+            for nf in added:
+                old = conn.scalar(select(File.id).where(File.path == nf.path))
+                if old is not None:
+                    removed.append(old)
+            if removed:
+                for kind, item_id in conn.execute(select(Item.kind, Item.id).where(Item.file_id.in_(removed))):
+                    gone.setdefault(kind, []).append(item_id)
+                conn.execute(delete(Item).where(Item.file_id.in_(removed)))
+                conn.execute(delete(File).where(File.id.in_(removed)))
+            for nf in added:
+                file_id = conn.execute(
+                    insert(File).values(path=nf.path, kind=nf.kind, size=nf.size, mtime=nf.mtime, sha256=nf.sha256)
+                ).inserted_primary_key[0]
+                if nf.vectors is None or not len(nf.lines):
+                    continue
+                vectors = np.ascontiguousarray(nf.vectors, dtype=np.float32)
+                for line, text, vec in zip(nf.lines, nf.texts, vectors):
+                    item_id = conn.execute(
+                        insert(Item).values(file_id=file_id, kind=nf.kind, line=line, text=text, vector=vec.tobytes())
+                    ).inserted_primary_key[0]
+                    new_ids.setdefault(nf.kind, []).append(item_id)
+                    new_vecs.setdefault(nf.kind, []).append(vec)
+            now = time.time()
+            for path in cleared_failures:
+                conn.execute(delete(Failure).where(Failure.path == path))
+            for path, reason in failures:
+                conn.execute(delete(Failure).where(Failure.path == path))
+                conn.execute(insert(Failure).values(path=path, reason=reason, at=now))
+            self._bump(conn)
+        ids = {k: np.asarray(v, dtype=np.int64) for k, v in new_ids.items()}
+        vecs = {k: np.stack(v) for k, v in new_vecs.items()}
+        return ids, vecs, {k: np.asarray(v, dtype=np.int64) for k, v in gone.items()}
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def item_ids(self, kind: str) -> np.ndarray:
+        """Every item id of one kind, ascending."""
+        with self.engine.connect() as conn:
+            ids = list(conn.scalars(select(Item.id).where(Item.kind == kind).order_by(Item.id)))
+        return np.asarray(ids, dtype=np.int64)
+
+    def vectors(self, kind: str, ids: np.ndarray | None = None, chunk: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, float32 vectors) of one kind in chunks; all items, or only `ids`."""
+        with self.engine.connect() as conn:
+            if ids is None:
+                result = conn.execute(select(Item.id, Item.vector).where(Item.kind == kind).order_by(Item.id))
+                batches: Iterable[list] = iter(lambda: result.fetchmany(chunk), [])
+            else:
+                wanted = [int(i) for i in ids]
+                batches = (
+                    list(conn.execute(select(Item.id, Item.vector).where(Item.id.in_(wanted[i : i + chunk]))))
+                    for i in range(0, len(wanted), chunk)
+                )
+            for rows in batches:
+                if rows:
+                    yield (
+                        np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
+                        np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]),
+                    )
+
+    def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
+        """Display rows for item ids that still exist (a missing id is simply absent)."""
+        wanted = [int(i) for i in ids]
+        stmt = (
+            select(Item.id, Item.kind, File.path, Item.line, Item.text)
+            .join(File, File.id == Item.file_id)
+            .where(Item.id.in_(wanted))
+        )
+        with self.engine.connect() as conn:
+            return {r.id: ItemRow(r.id, r.kind, r.path, r.line, r.text) for r in conn.execute(stmt)}
+
+    def ids_under(self, folder: str, kind: str) -> np.ndarray:
+        """Item ids of one kind whose file lies under `folder`."""
+        prefix = folder.rstrip(os.sep) + os.sep
+        stmt = (
+            select(Item.id)
+            .join(File, File.id == Item.file_id)
+            .where(Item.kind == kind, (File.path == folder) | (func.substr(File.path, 1, len(prefix)) == prefix))
+        )
+        with self.engine.connect() as conn:
+            return np.asarray(list(conn.scalars(stmt)), dtype=np.int64)
+
+    def counts(self) -> dict[str, int]:
+        """Number of items per kind, plus files and recorded failures."""
+        with self.engine.connect() as conn:
+            out = {kind: n for kind, n in conn.execute(select(Item.kind, func.count()).group_by(Item.kind))}
+            out["files"] = conn.scalar(select(func.count()).select_from(File)) or 0
+            out["failures"] = conn.scalar(select(func.count()).select_from(Failure)) or 0
+        return out
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(path, reason) of everything skipped and not indexed since."""
+        with self.engine.connect() as conn:
+            return [(r.path, r.reason) for r in conn.execute(select(Failure).order_by(Failure.path))]
+
+
+def _operational_error(exc: OperationalError, directory: Path) -> Exception:
+    message = str(exc.orig)
+    if "readonly" in message or "unable to open" in message:
+        return IndexReadOnly(f"index at {directory} is read-only or cannot be opened: {message}")
+    if "locked" in message:
+        return IndexInUse(f"index at {directory} is in use by another process: {message}")
+    return MMSearchError(f"index at {directory} cannot be used: {message}")

@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random open_clip model built from a config, generated images, CLI runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: A tiny CLIP (ViT 2x64, text 2x64, 32 px): random weights, seeded, built in well under a second.
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach a model hub or touch the user's index or cache."""
+    monkeypatch.setenv("MMSEARCH_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MMSEARCH_INDEX", str(tmp_path / "default-index"))
+    monkeypatch.delenv("MMSEARCH_MODEL", raising=False)
+    monkeypatch.delenv("MMSEARCH_PRETRAINED", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of the tiny model's open_clip config (use with pretrained='random')."""
+    path = tmp_path_factory.mktemp("models") / "tiny-clip.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return str(path)
+
+
+def solid_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (48, 40), **save: object) -> Path:
+    """Write an image with a colored square on a contrasting background."""
+    img = Image.new("RGB", size, tuple(255 - c for c in color))
+    w, h = size
+    img.paste(color, (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **save)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A small folder of distinct images in several formats, one in a subfolder."""
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for i, ext in enumerate(["jpg", "png", "webp", "JPG", "bmp", "gif"]):
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        solid_image(root / ("sub" if i == 5 else "") / f"img{i}.{ext}", color)
+    (root / "notes.md").write_text("not indexed")
+    return root
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def invoke(runner: CliRunner, *args: str) -> Result:
+    """Run the mmsearch CLI in-process."""
+    from cli import cli
+
+    return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def run_mmsearch(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+                 **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run `mmsearch` in a fresh process (for exit codes, stderr, timing and kills)."""
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kwargs)

@@ -1,0 +1,206 @@
+"""The core contract of `mmsearch index / query / info`, driven through the CLI with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retrieval
+from conftest import REPO, invoke, run_mmsearch, solid_image
+
+
+def index_args(index: Path, model: str, *paths: Path | str) -> list[str]:
+    return ["index", *map(str, paths), "--index", str(index), "--model", model, "--pretrained", "random", "--workers", "0"]
+
+
+def query_json(runner, index: Path, *args: str) -> list[dict]:
+    result = invoke(runner, "query", *args, "--index", str(index), "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["index", "--help"], ["query", "--help"]])
+def test_help_and_import_do_not_load_torch(argv: list[str]) -> None:
+    code = (
+        "import sys, retrieval, cli\n"
+        "from click.testing import CliRunner\n"
+        f"r = CliRunner().invoke(cli.cli, {argv!r})\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'Usage' in r.output\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_index_then_query_ranks_by_cosine(runner, tmp_path, tiny_model, photos) -> None:
+    index = tmp_path / "idx"
+    result = invoke(runner, *index_args(index, tiny_model, photos))
+    assert result.exit_code == 0, result.output
+    assert "added 6" in result.stderr
+    hits = query_json(runner, index, "a red square", "-k", "10")
+    assert len(hits) == 6
+    assert [h["rank"] for h in hits] == list(range(1, 7))
+    assert all(h["kind"] == "image" and os.path.isabs(h["path"]) for h in hits)
+    assert {Path(h["path"]).name for h in hits} == {f"img{i}.{e}" for i, e in enumerate(["jpg", "png", "webp", "JPG", "bmp", "gif"])}
+    # Scores are the cosine similarities of the library's own embeddings, best first.
+    with retrieval.open_index(index, create=False) as idx:
+        q = idx.embed_texts(["a red square"])[0]
+        expected = {h["path"]: float(idx.embed_images([h["path"]])[0] @ q) for h in hits}
+    for h in hits:
+        assert h["score"] == pytest.approx(expected[h["path"]], abs=1e-4)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    # -k and --min-score cut the list.
+    assert len(query_json(runner, index, "a red square", "-k", "2")) == 2
+    cut = hits[2]["score"]
+    assert all(h["score"] >= cut for h in query_json(runner, index, "a red square", "--min-score", str(cut)))
+    # The readable table has one line per hit on stdout.
+    table = invoke(runner, "query", "a red square", "--index", str(index), "-k", "3")
+    assert len(table.stdout.strip().splitlines()) == 3
+
+
+def test_index_location_from_env(runner, tmp_path, tiny_model, photos, monkeypatch) -> None:
+    monkeypatch.setenv("MMSEARCH_INDEX", str(tmp_path / "from-env"))
+    result = invoke(runner, "index", str(photos), "--model", tiny_model, "--pretrained", "random", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "from-env" / "mmsearch.db").exists()
+    info = json.loads(invoke(runner, "info", "--json").stdout)
+    assert info["images"] == 6 and info["index"] == str(tmp_path / "from-env")
+
+
+def test_incremental_rename_change_delete(runner, tmp_path, tiny_model, photos) -> None:
+    index = tmp_path / "idx"
+    invoke(runner, *index_args(index, tiny_model, photos))
+    again = invoke(runner, *index_args(index, tiny_model, photos))
+    assert "added 0, updated 0, renamed 0, removed 0, unchanged 6" in again.stderr
+
+    with retrieval.open_index(index, create=False) as idx:
+        before = {r.path: r.id for r in idx.search(np.ones(32, np.float32), k=10)}
+    os.rename(photos / "img0.jpg", photos / "moved.jpg")
+    solid_image(photos / "img1.png", (0, 0, 0))  # same name, new content
+    (photos / "img2.webp").unlink()
+    result = invoke(runner, *index_args(index, tiny_model, photos))
+    assert "added 0, updated 1, renamed 1, removed 1, unchanged 3" in result.stderr
+    with retrieval.open_index(index, create=False) as idx:
+        after = {r.path: r.id for r in idx.search(np.ones(32, np.float32), k=10)}
+    assert after[str(photos / "moved.jpg")] == before[str(photos / "img0.jpg")]  # not embedded again
+    assert str(photos / "img2.webp") not in after and len(after) == 5
+
+
+def test_missing_root_is_never_wiped(runner, tmp_path, tiny_model, photos) -> None:
+    index = tmp_path / "idx"
+    invoke(runner, *index_args(index, tiny_model, photos))
+    shutil.move(photos, tmp_path / "unmounted")
+    result = invoke(runner, "index", "--index", str(index), "--workers", "0")  # bare: re-scan known roots
+    assert result.exit_code == 0
+    assert "missing" in result.stderr and "removed 0" in result.stderr
+    assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["images"] == 6
+    explicit = invoke(runner, *index_args(index, tiny_model, photos))
+    assert explicit.exit_code != 0 and "no such file or folder" in explicit.stderr
+    assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["images"] == 6
+
+
+def test_text_corpora_and_image_query(runner, tmp_path, tiny_model, photos) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "captions.txt").write_text("a red circle\n\n  \na blue star\n" + "word " * 200 + "\n")
+    (corpus / "records.jsonl").write_text(json.dumps({"caption": "green square"}) + "\n" + json.dumps({"text": "a cat"}) + "\n")
+    (corpus / "table.csv").write_text("id,body\n1,white cross\n2,black triangle\n")
+    index = tmp_path / "idx"
+    result = invoke(runner, *index_args(index, tiny_model, corpus / "captions.txt", corpus / "records.jsonl"))
+    assert result.exit_code == 0, result.output
+    assert "5 texts" in result.stderr and "1 truncated" in result.stderr
+    csv_run = invoke(runner, *index_args(index, tiny_model, corpus / "table.csv"), "--text-field", "body")
+    assert "2 texts" in csv_run.stderr
+    invoke(runner, *index_args(index, tiny_model, photos))
+
+    hits = query_json(runner, index, "--image", str(photos / "img0.jpg"), "-k", "20")
+    assert {h["kind"] for h in hits} == {"text"}  # default target for an image query: texts
+    by_text = {h["text"]: h for h in hits}
+    assert by_text["a blue star"]["line"] == 4 and by_text["a blue star"]["path"] == str(corpus / "captions.txt")
+    assert by_text["a cat"]["line"] == 2 and by_text["black triangle"]["line"] == 2
+    assert len(hits) == 7
+    both = query_json(runner, index, "a red circle", "--target", "all", "-k", "50")
+    assert {h["kind"] for h in both} == {"image", "text"} and len(both) == 13
+    texts = query_json(runner, index, "a red circle", "--target", "texts", "-k", "1")
+    assert texts[0]["text"] == "a red circle" and texts[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_model_is_recorded_and_enforced(runner, tmp_path, tiny_model, photos) -> None:
+    import open_clip
+    import torch
+
+    index = tmp_path / "idx"
+    invoke(runner, *index_args(index, tiny_model, photos))
+    info = json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)
+    assert info["model"]["name"] == tiny_model and info["model"]["dim"] == 32
+    other = invoke(runner, "index", str(photos), "--index", str(index), "--model", "shapes-mini")
+    assert other.exit_code != 0 and "built with" in other.stderr
+    # A local checkpoint of the same architecture is other weights: refused too.
+    open_clip.add_model_config(tiny_model)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(open_clip.create_model("tiny-clip").state_dict(), ckpt)
+    mixed = invoke(runner, "index", str(photos), "--index", str(index), "--pretrained", str(ckpt))
+    assert mixed.exit_code != 0 and "built with" in mixed.stderr
+    # A new index from that checkpoint records its sha256.
+    fresh = tmp_path / "idx2"
+    ok = invoke(runner, "index", str(photos), "--index", str(fresh), "--model", tiny_model, "--pretrained", str(ckpt), "--workers", "0")
+    assert ok.exit_code == 0, ok.output
+    model = json.loads(invoke(runner, "info", "--index", str(fresh), "--json").stdout)["model"]
+    assert model["pretrained"] == str(ckpt) and len(model["checkpoint_sha256"]) == 64
+
+
+def test_offline_weights_fail_fast_with_a_fix(tmp_path, photos) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("MMSEARCH_OFFLINE", "HF_HUB_OFFLINE")}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "index", str(photos), "--index", str(tmp_path / "idx"),
+         "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert time.monotonic() - start < 10
+    assert result.returncode == 1
+    assert "--pretrained" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["index", "{tmp}/nope"], "no such file or folder"),
+        (["index", "{tmp}/photos/notes.md"], "not an image or a text corpus"),
+        (["query", "a dog"], "no index at"),
+        (["info"], "no index at"),
+        (["index", "{tmp}/photos", "--model", "no-such-model"], "unknown model"),
+        (["index", "{tmp}/photos", "--model", "{model}", "--pretrained", "{tmp}/missing.pt"], "checkpoint not found"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, tiny_model, photos, args, message) -> None:
+    argv = [a.format(tmp=tmp_path, model=tiny_model) for a in args]
+    result = run_mmsearch(*argv, "--index", str(tmp_path / "idx"))
+    assert result.returncode == 1, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_query_errors(runner, tmp_path, tiny_model, photos) -> None:
+    index = tmp_path / "idx"
+    invoke(runner, *index_args(index, tiny_model, photos))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    for args, message in [
+        (["--image", str(bad)], "cannot read query image"),
+        (["--image", str(tmp_path / "absent.jpg")], "not found"),
+        (["a dog", "--target", "texts"], "holds no texts"),
+        (["   "], "empty query"),
+    ]:
+        result = invoke(runner, "query", *args, "--index", str(index))
+        assert result.exit_code == 1 and message in result.stderr, (args, result.output)
+    usage = invoke(runner, "query", "--index", str(index))
+    assert usage.exit_code == 2
