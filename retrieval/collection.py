@@ -153,6 +153,9 @@ class Collection:
         """Load the encoder and record (or check) it as this index's model."""
         encoder = self.encoder
         self.store.claim_model(encoder.manifest)
+        # Load the caches before any commit, so each batch is mirrored into them exactly once.
+        for kind in KINDS:
+            self.vectors(kind)
         return encoder
 
     def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:

@@ -194,11 +194,18 @@ class Store:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise IndexReadOnly(f"cannot create index directory {directory}: {exc.strerror}") from None
-        engine = create_engine(f"sqlite:///{db}")
-        event.listen(engine, "connect", _sqlite_pragmas)
+        read_only = not create and not os.access(directory, os.W_OK)
+        if read_only:
+            # A read-only directory (shared or mounted ro) cannot hold WAL's shared-memory file:
+            # open the database immutable, for queries only.
+            engine = create_engine(f"sqlite:///file:{db}?mode=ro&immutable=1&uri=true")
+        else:
+            engine = create_engine(f"sqlite:///{db}")
+            event.listen(engine, "connect", _sqlite_pragmas)
         store = cls(engine, directory)
         try:
-            store._migrate()
+            if not read_only:
+                store._migrate()
         except OperationalError as exc:
             raise _operational_error(exc, directory) from None
         return store
