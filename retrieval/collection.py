@@ -39,12 +39,15 @@ class Collection:
     """An open index: add files or texts, search by text, image or vector, embed."""
 
     def __init__(self, directory: Path, store: Store, model: str | None = None,
-                 pretrained: str | None = None, device: str = "auto") -> None:
+                 pretrained: str | None = None, device: str = "auto", backend: str | None = None) -> None:
         self.directory = directory
         self.store = store
         self.device = device
+        #: 'auto' (onnxruntime on CPU, torch on CUDA), 'torch' or 'onnx'; env MMSEARCH_BACKEND.
+        self.backend = backend or os.environ.get("MMSEARCH_BACKEND", "auto")
         self._requested = (model, pretrained)
         self._encoder: Encoder | None = None
+        self._query_encoder: Encoder | None = None
         self._vectors: dict[str, VectorIndex] = {}
         self._dirty: set[str] = set()
 
@@ -52,14 +55,15 @@ class Collection:
 
     @classmethod
     def open(cls, directory: str | Path | None = None, *, model: str | None = None,
-             pretrained: str | None = None, device: str = "auto", create: bool = True) -> Collection:
+             pretrained: str | None = None, device: str = "auto", backend: str | None = None,
+             create: bool = True) -> Collection:
         """Open the index at `directory` (default: MMSEARCH_INDEX or the per-user data dir).
 
         `model`/`pretrained` name the model for a new index; on an existing one they must
         match the recorded model (ModelMismatch) or may be left out.
         """
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
-        return cls(path, Store.open(path, create=create), model, pretrained, device)
+        return cls(path, Store.open(path, create=create), model, pretrained, device, backend)
 
     def close(self) -> None:
         """Release the database; vectors not yet saved are rebuilt from it next time."""
@@ -78,9 +82,25 @@ class Collection:
         """The model that built this index (None while it is empty and new)."""
         return self.store.manifest()
 
-    def _source(self) -> ModelSource:
-        """The model to use: the recorded one, checked against any model asked for."""
+    def _checked_request(self, manifest: ModelManifest) -> ModelSource | None:
+        """Refuse a model asked for that is not the index's; the resolved weights if some were named."""
         from .encoder import model_key, resolve_model
+
+        name, pretrained = self._requested
+        if name is not None and model_key(name) != manifest.name:
+            raise ModelMismatch(f"this index was built with {manifest.describe()}, not {name}; "
+                                "use the same model or another --index")
+        if pretrained is None:
+            return None
+        source = resolve_model(manifest.name, pretrained)
+        if (source.sha256 or source.pretrained) != (manifest.checkpoint_sha256 or manifest.pretrained):
+            raise ModelMismatch(f"this index was built with {manifest.describe()}, not weights {pretrained}; "
+                                "use the same model or another --index")
+        return source
+
+    def _source(self) -> ModelSource:
+        """The model to use: the recorded one (checked against any model asked for), or the one asked for."""
+        from .encoder import resolve_model
 
         manifest = self.manifest
         name, pretrained = self._requested
@@ -89,14 +109,8 @@ class Collection:
                 name, default_pretrained = default_model()
                 pretrained = pretrained or default_pretrained
             return resolve_model(name, pretrained)
-        if name is not None and model_key(name) != manifest.name:
-            raise ModelMismatch(f"this index was built with {manifest.describe()}, not {name}; "
-                                "use the same model or another --index")
-        if pretrained is not None:
-            source = resolve_model(manifest.name, pretrained)
-            if (source.sha256 or source.pretrained) != (manifest.checkpoint_sha256 or manifest.pretrained):
-                raise ModelMismatch(f"this index was built with {manifest.describe()}, not weights {pretrained}; "
-                                    "use the same model or another --index")
+        source = self._checked_request(manifest)
+        if source is not None:
             return source
         if manifest.checkpoint_sha256 and manifest.pretrained and not Path(manifest.pretrained).is_file():
             raise ModelUnavailable(f"the checkpoint this index was built with is missing: {manifest.pretrained}")
@@ -104,20 +118,45 @@ class Collection:
 
     @property
     def encoder(self) -> Encoder:
-        """The torch encoder of this index's model, loaded on first use."""
-        if self._encoder is None:
-            from .encoder import load_source
+        """The encoder of this index's model, loaded on first use.
 
-            self._encoder = load_source(self._source(), self.device)
+        On a CPU, an index whose model was exported to ONNX before loads without torch.
+        """
+        if self._encoder is None:
+            from .encoder import gpu_likely, load_export, load_source
+
+            manifest = self.manifest
+            cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
+            if manifest is not None and cpu and self.backend != "torch":
+                self._checked_request(manifest)
+                self._encoder = load_export(manifest)
+            if self._encoder is None:
+                self._encoder = load_source(self._source(), self.device, self.backend)
         return self._encoder
+
+    def embed_query_text(self, text: str) -> np.ndarray:
+        """The unit vector of one query text: from the query cache, else the fastest encoder at hand.
+
+        Even beside a GPU, a single query runs on the ONNX text tower: no torch import, no CUDA start.
+        """
+        from .encoder import load_export
+        from .query_cache import QueryCache
+
+        manifest = self.manifest
+        cache = QueryCache(self.directory / "query-cache", repr(manifest.identity())) if manifest else None
+        vector = cache.get(text) if cache else None
+        if vector is None:
+            if self._query_encoder is None:
+                exported = load_export(manifest) if manifest and self.backend != "torch" else None
+                self._query_encoder = self._encoder or exported or self.encoder
+            vector = self._query_encoder.embed_texts([text])[0]
+            if cache:
+                cache.put(text, vector)
+        return vector
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalized float32 [n, dim] embeddings of texts with this index's model."""
         return self.encoder.embed_texts(list(texts))
-
-    def embed_query_text(self, text: str) -> np.ndarray:
-        """The unit vector of one query text."""
-        return self.embed_texts([text])[0]
 
     def embed_images(self, images: Sequence[Image.Image | str | Path]) -> np.ndarray:
         """L2-normalized float32 [n, dim] embeddings of PIL images or image files."""

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import BUNDLED_DIR
+from .config import BUNDLED_DIR, cache_dir
 from .errors import ModelUnavailable
-from .images import Geometry, fit, open_image
+from .images import Geometry, fit, open_image, to_rgb
 from .store import ModelManifest
 
 if TYPE_CHECKING:
@@ -150,40 +150,63 @@ def resolve_model(name: str, pretrained: str | None) -> ModelSource:
     return ModelSource(name, arch, pretrained, cached, None, config, hub_cfg)
 
 
+def gpu_likely() -> bool:
+    """Whether an NVIDIA GPU may be present, without importing torch (device nodes or driver)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
 def pick_device(device: str) -> str:
     """'auto' → 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without one is an error."""
+    if device == "cpu":
+        return device
+    if device != "auto" and not device.startswith("cuda"):
+        raise ModelUnavailable(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device == "auto" and not gpu_likely():
+        return "cpu"
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise ModelUnavailable("--device cuda asked for, but torch sees no CUDA GPU (use --device cpu)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ModelUnavailable(f"unknown device {device!r}: use auto, cpu or cuda")
     return device
 
 
+def export_dir(name: str, weights: str | None) -> Path:
+    """Where the ONNX export of a model lives in the per-user cache, keyed by its identity."""
+    digest = hashlib.sha256(f"{name}\n{weights}".encode()).hexdigest()[:20]
+    return cache_dir() / "onnx" / f"{Path(name).stem}-{digest}"
+
+
 class Encoder:
-    """An open_clip model ready to embed texts and images as L2-normalized float32 arrays."""
+    """One model, ready to embed texts and images as L2-normalized float32 arrays.
 
-    def __init__(self, model: Any, tokenizer: Any, manifest: ModelManifest, geometry: Geometry,
-                 mean: Sequence[float], std: Sequence[float], device: str) -> None:
-        import torch
+    Runs on torch (CUDA with fp16 autocast, or CPU when no ONNX export can be made) or on
+    an onnxruntime export of the same model (CPU: about twice torch's speed, no torch import).
+    """
 
-        self.model = model
-        self.tokenizer = tokenizer
+    def __init__(self, manifest: ModelManifest, geometry: Geometry, mean: Sequence[float], std: Sequence[float],
+                 device: str, *, model: Any = None, tokenizer: Any = None, onnx: Any = None) -> None:
         self.manifest = manifest
         self.geometry = geometry
         self.device = device
-        self.context_length: int = int(tokenizer.context_length)
-        shape = (1, 3, 1, 1)
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(shape) * 255.0
-        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(shape) * 255.0
+        self.model = model
+        self.tokenizer = tokenizer
+        self.onnx = onnx
+        self.context_length: int = int(onnx.context_length if onnx is not None else tokenizer.context_length)
+        self._mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1) * 255.0
+        self._std = np.asarray(std, np.float32).reshape(1, 3, 1, 1) * 255.0
+        self._torch_norm: tuple[Any, Any] | None = None
 
     @property
     def dim(self) -> int:
         """Embedding dimension."""
         return self.manifest.dim
+
+    @property
+    def backend(self) -> str:
+        """'onnxruntime' or 'torch'."""
+        return "onnxruntime" if self.onnx is not None else "torch"
 
     def _autocast(self) -> Any:
         import torch
@@ -194,6 +217,8 @@ class Encoder:
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Embed texts (truncated to the model's context); returns float32 [n, dim], unit norm."""
+        if self.onnx is not None:
+            return self.onnx.embed_texts(list(texts)).reshape(-1, self.dim)
         import torch
 
         out = [np.zeros((0, self.dim), np.float32)]
@@ -205,13 +230,19 @@ class Encoder:
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Embed uint8 [n, size, size, 3] pixels (from `images.fit`); returns float32 [n, dim], unit norm."""
+        if self.onnx is not None:
+            x = (pixels.transpose(0, 3, 1, 2).astype(np.float32) - self._mean) / self._std
+            return self.onnx.embed_pixels(np.ascontiguousarray(x))
         import torch
 
+        if self._torch_norm is None:
+            self._torch_norm = (torch.from_numpy(self._mean).to(self.device), torch.from_numpy(self._std).to(self.device))
+        mean, std = self._torch_norm
         batch = torch.from_numpy(np.ascontiguousarray(pixels))
         if self.device.startswith("cuda"):
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast():
-            x = (batch.permute(0, 3, 1, 2).float() - self._mean) / self._std
+            x = (batch.permute(0, 3, 1, 2).float() - mean) / std
             return self.model.encode_image(x, normalize=True).float().cpu().numpy()
 
     def embed_images(self, images: Sequence[Image.Image | str | Path], batch_size: int = 64) -> np.ndarray:
@@ -222,30 +253,49 @@ class Encoder:
         out = [np.zeros((0, self.dim), np.float32)]
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            pixels = [fit(open_image(im) if isinstance(im, (str, Path)) else _rgb(im), self.geometry) for im in chunk]
+            pixels = [fit(open_image(im) if isinstance(im, (str, Path)) else to_rgb(im), self.geometry) for im in chunk]
             out.append(self.embed_pixels(np.stack(pixels)))
         return np.concatenate(out)
 
     def count_tokens(self, text: str) -> int:
         """BPE tokens including start/end markers; above `context_length` the text is truncated."""
+        if self.onnx is not None:
+            return self.onnx.count_tokens(text)
         encode = getattr(self.tokenizer, "encode", None)
         return len(encode(text)) + 2 if encode else 0
 
 
-def _rgb(img: Image.Image) -> Image.Image:
-    from .images import to_rgb
-
-    return to_rgb(img)
-
-
-def load_encoder(name: str, pretrained: str | None, device: str = "auto") -> Encoder:
+def load_encoder(name: str, pretrained: str | None, device: str = "auto", backend: str = "auto") -> Encoder:
     """Resolve and load an open_clip model; raises ModelUnavailable with a fix when it can't."""
-    source = resolve_model(name, pretrained)
-    return load_source(source, device)
+    return load_source(resolve_model(name, pretrained), device, backend)
 
 
-def load_source(source: ModelSource, device: str = "auto") -> Encoder:
-    """Build the torch model for a resolved source (imports torch and open_clip)."""
+def load_export(manifest: ModelManifest) -> Encoder | None:
+    """The model of an index from its ONNX export, without torch; None when there is no usable export."""
+    from .onnx_backend import OnnxEncoder
+
+    folder = export_dir(manifest.name, manifest.checkpoint_sha256 or manifest.pretrained)
+    if not (folder / "export.json").exists():
+        return None
+    try:
+        onnx = OnnxEncoder(folder)
+        meta = onnx.meta["model"]
+        exported = ModelManifest(meta["name"], meta["pretrained"], meta["checkpoint_sha256"], meta["dim"])
+        geometry = Geometry(onnx.image_size, meta["resize_mode"])
+        mean, std = meta["mean"], meta["std"]
+    except (ModelUnavailable, KeyError, TypeError) as exc:
+        log.warning("ignoring the ONNX export at %s (%s)", folder, exc)
+        return None
+    if exported.identity() != manifest.identity():
+        return None
+    return Encoder(manifest, geometry, mean, std, "cpu", onnx=onnx)
+
+
+def load_source(source: ModelSource, device: str = "auto", backend: str = "auto") -> Encoder:
+    """Build a resolved model (imports torch and open_clip); on CPU, run it through its ONNX export.
+
+    `backend`: 'auto' (onnxruntime on CPU when the model exports, else torch), 'torch' or 'onnx'.
+    """
     import open_clip
     import torch
 
@@ -261,14 +311,46 @@ def load_source(source: ModelSource, device: str = "auto") -> Encoder:
     else:
         weights = str(source.checkpoint) if source.checkpoint else source.pretrained
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(source.arch, pretrained=weights, device="cpu", **kwargs)
+        # open_clip warns on the root logger when asked for random weights, which is deliberate here.
+        logging.disable(logging.WARNING if weights is None else logging.NOTSET)
+        model, _, _ = open_clip.create_model_and_transforms(source.arch, pretrained=weights, device="cpu", **kwargs)
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         raise ModelUnavailable(f"cannot load {source.arch} weights {weights}: {str(exc).splitlines()[0]}") from None
-    model = model.to(device).eval()
+    finally:
+        logging.disable(logging.NOTSET)
+    model = model.eval()
+    tokenizer = open_clip.get_tokenizer(source.arch)
     cfg = model.visual.preprocess_cfg
     size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
-    with torch.inference_mode():
-        dim = int(model.encode_text(open_clip.get_tokenizer(source.arch)(["a"]).to(device)).shape[-1])
-    manifest = ModelManifest(source.name, source.pretrained, source.sha256, dim)
     geometry = Geometry(int(size), "squash" if cfg.get("resize_mode") == "squash" else "shortest")
-    return Encoder(model, open_clip.get_tokenizer(source.arch), manifest, geometry, cfg["mean"], cfg["std"], device)
+    with torch.inference_mode():
+        dim = int(model.encode_text(tokenizer(["a"])).shape[-1])
+    manifest = ModelManifest(source.name, source.pretrained, source.sha256, dim)
+    if device == "cpu" and backend != "torch":
+        onnx = _export(model, manifest, geometry, cfg, tokenizer.context_length, required=backend == "onnx")
+        if onnx is not None:
+            return Encoder(manifest, geometry, cfg["mean"], cfg["std"], device, onnx=onnx)
+    return Encoder(manifest, geometry, cfg["mean"], cfg["std"], device, model=model.to(device), tokenizer=tokenizer)
+
+
+def _export(model: Any, manifest: ModelManifest, geometry: Geometry, cfg: dict[str, Any],
+            context_length: int, required: bool) -> Any:
+    """The model's ONNX export (made once, cached per model); None (torch is used) if it can't be made."""
+    from .onnx_backend import OnnxEncoder, export_towers
+
+    found = load_export(manifest)
+    if found is not None:
+        return found.onnx
+    folder = export_dir(manifest.name, manifest.checkpoint_sha256 or manifest.pretrained)
+    meta = {"name": manifest.name, "pretrained": manifest.pretrained, "checkpoint_sha256": manifest.checkpoint_sha256,
+            "dim": manifest.dim, "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resize_mode": geometry.resize_mode}
+    log.info("exporting %s to ONNX for fast CPU inference (once, into %s)", Path(manifest.name).name, folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        export_towers(model, folder, context_length=context_length, image_size=geometry.size, meta=meta)
+        return OnnxEncoder(folder)
+    except (ModelUnavailable, OSError) as exc:
+        if required:
+            raise ModelUnavailable(f"cannot export {manifest.name} to ONNX: {exc}") from None
+        log.warning("cannot export %s to ONNX (%s): using torch on the CPU", manifest.name, exc)
+        return None

@@ -23,13 +23,19 @@ TINY_CONFIG = {
 }
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ONNX export cache for the whole run (exports are keyed by model identity)."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def _offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: Path) -> None:
     """No test may reach a model hub or touch the user's index or cache."""
     monkeypatch.setenv("MMSEARCH_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MMSEARCH_CACHE", str(model_cache))
     monkeypatch.setenv("MMSEARCH_INDEX", str(tmp_path / "default-index"))
     monkeypatch.delenv("MMSEARCH_MODEL", raising=False)
     monkeypatch.delenv("MMSEARCH_PRETRAINED", raising=False)
