@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from .store import FileRow, NewFile
 
 if TYPE_CHECKING:
     from .collection import Collection
+    from .encoder import Encoder
 
 log = logging.getLogger("mmsearch")
 
@@ -49,6 +51,12 @@ class IndexReport:
     texts: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     missing_roots: list[str] = field(default_factory=list)
+    #: Seconds spent on images: "images" (wall time of the image loop), "decode" (reading, hashing
+    #: and decoding, summed over the decoders working in parallel), "wait_decode" (the loop waiting
+    #: for decoded images), "embed" (batch stacking, host→device copy, model, copy back),
+    #: "database" (commits + vector-cache updates, in the writer thread), "wait_database" (the loop
+    #: waiting for the writer).
+    timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for the end of `mmsearch index`."""
@@ -170,20 +178,62 @@ def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str
     images = [c.path for c in todo if c.kind == "image"]
     texts = [c.path for c in todo if c.kind == "text"]
     if workers is None:
-        workers = max(1, min((os.cpu_count() or 2) - 1, 16))
-    last_save = time.monotonic()
-    batch: list = []
+        workers = default_workers()
+    if images:
+        _embed_images(collection, encoder, images, changed, report, batch_size=batch_size, workers=workers,
+                      draft=draft, progress=progress)
+    for path in texts:
+        _index_corpus(collection, path, text_field, path in changed, report)
+        if progress:
+            progress(1)
+    return report
 
-    def flush() -> None:
-        ok = [d for d in batch if d.pixels is not None]
-        bad = [(d.path, d.error or "unreadable") for d in batch if d.pixels is None]
-        added = []
-        if ok:
-            vectors = encoder.embed_pixels(np.stack([d.pixels for d in ok]))
-            added = [NewFile(d.path, "image", d.size, d.mtime, d.sha256, [0], [None], vectors[i : i + 1])
-                     for i, d in enumerate(ok)]
+
+def default_workers() -> int:
+    """Decode processes when none are asked for: cores - 1 (the model keeps the rest busy), 0 on 2 cores or fewer.
+
+    On 2 cores one decode process fights the model's threads for a core; a decode thread in
+    this process (workers=0) overlaps with the model without that cost.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(cores - 1, 16)
+
+
+def _embed_images(collection: Collection, encoder: Encoder, images: list[str], changed: set[str], report: IndexReport,
+                  *, batch_size: int, workers: int, draft: bool, progress: Callable[[int], None] | None) -> None:
+    """Decode, embed and commit images batch by batch; `report.timings` says where the time went.
+
+    Each batch is committed in one transaction, then mirrored into the vector cache, by one
+    writer thread while this thread gathers the next batch from the decoders. The next batch
+    enters the model only once the previous one is committed, so a kill at any moment loses
+    at most the batch in the model (and the decoded images waiting behind it).
+    """
+    timings = report.timings
+    for key in ("decode", "wait_decode", "embed", "database", "wait_database"):
+        timings.setdefault(key, 0.0)
+    last_save = time.monotonic()
+    started = time.perf_counter()
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsearch-writer")
+    pending: tuple[Future, list, list] | None = None  # the commit in flight: (future, ok, bad)
+
+    def write(ok: list, vectors: np.ndarray | None, bad: list[tuple[str, str]]) -> None:
+        start = time.perf_counter()
+        added = [NewFile(d.path, "image", d.size, d.mtime, d.sha256, [0], [None], vectors[i : i + 1])
+                 for i, d in enumerate(ok)]
         ids, vecs, gone = collection.store.commit(added=added, failures=bad, cleared_failures=[d.path for d in ok])
         collection.apply(ids, vecs, gone)
+        timings["database"] += time.perf_counter() - start
+
+    def settle() -> None:
+        """Wait for the commit in flight (re-raising its error) and count it."""
+        nonlocal pending
+        if pending is None:
+            return
+        future, ok, bad = pending
+        pending = None
+        start = time.perf_counter()
+        future.result()
+        timings["wait_database"] += time.perf_counter() - start
         for d in ok:
             if d.path in changed:
                 report.updated += 1
@@ -192,23 +242,45 @@ def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str
         report.skipped += len(bad)
         report.failures.extend(bad)
         if progress:
-            progress(len(batch))
-        batch.clear()
+            progress(len(ok) + len(bad))
 
-    for decoded in decode_many(images, encoder.geometry, workers, draft):
-        batch.append(decoded)
-        if len(batch) >= batch_size:
-            flush()
-            if time.monotonic() - last_save > SAVE_EVERY:
-                collection.save()
-                last_save = time.monotonic()
-    if batch:
-        flush()
-    for path in texts:
-        _index_corpus(collection, path, text_field, path in changed, report)
-        if progress:
-            progress(1)
-    return report
+    def flush(batch: list) -> None:
+        nonlocal pending
+        ok = [d for d in batch if d.pixels is not None]
+        bad = [(d.path, d.error or "unreadable") for d in batch if d.pixels is None]
+        settle()
+        vectors = None
+        if ok:
+            start = time.perf_counter()
+            vectors = encoder.embed_pixels(np.stack([d.pixels for d in ok]))
+            timings["embed"] += time.perf_counter() - start
+        pending = (writer.submit(write, ok, vectors, bad), ok, bad)
+
+    decoded_stream = decode_many(images, encoder.geometry, workers, draft, ahead=max(2 * batch_size, 64))
+    try:
+        batch: list = []
+        while True:
+            start = time.perf_counter()
+            decoded = next(decoded_stream, None)
+            timings["wait_decode"] += time.perf_counter() - start
+            if decoded is None:
+                break
+            timings["decode"] += decoded.seconds
+            batch.append(decoded)
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = []
+                if time.monotonic() - last_save > SAVE_EVERY:
+                    settle()
+                    collection.save()
+                    last_save = time.monotonic()
+        if batch:
+            flush(batch)
+        settle()
+    finally:
+        decoded_stream.close()  # stops the decoders
+        writer.shutdown(wait=True)  # never leave a transaction running behind an error
+    timings["images"] = time.perf_counter() - started
 
 
 def _index_corpus(collection: Collection, path: str, text_field: str | None, changed: bool, report: IndexReport) -> None:

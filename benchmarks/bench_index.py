@@ -1,0 +1,389 @@
+"""Indexing speed, side by side in one run: the naive open_clip loop, `mmsearch index`, and rclip.
+
+    .venv/bin/python benchmarks/bench_index.py [--n 200] [--device auto|cpu|cuda] [--model ViT-B-32[,ViT-B-32-256]]
+        [--batch-size 64] [--workers auto|0,1,2] [--backend auto|torch|onnx[,...]] [--repeat 1]
+        [--rclip .peers/rclip/venv/bin/rclip] [--json out.json]
+
+Photos: --n photo-like JPEGs (smooth noise, gradients, blurred shapes, grain; --photo-size 1280x960,
+quality 90, about 350 KB each), generated once, deterministically, into a cache outside git
+(--cache, default $MMSEARCH_BENCH_DIR or ~/.cache/mmsearch-bench); each run indexes a folder of
+hard links holding exactly --n of them, read once beforehand so every contender finds them in
+the page cache. Random weights everywhere (no download): only the timings mean anything.
+
+Contenders, for each --model, in turn (--repeat rounds, alternating; medians reported):
+  naive    PIL.Image.open -> the model's own open_clip `preprocess` -> torch.stack -> .to(device)
+           -> encode_image, one batch at a time, no workers (fp16 autocast on cuda, like mmsearch,
+           so the ratio measures the ingest pipeline, not the precision).
+  mmsearch retrieval.open_index(tmpdir, model=..., pretrained="random", device=..., backend=...)
+           .add([folder], workers=..., batch_size=...), i.e. `mmsearch index`, once per --workers value
+           and --backend (auto: onnxruntime on cpu, torch fp16 on cuda). The model is loaded (on cpu,
+           exported to ONNX once, into the user cache) before the clock starts, as for naive; the scan,
+           decoder start, database and vector cache are timed. Breakdown from IndexReport.timings.
+  rclip    (--rclip BIN, optional) a fresh rclip index of the same folder (its own ViT-B-32-256 via
+           onnxruntime), in a private RCLIP_DATADIR linking the model files: the time of
+           `rclip -t 5 QUERY` with an empty database, minus a query-only run (`-n`) on the built
+           index, so rclip's start and model load are not counted either.
+
+Where the time goes: naive = decode+preprocess / host->device / model (synchronized per batch);
+mmsearch = decode (summed over the decoders, which run in parallel) / waiting for decoders /
+embed (stack + transfer + model; split with a separate transfer measurement) / database.
+"model only" is images/s of the encoder alone on ready pixels: the ceiling for this machine.
+
+On the GPU `device` machine (nothing can be downloaded there; torch with CUDA is present):
+  1. here, once, fetch wheels for its Python (check `python -V` there first) into the git-ignored .whl/:
+       .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.11 -d .whl \\
+           open_clip_torch faiss-cpu ftfy wcwidth regex onnxruntime
+     (add any other module `python -c "import retrieval, open_clip, faiss, sqlalchemy, click"` misses there)
+  2. one command, with carry=[".whl"] (and kind nvidia-h100-x1):
+       pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
+       PYTHONPATH=/tmp/site:. python benchmarks/bench_index.py --n 2000 --device cuda \\
+           --model ViT-B-32,ViT-B-32-256 --batch-size 256 --workers 8,15 --cache /tmp/bench \\
+           --json $OUT/bench_index.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+QUERY = "a dog"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def loadavg() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ------------------------------------------------------------------------------------------
+# photos
+# ------------------------------------------------------------------------------------------
+def make_photo(index: int, width: int, height: int):
+    """A deterministic photo-like RGB image: smooth color fields, a gradient, blurred shapes, grain."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(1000 + index)
+    w, h = (width, height) if index % 5 else (height, width)  # every fifth one in portrait
+
+    def field(cell: int, amp: float) -> np.ndarray:
+        small = rng.normal(0, amp, (max(2, h // cell), max(2, w // cell), 3)).astype(np.float32)
+        planes = [np.asarray(Image.fromarray(small[..., c], "F").resize((w, h), Image.Resampling.BICUBIC))
+                  for c in range(3)]
+        return np.stack(planes, -1)
+
+    base = rng.uniform(40, 210, 3).astype(np.float32)
+    gradient = np.linspace(-1, 1, h, dtype=np.float32)[:, None, None] * rng.normal(0, 40, 3).astype(np.float32)
+    img = Image.fromarray(np.clip(base + gradient + field(160, 35) + field(24, 12), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(4, 12))):
+        x0, y0, s = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(w // 20, w // 3))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse((x0 - s, y0 - s // 2, x0 + s, y0 + s // 2), fill=color)
+        else:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 7))))
+            draw.polygon([(int(x0 + s * np.cos(a)), int(y0 + s * np.sin(a))) for a in angles], fill=color)
+    img = img.filter(ImageFilter.GaussianBlur(1.2))
+    grain = rng.normal(0, 5, (h, w, 1)).astype(np.float32) + field(3, 6)
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
+
+
+def _write_photo(job: tuple[int, int, int, int, str]) -> None:
+    index, width, height, quality, path = job
+    tmp = f"{path}.{os.getpid()}.tmp"
+    make_photo(index, width, height).save(tmp, "JPEG", quality=quality)
+    os.replace(tmp, path)
+
+
+def ensure_photos(cache: Path, n: int, width: int, height: int, quality: int) -> Path:
+    """The folder holding exactly photos 0..n-1 (hard links into the generated pool)."""
+    pool = cache / f"photos-{width}x{height}-q{quality}"
+    pool.mkdir(parents=True, exist_ok=True)
+    names = [f"p{i:05d}.jpg" for i in range(n)]
+    jobs = [(i, width, height, quality, str(pool / name)) for i, name in enumerate(names) if not (pool / name).exists()]
+    if jobs:
+        log(f"generating {len(jobs)} photos {width}x{height} q{quality} into {pool} ...")
+        t0 = time.perf_counter()
+        procs = max(1, min(len(jobs), os.cpu_count() or 1))
+        with multiprocessing.get_context("spawn").Pool(procs) as pool_:
+            pool_.map(_write_photo, jobs, chunksize=4)
+        log(f"  {time.perf_counter() - t0:.1f} s")
+    folder = cache / f"set-{width}x{height}-q{quality}-n{n}"
+    if not folder.is_dir() or sorted(os.listdir(folder)) != names:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for name in names:
+            try:
+                os.link(pool / name, folder / name)
+            except OSError:
+                shutil.copy2(pool / name, folder / name)
+    for name in names:  # into the page cache: every contender reads warm files
+        (folder / name).read_bytes()
+    return folder
+
+
+# ------------------------------------------------------------------------------------------
+# contenders
+# ------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def load_naive(model_name: str, device: str):
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None, device="cpu")
+    return model.to(device).eval(), preprocess
+
+
+def run_naive(model, preprocess, files: list[str], device: str, batch_size: int) -> dict:
+    """The loop everyone writes first: PIL open -> preprocess -> encode_image, batch by batch."""
+    import torch
+    from PIL import Image
+
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    t = {"decode": 0.0, "transfer": 0.0, "model": 0.0}
+    out = []
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast:
+        for i in range(0, len(files), batch_size):
+            t0 = time.perf_counter()
+            batch = torch.stack([preprocess(Image.open(f)) for f in files[i : i + batch_size]])
+            t1 = time.perf_counter()
+            batch = batch.to(device)
+            sync(device)
+            t2 = time.perf_counter()
+            out.append(model.encode_image(batch, normalize=True).float().cpu())
+            t3 = time.perf_counter()
+            t["decode"] += t1 - t0
+            t["transfer"] += t2 - t1
+            t["model"] += t3 - t2
+    total = time.perf_counter() - start
+    assert sum(len(o) for o in out) == len(files)
+    return {"seconds": total, "ips": len(files) / total, "breakdown": t}
+
+
+def run_mmsearch(model_name: str, folder: Path, device: str, batch_size: int, workers: int | None, n: int,
+                 backend: str) -> dict:
+    import retrieval
+
+    with tempfile.TemporaryDirectory(prefix="mmsearch-bench-index-") as tmp:
+        with retrieval.open_index(tmp, model=model_name, pretrained="random", device=device, backend=backend) as idx:
+            encoder = idx.encoder  # loaded (and on CPU exported to ONNX, once) before the clock starts, as for naive
+            start = time.perf_counter()
+            report = idx.add([folder], workers=workers, batch_size=batch_size)
+            total = time.perf_counter() - start
+            images = idx.info()["images"]
+    assert report.added == n and images == n, (report.summary(), images)
+    return {"seconds": total, "ips": n / total, "breakdown": dict(report.timings), "encoder": encoder}
+
+
+def model_only(encoder, batch_size: int, device: str, rounds: int = 3) -> dict:
+    """Images/s of encoder.embed_pixels on ready uint8 pixels, and the host->device copy alone."""
+    import numpy as np
+    import torch
+
+    size = encoder.geometry.size
+    pixels = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    encoder.embed_pixels(pixels[:2])  # warm
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        encoder.embed_pixels(pixels)
+        times.append(time.perf_counter() - t0)
+    transfer = 0.0
+    if device.startswith("cuda"):
+        tt = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            torch.from_numpy(pixels).pin_memory().to(device, non_blocking=True)
+            torch.cuda.synchronize()
+            tt.append(time.perf_counter() - t0)
+        transfer = statistics.median(tt) / batch_size
+    per_image = statistics.median(times) / batch_size
+    return {"ips": 1.0 / per_image, "s_per_image": per_image, "transfer_s_per_image": transfer}
+
+
+def rclip_datadir(rclip_bin: Path, data: Path | None) -> Path:
+    return data.expanduser().absolute() if data else rclip_bin.parent.parent.parent / "data"
+
+
+def run_rclip(rclip_bin: Path, data: Path, folder: Path, n: int) -> dict:
+    """A fresh rclip index of `folder` (net of rclip's start + model load + one query)."""
+    with tempfile.TemporaryDirectory(prefix="rclip-bench-") as tmp:
+        for entry in data.iterdir():  # the model files, not the database
+            if entry.is_dir():
+                os.symlink(entry, Path(tmp) / entry.name)
+        env = {**os.environ, "RCLIP_DATADIR": tmp, "HF_HUB_OFFLINE": "1"}
+        cmd = [str(rclip_bin), "-t", "5", QUERY]
+
+        def timed(args: list[str]) -> float:
+            t0 = time.perf_counter()
+            done = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True)
+            dt = time.perf_counter() - t0
+            if done.returncode != 0:
+                raise RuntimeError(f"rclip failed ({done.returncode}): {done.stderr[-2000:]}")
+            return dt
+
+        full = timed(cmd)
+        query_only = timed([str(rclip_bin), "-n", "-t", "5", QUERY])
+    net = max(full - query_only, 1e-9)
+    return {"seconds": net, "ips": n / net, "breakdown": {"index_run": full, "query_only_run": query_only}}
+
+
+# ------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------
+def parse_workers(value: str) -> list[int | None]:
+    return [None if w.strip() == "auto" else int(w) for w in value.split(",")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="number of photos")
+    ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    ap.add_argument("--model", default="ViT-B-32", help="comma-separated open_clip architectures (random weights)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", default="auto", help="comma-separated decode worker counts for mmsearch (auto: its default)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all contenders, alternating (medians reported)")
+    ap.add_argument("--rclip", type=Path, help="rclip executable (see ../shared/peers/rclip/setup) to time it too")
+    ap.add_argument("--rclip-data", type=Path, help="its RCLIP_DATADIR with the model files (default: BIN/../../../data)")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--backend", default="auto",
+                    help="comma-separated mmsearch backends: auto (onnxruntime on cpu, torch on cuda), torch, onnx")
+    ap.add_argument("--photo-size", default="1280x960")
+    ap.add_argument("--quality", type=int, default=90)
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MMSEARCH_BENCH_DIR", "~/.cache/mmsearch-bench")).expanduser())
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+
+    width, height = (int(x) for x in args.photo_size.lower().split("x"))
+    folder = ensure_photos(args.cache, args.n, width, height, args.quality)
+    files = sorted(str(p) for p in folder.iterdir())
+    mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1024
+
+    import torch
+
+    from retrieval.encoder import pick_device
+    from retrieval.indexer import default_workers
+
+    device = pick_device(args.device)
+    workers_list = parse_workers(args.workers)
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    env = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}"
+                   f", {torch.get_num_threads()} torch threads",
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "device": device, "n": args.n, "photos": f"{width}x{height} q{args.quality}, {mean_kb:.0f} KB mean",
+        "batch_size": args.batch_size, "default_workers": default_workers(), "load_start": loadavg(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    log(json.dumps(env))
+    results: dict = {"env": env, "models": {}}
+    if args.rclip:
+        args.rclip = args.rclip.expanduser().absolute()
+    rclip_data = rclip_datadir(args.rclip, args.rclip_data) if args.rclip else None
+
+    for model_name in models:
+        runs: dict[str, list[dict]] = {}
+        log(f"== {model_name} on {device}, {args.n} photos, batch {args.batch_size}")
+        naive = None if args.skip_naive else load_naive(model_name, device)
+        encoders: dict = {}
+        if naive:  # warm-up (first-call allocations), untimed
+            run_naive(*naive, files[: min(len(files), 4)], device, args.batch_size)
+        for r in range(args.repeat):
+            if naive:
+                res = run_naive(*naive, files, device, args.batch_size)
+                res["load"] = loadavg()
+                runs.setdefault("naive", []).append(res)
+                log(f"  [{r}] {'naive':30s} {res['ips']:7.1f} img/s  (load {res['load']})")
+            for backend in backends:
+                for w in workers_list:
+                    res = run_mmsearch(model_name, folder, device, args.batch_size, w, args.n, backend)
+                    encoder = res.pop("encoder")
+                    encoders[encoder.backend] = encoder
+                    res["load"] = loadavg()
+                    key = f"mmsearch[{encoder.backend}] workers={'auto=' + str(default_workers()) if w is None else w}"
+                    runs.setdefault(key, []).append(res)
+                    log(f"  [{r}] {key:30s} {res['ips']:7.1f} img/s  (load {res['load']})")
+            if args.rclip and model_name == "ViT-B-32-256":
+                res = run_rclip(args.rclip, rclip_data, folder, args.n)
+                res["load"] = loadavg()
+                runs.setdefault("rclip (onnxruntime)", []).append(res)
+                log(f"  [{r}] {'rclip':30s} {res['ips']:7.1f} img/s  (load {res['load']})")
+        ceilings = {f"mmsearch[{b}]": model_only(e, args.batch_size, device) for b, e in encoders.items()}
+        del naive, encoders
+        results["models"][model_name] = {"runs": runs, "model_only": ceilings}
+        print_table(model_name, runs, ceilings, args.n)
+    results["env"]["load_end"] = loadavg()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=float))
+        log(f"wrote {args.json}")
+
+
+def median_run(runs: list[dict]) -> dict:
+    ordered = sorted(runs, key=lambda r: r["ips"])
+    return ordered[len(ordered) // 2]
+
+
+def print_table(model_name: str, runs: dict[str, list[dict]], ceilings: dict[str, dict | None], n: int) -> None:
+    base = median_run(runs["naive"])["ips"] if "naive" in runs else None
+    print(f"\n{model_name}: {n} photos")
+    print(f"{'contender':34s} {'img/s':>8s} {'x naive':>8s}  all runs (img/s)       where the time goes (s)")
+    for name, rs in runs.items():
+        m = median_run(rs)
+        ratio = f"{m['ips'] / base:.2f}" if base else "-"
+        every = ", ".join(f"{r['ips']:.1f}" for r in rs)
+        print(f"{name:34s} {m['ips']:8.1f} {ratio:>8s}  {every:22s} {describe(name, m, ceilings.get(name.split()[0]))}")
+    for key, ceiling in ceilings.items():
+        if ceiling:
+            print(f"{key + ' model only':34s} {ceiling['ips']:8.1f}          embed_pixels on ready pixels (the ceiling)"
+                  + (f", host->device {ceiling['transfer_s_per_image'] * 1e3:.2f} ms/img" if ceiling["transfer_s_per_image"] else ""))
+    sys.stdout.flush()
+
+
+def describe(name: str, run: dict, ceiling: dict | None) -> str:
+    b = run["breakdown"]
+    total = run["seconds"]
+    if name == "naive":
+        return (f"total {total:.1f}: decode+preprocess {b['decode']:.1f}, transfer {b['transfer']:.1f}, "
+                f"model {b['model']:.1f}")
+    if name.startswith("mmsearch"):
+        embed = b.get("embed", 0.0)
+        transfer = 0.0
+        if ceiling and ceiling["transfer_s_per_image"]:
+            transfer = min(embed, ceiling["transfer_s_per_image"] * run["ips"] * total)
+        other = total - b.get("wait_decode", 0) - embed - b.get("wait_database", 0)
+        return (f"total {total:.1f}: decode {b.get('decode', 0):.1f} (in decoders), waiting for decode "
+                f"{b.get('wait_decode', 0):.1f}, transfer {transfer:.1f}, model {embed - transfer:.1f}, database "
+                f"{b.get('database', 0):.1f} ({b.get('wait_database', 0):.1f} not overlapped), other {other:.1f}")
+    return f"index run {b['index_run']:.1f} - query-only run {b['query_only_run']:.1f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,622 @@
+"""FAISS vector cache: exact or approximate inner-product search keyed by SQLite row ids.
+
+SQLite is the source of truth; the file written here is only a cache that can be rebuilt
+from it at any time. Vectors are L2-normalised float32, so inner product == cosine.
+
+Design notes
+------------
+* FAISS labels are *slots* (0..ntotal-1, in insertion order); ``_slot_ids`` maps a slot to
+  the store's int64 row id. Keeping the map ourselves (instead of ``IndexIDMap2``) lets one
+  mechanism serve every layout: exact layouts compact on ``remove``; graph/IVF layouts,
+  which FAISS cannot (HNSW) or should not renumber, mark slots dead (tombstones) and filter
+  them at search time with an ``IDSelectorBitmap``.
+* File = ``[faiss index][metadata][64-byte footer]``. FAISS stops reading at the end of its
+  own data, so the file can be memory-mapped with ``IO_FLAG_MMAP_IFC`` and a query process
+  does not copy the vectors into private memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import struct
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+import faiss
+import numpy as np
+
+from retrieval.errors import MMSearchError
+
+__all__ = ["VectorFileDamaged", "VectorIndex", "choose_layout"]
+
+
+class VectorFileDamaged(MMSearchError):
+    """The vector cache file is missing, truncated, corrupt or was built for another dim.
+
+    The file is a cache: callers rebuild it from SQLite when they see this error.
+    """
+
+
+# --- layout policy (numbers from benchmarks/RESULTS-search.md) ----------------------------
+
+#: Exact search is kept while one brute-force scan touches at most this many floats
+#: (n * dim, the cost of a scan). Measured at d=512 on 2 shared cores, 1 thread, CPU time
+#: per query: exact 0.7 ms at 10k, 1.8 ms at 20k, 5.5 ms at 50k, 8 ms at 100k; HNSW 0.4-0.8 ms
+#: but 15 CPU-s of build at 50k and recall < 1. Up to ~5 ms a scan is not worth trading
+#: exactness, instant builds/removes and exact filters for, hence 50k vectors at d=512.
+FLAT_MAX_FLOATS = 50_000 * 512
+
+#: Approximate layout above the threshold: HNSW graph (M=32) over float16 codes. At 1M x 512
+#: it is 0.63x the raw float32 size (SQ8 would be 0.38x and ~1.3x faster, but caps recall@10
+#: near 0.99 and needs trained per-dimension ranges that later adds may exceed; float32
+#: storage is 1.13x and ~1.5x slower for no recall gain). See benchmarks/RESULTS-search.md.
+APPROX_LAYOUT = "HNSW32,SQfp16"
+#: Graph quality knob: build cost grows ~linearly with it; 40 keeps 1M under 10 min on 2 cores.
+HNSW_EF_CONSTRUCTION = 40
+#: Default search beam: recall@10 0.978 at 1M on the hard (continuous) distribution at ~1.3 ms
+#: (0.968 at 80, 0.990 at 128).
+HNSW_EF_SEARCH = 96
+#: IVF layouts only appear through an explicit override; probe this share of lists.
+IVF_PROBE_FRACTION = 1 / 32
+
+#: Rebuild once this share of slots is dead (tombstones cost memory and search effort).
+TOMBSTONE_REBUILD_FRACTION = 0.2
+#: An approximate layout is only worth replacing by Flat once the collection shrank well
+#: below the threshold; the gap avoids flip-flopping around it.
+SHRINK_HYSTERESIS = 0.5
+
+#: ``allowed`` filters on a graph layout: either scan the stored codes of the allowed slots
+#: (exact, cost ~ a bitmap test per slot + a distance per allowed item) or widen the HNSW
+#: beam by 1/share so it still collects ~efSearch allowed items. Per-unit CPU costs measured
+#: at 1M x 512 (HNSW32,SQfp16, 1 thread): scan ~2 ns/slot + ~370 ns/allowed item, beam
+#: ~8 us per unit of efSearch. The scan is exact and does not care where the allowed items
+#: lie, so it is kept unless the beam is EXACT_PREFERENCE times cheaper (crossover near a
+#: 6 % share at 1M, 20 % at 100k).
+SCAN_NS_PER_SLOT = 2.0
+SCAN_NS_PER_ALLOWED = 370.0
+BEAM_NS_PER_EF = 8000.0
+EXACT_PREFERENCE = 2.0
+#: Up to this many allowed items, their vectors are decoded and scored directly, which
+#: does not depend on the collection size (measured: 0.16 ms for 100 items vs ~2.8 ms for a
+#: 1M-slot scan; ~4 ms at 1000 items, where the scan is already cheaper).
+ALLOWED_GATHER_MAX = 256
+#: Ids are mapped to slots through a dense array while max id < this many times the
+#: number of live items (SQLite row ids), else through a binary search.
+DENSE_LOOKUP_FACTOR = 4
+#: Cap on the widened HNSW beam for filtered searches.
+MAX_EF_SEARCH = 4096
+
+#: Vectors used to train layouts that need it (SQ ranges, IVF centroids); fixed seed so a
+#: rebuild of the same data gives the same index.
+TRAIN_SAMPLE = 200_000
+TRAIN_SEED = 1234
+
+
+def choose_layout(n: int, dim: int) -> str:
+    """Return the FAISS factory string for a collection of ``n`` vectors of ``dim`` floats.
+
+    Exact ``"Flat"`` while a brute-force scan is cheap (``n * dim <= FLAT_MAX_FLOATS``),
+    else the approximate :data:`APPROX_LAYOUT`.
+    """
+    if n < 0 or dim <= 0:
+        raise ValueError(f"bad collection shape n={n} dim={dim}")
+    return "Flat" if n * dim <= FLAT_MAX_FLOATS else APPROX_LAYOUT
+
+
+def _is_exact(layout: str) -> bool:
+    return layout.strip() == "Flat"
+
+
+# --- file format ---------------------------------------------------------------------------
+
+_MAGIC = b"MMSVEC01"
+_FORMAT_VERSION = 1
+# magic, version, dim, generation, faiss_len, meta_len, json_len,
+# faiss_crc (whole payload), sample_crc (sampled blocks), meta_crc, footer_crc
+_FOOTER = struct.Struct("<8sIIqQQQIIII")
+assert _FOOTER.size == 64
+_SAMPLE_BLOCKS = 64
+_SAMPLE_BLOCK_SIZE = 4096
+_READ_CHUNK = 1 << 24
+
+
+def _write_bytes(f: BinaryIO, data: bytes) -> None:
+    """Single choke point for every byte of a vector file (tests inject failures here)."""
+    f.write(data)
+
+
+def _sample_offsets(length: int) -> list[int]:
+    """Offsets of the blocks checked on every load: cheap, yet catches torn or zeroed files."""
+    if length <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK_SIZE:
+        return list(range(0, length, _SAMPLE_BLOCK_SIZE))
+    last = length - _SAMPLE_BLOCK_SIZE
+    return [round(i * last / (_SAMPLE_BLOCKS - 1)) for i in range(_SAMPLE_BLOCKS)]
+
+
+def _sample_crc(f: BinaryIO, length: int) -> int:
+    crc = 0
+    for off in _sample_offsets(length):
+        f.seek(off)
+        crc = zlib.crc32(f.read(min(_SAMPLE_BLOCK_SIZE, length - off)), crc)
+    return crc
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform/filesystem.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- the index -----------------------------------------------------------------------------
+
+
+class VectorIndex:
+    """Inner-product index over L2-normalised vectors, keyed by int64 row ids.
+
+    Attributes:
+        dim: vector dimension.
+        layout: FAISS factory string in use (``"Flat"``, ``"HNSW32"``, ...).
+        params: search-time parameters (``efSearch`` for HNSW, ``nprobe`` for IVF); saved
+            with the file and restored on load. May be changed by the caller.
+    """
+
+    dim: int
+    layout: str
+    params: dict[str, int]
+
+    def __init__(self, index: faiss.Index, layout: str, slot_ids: np.ndarray,
+                 dead: np.ndarray | None = None, params: dict[str, int] | None = None,
+                 mmapped: bool = False) -> None:
+        """Wrap a FAISS index whose labels are slots. Use :meth:`build` or :meth:`load`."""
+        self._index = index
+        self.dim = int(index.d)
+        self.layout = layout
+        self._kind = _kind_of(index)
+        self._slot_ids = np.ascontiguousarray(slot_ids, dtype=np.int64)
+        self._dead = (np.zeros(len(self._slot_ids), dtype=bool) if dead is None
+                      else np.ascontiguousarray(dead, dtype=bool))
+        self._n_dead = int(self._dead.sum())
+        self.params = dict(params) if params is not None else _default_params(index)
+        # A memory-mapped index is read-only: FAISS aborts the process on a resize, so it is
+        # copied into owned memory before the first mutation.
+        self._mmapped = mmapped
+        self._lookup: tuple[np.ndarray, np.ndarray] | None = None
+        self._live_bitmap: np.ndarray | None = None
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, ids: np.ndarray, vectors: np.ndarray, dim: int,
+              layout: str | None = None) -> "VectorIndex":
+        """Build an index over ``vectors`` (one row per id).
+
+        ``layout=None`` picks :func:`choose_layout` for the collection size. Layouts that need
+        training (SQ, IVF) are trained on a fixed-seed sample of ``vectors``.
+        """
+        ids, vectors = _check_batch(ids, vectors, dim)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("duplicate ids in build()")
+        layout = layout or choose_layout(len(ids), dim)
+        try:
+            index = faiss.index_factory(dim, layout, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise ValueError(f"bad FAISS layout {layout!r}: {_first_line(exc)}") from None
+        kind = _kind_of(index)  # rejects layouts we cannot filter/remove on
+        if kind == "hnsw":
+            faiss.downcast_index(index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        if not index.is_trained:
+            if len(ids) == 0:
+                raise ValueError(f"layout {layout!r} needs training data; got no vectors")
+            rng = np.random.default_rng(TRAIN_SEED)
+            sample = vectors
+            if len(vectors) > TRAIN_SAMPLE:
+                sample = vectors[np.sort(rng.choice(len(vectors), TRAIN_SAMPLE, replace=False))]
+            try:
+                index.train(sample)
+            except RuntimeError as exc:
+                raise ValueError(f"cannot train {layout!r} on {len(sample)} vectors: "
+                                 f"{_first_line(exc)}") from None
+        if len(ids):
+            index.add(vectors)
+        return cls(index, layout, ids)
+
+    # -- size and contents ----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Number of live vectors (tombstoned ones excluded)."""
+        return len(self._slot_ids) - self._n_dead
+
+    def ids(self) -> np.ndarray:
+        """Live ids, ascending (a copy), for syncing against SQLite."""
+        return np.sort(self._slot_ids[~self._dead]) if self._n_dead else np.sort(self._slot_ids)
+
+    @property
+    def tombstones(self) -> int:
+        """Removed vectors still occupying slots (graph/IVF layouts only)."""
+        return self._n_dead
+
+    # -- mutation -------------------------------------------------------------------------
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors; an id that is already present is replaced by its new vector."""
+        ids, vectors = _check_batch(ids, vectors, self.dim)
+        if len(ids) == 0:
+            return
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("duplicate ids in add()")
+        self.remove(ids)  # replace semantics; unknown ids are ignored
+        self._materialize()
+        self._index.add(vectors)
+        self._slot_ids = np.concatenate([self._slot_ids, ids])
+        self._dead = np.concatenate([self._dead, np.zeros(len(ids), dtype=bool)])
+        self._invalidate()
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Remove ids (unknown ones are ignored). Works for every layout.
+
+        Exact layouts are compacted at once; graph/IVF layouts keep a tombstone per removed
+        slot, filtered at search time, until :meth:`needs_rebuild` asks for a rebuild.
+        """
+        slots = np.unique(self._slots_of(np.asarray(ids, dtype=np.int64).reshape(-1)))
+        if len(slots) == 0:
+            return
+        if self._kind == "codes":
+            self._materialize()
+            removed = self._index.remove_ids(faiss.IDSelectorBatch(slots))
+            if removed != len(slots):  # would desynchronise the slot map
+                raise RuntimeError(f"FAISS removed {removed} of {len(slots)} vectors")
+            # IndexFlatCodes.remove_ids keeps the order of the survivors, like np.delete.
+            self._slot_ids = np.delete(self._slot_ids, slots)
+            self._dead = np.delete(self._dead, slots)
+        else:
+            self._dead[slots] = True
+            self._n_dead += len(slots)
+        self._invalidate()
+
+    def needs_rebuild(self) -> bool:
+        """True when a rebuild from SQLite would give a better index.
+
+        That is when the collection outgrew an exact layout, shrank well below the
+        threshold of an approximate one, or too many slots are tombstones.
+        """
+        n = len(self)
+        if _is_exact(self.layout) and not _is_exact(choose_layout(n, self.dim)):
+            return True
+        if not _is_exact(self.layout) and n * self.dim <= FLAT_MAX_FLOATS * SHRINK_HYSTERESIS:
+            return True
+        return self._n_dead > TOMBSTONE_REBUILD_FRACTION * max(len(self._slot_ids), 1)
+
+    # -- search ---------------------------------------------------------------------------
+
+    def search(self, queries: np.ndarray, k: int,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product for each query.
+
+        Returns ``(scores, ids)`` of shape ``[q, k]`` (float32, int64), best first, padded
+        with ``-inf`` / ``-1`` when fewer than ``k`` items qualify. A single query may be
+        passed as a 1-D array (the result is still ``[1, k]``). ``allowed`` restricts the
+        result to those ids; at least ``min(k, |allowed ∩ index|)`` results are returned.
+        """
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q.reshape(1, -1)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be [q, {self.dim}], got {np.shape(queries)}")
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = int(k)
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        labels = np.full((len(q), k), -1, dtype=np.int64)
+        if len(q) == 0 or len(self) == 0:
+            return scores, labels
+
+        slots, m, bitmap = None, len(self), self._live_bitmap_or_none()
+        gather = False
+        if allowed is not None:
+            slots = self._slots_of(np.asarray(allowed, dtype=np.int64).reshape(-1))
+            if len(slots) <= ALLOWED_GATHER_MAX:
+                slots = np.unique(slots)
+                m = len(slots)
+                gather = self._kind == "hnsw"
+            if len(slots) == 0:
+                return scores, labels
+            if not gather:
+                # Dedup through the mask: O(n), far cheaper than sorting a big id list.
+                mask = np.zeros(len(self._slot_ids), dtype=bool)
+                mask[slots] = True
+                bitmap = np.packbits(mask, bitorder="little")
+                m = int(np.count_nonzero(mask))
+
+        if gather:
+            d, i = self._gathered(q, k, slots)
+        else:
+            # Selector over slots: the allowed ones, or the live ones when there are tombstones.
+            sel = None if bitmap is None else faiss.IDSelectorBitmap(len(self._slot_ids),
+                                                                     faiss.swig_ptr(bitmap))
+            if self._kind == "codes":
+                d, i = self._index.search(q, k, params=faiss.SearchParameters(sel=sel))
+            elif slots is not None and self._scan_is_better(k, m):
+                d, i = self._exact(q, k, sel)
+            else:
+                d, i = self._index.search(q, k, params=self._approx_params(k, m / len(self._slot_ids), sel))
+                short = np.flatnonzero((i >= 0).sum(axis=1) < min(k, m))
+                if len(short):
+                    # The beam did not reach enough allowed/live items (filter far from the
+                    # query): score those rows exactly so they still get k results.
+                    d[short], i[short] = self._exact(q[short], k, sel)
+
+        valid = i >= 0
+        scores[valid] = d[valid]
+        labels[valid] = self._slot_ids[i[valid]]
+        return scores, labels
+
+    def _scan_is_better(self, k: int, m: int) -> bool:
+        """Cost model for a filtered query on a graph layout (constants: see module top)."""
+        if self._kind != "hnsw":
+            return False  # IVF: widened probes scan a subset of what the full scan would
+        n = len(self._slot_ids)
+        scan = SCAN_NS_PER_SLOT * n + SCAN_NS_PER_ALLOWED * m
+        ef = max(self.params.get("efSearch", HNSW_EF_SEARCH), k)
+        beam = BEAM_NS_PER_EF * min(max(ef * n / m, ef), max(MAX_EF_SEARCH, k))
+        return scan <= EXACT_PREFERENCE * beam
+
+    def _approx_params(self, k: int, share: float, sel: faiss.IDSelector | None) -> faiss.SearchParameters:
+        """Search params widened by 1/share so a filtered beam still holds ~ef allowed items."""
+        if self._kind == "hnsw":
+            ef = max(self.params.get("efSearch", HNSW_EF_SEARCH), k)
+            ef = min(max(math.ceil(ef / share), ef), max(MAX_EF_SEARCH, k))
+            return faiss.SearchParametersHNSW(efSearch=ef, sel=sel)
+        nlist = faiss.extract_index_ivf(self._index).nlist
+        nprobe = min(nlist, math.ceil(self.params.get("nprobe", 1) / share))
+        return faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
+
+    def _gathered(self, q: np.ndarray, k: int, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of a few slots: decode just those rows instead of scanning them all."""
+        storage = faiss.downcast_index(faiss.downcast_index(self._index).storage)
+        vecs = storage.reconstruct_batch(slots)
+        scores = q @ vecs.T
+        kk = min(k, len(slots))
+        top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1),
+                                                 axis=1, kind="stable"), axis=1)
+        d = np.full((len(q), k), -np.inf, dtype=np.float32)
+        i = np.full((len(q), k), -1, dtype=np.int64)
+        d[:, :kk] = np.take_along_axis(scores, top, axis=1)
+        i[:, :kk] = slots[top]
+        return d, i
+
+    def _exact(self, q: np.ndarray, k: int,
+               sel: faiss.IDSelector | None) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force scan of the stored codes, restricted by ``sel``."""
+        if self._kind == "hnsw":
+            storage = faiss.downcast_index(faiss.downcast_index(self._index).storage)
+            return storage.search(q, k, params=faiss.SearchParameters(sel=sel))
+        nlist = faiss.extract_index_ivf(self._index).nlist
+        return self._index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nlist, sel=sel))
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self, path: Path, generation: int) -> None:
+        """Write the index atomically to ``path``, recording the store's ``generation``.
+
+        The data goes to a temporary file in the same directory, is fsynced, then renamed
+        over ``path``: a crash at any moment leaves the old or the new file, never a mix.
+        Readers holding the old file memory-mapped keep a consistent view.
+        """
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        meta_json = json.dumps({
+            "layout": self.layout,
+            "params": self.params,
+            "ntotal": len(self._slot_ids),
+            "faiss_version": faiss.__version__,
+        }, sort_keys=True).encode()
+        meta = (meta_json + self._slot_ids.astype("<i8").tobytes()
+                + np.packbits(self._dead, bitorder="little").tobytes())
+        try:
+            with open(tmp, "w+b") as f:
+                state = {"crc": 0, "len": 0, "error": None}
+
+                def sink(chunk: bytes) -> None:
+                    try:
+                        _write_bytes(f, chunk)
+                        state["crc"] = zlib.crc32(chunk, state["crc"])
+                        state["len"] += len(chunk)
+                    except BaseException as exc:  # FAISS would replace it by a vague error
+                        state["error"] = exc
+                        raise
+
+                try:  # streamed (no 2nd in-memory copy), checksummed on the way
+                    faiss.write_index(self._index, faiss.PyCallbackIOWriter(sink))
+                except RuntimeError:
+                    if state["error"] is not None:
+                        raise state["error"] from None
+                    raise
+                faiss_len = state["len"]
+                f.flush()
+                sample = _sample_crc(f, faiss_len)
+                f.seek(faiss_len)
+                _write_bytes(f, meta)
+                head = _FOOTER.pack(_MAGIC, _FORMAT_VERSION, self.dim, int(generation), faiss_len,
+                                    len(meta), len(meta_json), state["crc"], sample,
+                                    zlib.crc32(meta), 0)
+                _write_bytes(f, head[:-4] + struct.pack("<I", zlib.crc32(head[:-4])))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    @classmethod
+    def load(cls, path: Path, dim: int, *, mmap: bool = True,
+             verify: bool = False) -> tuple["VectorIndex", int]:
+        """Load a file written by :meth:`save`; return ``(index, generation)``.
+
+        Raises :class:`VectorFileDamaged` when the file is missing, truncated, corrupt or was
+        built for another ``dim``. With ``mmap`` (default) the vectors stay in the page cache
+        (``IO_FLAG_MMAP_IFC``), so a query process starts fast; the first mutation copies
+        them into private memory. Every load checks the footer, the metadata checksum and a
+        sample of the FAISS payload; ``verify=True`` also checksums the whole payload.
+        """
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < _FOOTER.size:
+                    raise VectorFileDamaged(f"{path}: too short to be a vector file")
+                f.seek(size - _FOOTER.size)
+                footer = f.read(_FOOTER.size)
+                (magic, version, fdim, generation, faiss_len, meta_len, json_len, faiss_crc,
+                 sample, meta_crc, footer_crc) = _FOOTER.unpack(footer)
+                if magic != _MAGIC or zlib.crc32(footer[:-4]) != footer_crc:
+                    raise VectorFileDamaged(f"{path}: not a vector file or truncated")
+                if version != _FORMAT_VERSION:
+                    raise VectorFileDamaged(f"{path}: unknown format version {version}")
+                if fdim != dim:
+                    raise VectorFileDamaged(f"{path}: built for dim {fdim}, expected {dim}")
+                if faiss_len + meta_len + _FOOTER.size != size or json_len > meta_len:
+                    raise VectorFileDamaged(f"{path}: size does not match its footer")
+                f.seek(faiss_len)
+                meta = f.read(meta_len)
+                if len(meta) != meta_len or zlib.crc32(meta) != meta_crc:
+                    raise VectorFileDamaged(f"{path}: metadata checksum mismatch")
+                if _sample_crc(f, faiss_len) != sample:
+                    raise VectorFileDamaged(f"{path}: index data checksum mismatch")
+                if verify:
+                    f.seek(0)
+                    crc, left = 0, faiss_len
+                    while left:
+                        chunk = f.read(min(_READ_CHUNK, left))
+                        if not chunk:
+                            break
+                        crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+                    if left or crc != faiss_crc:
+                        raise VectorFileDamaged(f"{path}: index data checksum mismatch")
+        except FileNotFoundError:
+            raise VectorFileDamaged(f"{path}: no vector file") from None
+        except OSError as exc:
+            raise VectorFileDamaged(f"{path}: cannot read vector file: {exc}") from None
+
+        try:
+            info = json.loads(meta[:json_len])
+            layout, params, ntotal = str(info["layout"]), dict(info["params"]), int(info["ntotal"])
+        except (ValueError, KeyError, TypeError):
+            raise VectorFileDamaged(f"{path}: unreadable metadata") from None
+        if json_len + 8 * ntotal + (ntotal + 7) // 8 != meta_len:
+            raise VectorFileDamaged(f"{path}: metadata size mismatch")
+        slot_ids = np.frombuffer(meta, dtype="<i8", count=ntotal, offset=json_len).astype(np.int64)
+        bits = np.frombuffer(meta, dtype=np.uint8, offset=json_len + 8 * ntotal)
+        dead = np.unpackbits(bits, count=ntotal, bitorder="little").astype(bool)
+
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            raise VectorFileDamaged(f"{path}: FAISS cannot read it: {_first_line(exc)}") from None
+        if (index.d != dim or index.ntotal != ntotal or not index.is_trained
+                or index.metric_type != faiss.METRIC_INNER_PRODUCT):
+            raise VectorFileDamaged(f"{path}: FAISS index does not match its metadata")
+        try:
+            return cls(index, layout, slot_ids, dead, {k: int(v) for k, v in params.items()},
+                       mmapped=mmap), int(generation)
+        except ValueError as exc:
+            raise VectorFileDamaged(f"{path}: {exc}") from None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _materialize(self) -> None:
+        if self._mmapped:
+            self._index = faiss.deserialize_index(faiss.serialize_index(self._index))
+            self._mmapped = False
+
+    def _invalidate(self) -> None:
+        self._lookup = None
+        self._live_bitmap = None
+
+    def _slots_of(self, ids: np.ndarray) -> np.ndarray:
+        """Slots of the live entries among ``ids`` (unknown/removed ids dropped).
+
+        Duplicated ids give duplicated slots. SQLite row ids are dense, so the map is a
+        plain array indexed by id (O(1) per id, a few bytes per possible id); sparse ids
+        fall back to a binary search over the sorted live ids.
+        """
+        if len(ids) == 0 or len(self) == 0:
+            return np.empty(0, dtype=np.int64)
+        if self._lookup is None:
+            live = np.flatnonzero(~self._dead) if self._n_dead else np.arange(len(self._slot_ids))
+            live_ids = self._slot_ids[live]
+            lo, hi = int(live_ids.min()), int(live_ids.max())
+            if lo >= 0 and hi < DENSE_LOOKUP_FACTOR * len(live) + 65_536:
+                table = np.full(hi + 1, -1, dtype=np.int64)
+                table[live_ids] = live
+                self._lookup = (table, None)
+            else:
+                order = np.argsort(live_ids, kind="stable")
+                self._lookup = (live_ids[order], live[order])
+        first, second = self._lookup
+        if second is None:  # dense table: slot = table[id]
+            ids = ids[(ids >= 0) & (ids < len(first))]
+            slots = first[ids]
+            return slots[slots >= 0]
+        pos = np.minimum(np.searchsorted(first, ids), len(first) - 1)
+        return second[pos[first[pos] == ids]]
+
+    def _live_bitmap_or_none(self) -> np.ndarray | None:
+        if self._n_dead == 0:
+            return None
+        if self._live_bitmap is None:
+            self._live_bitmap = np.packbits(~self._dead, bitorder="little")
+        return self._live_bitmap
+
+
+def _kind_of(index: faiss.Index) -> str:
+    """Classify a FAISS index: 'codes' (flat scan, compactable), 'hnsw' or 'ivf'."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVF):
+        return "ivf"
+    if isinstance(index, faiss.IndexFlatCodes):
+        return "codes"
+    raise ValueError(f"unsupported FAISS layout {type(index).__name__}: use Flat/SQ*, HNSW* or IVF*")
+
+
+def _default_params(index: faiss.Index) -> dict[str, int]:
+    kind = _kind_of(index)
+    if kind == "hnsw":
+        return {"efSearch": HNSW_EF_SEARCH}
+    if kind == "ivf":
+        nlist = faiss.extract_index_ivf(index).nlist
+        return {"nprobe": max(1, min(nlist, math.ceil(nlist * IVF_PROBE_FRACTION)))}
+    return {}
+
+
+def _check_batch(ids: np.ndarray, vectors: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.size == 0 and len(ids) == 0:
+        return ids, vectors.reshape(0, dim)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"vectors must be [n, {dim}], got {vectors.shape}")
+    if len(ids) != len(vectors):
+        raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+    return ids, vectors
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
