@@ -7,10 +7,12 @@ Run from the repository root::
 Produces 50 images in mixed formats (jpg, png, webp) and sizes (64-384 px per
 side, any aspect ratio), named after what they show (``red_circle_01.jpg``,
 ``blue_star_01.webp``, ...), always including at least one red circle and one
-blue star, plus ``captions.txt`` with 60 distinct captions (one per line),
-including ones naming a red circle and a blue star. Seed 2024 (not used by
-training, seeds 0/1, nor by the benchmark, seed 777). Deterministic: running
-it again rewrites identical files. Total size is kept under 2 MB.
+blue star, plus ``captions.txt`` with 60 distinct captions (one per line):
+"a red circle", "a photo of a blue star", one caption for each of the other
+38 (color, shape) pairs, then random pairs, all from varied templates.
+Seed 2024 (not used by training, seeds 0/1, nor by the benchmark, seed 777).
+Deterministic: running it again rewrites identical files. Total size is kept
+under 2 MB.
 """
 
 from __future__ import annotations
@@ -73,11 +75,18 @@ def make_demo(out_dir: Path, seed: int = SEED) -> list[Path]:
         _save(img, path)
         written.append(path)
 
+    # Every (color, shape) pair gets at least one caption, so each demo image has
+    # a fitting caption; the rest are extra random pairs. Varied templates throughout.
     lines: list[str] = ["a red circle", "a photo of a blue star"]
     seen = set(lines)
+    pairs = [(c, s) for c in colors for s in SHAPES if (c, s) not in (("red", "circle"), ("blue", "star"))]
+    pairs = [pairs[int(i)] for i in rng.permutation(len(pairs))]
     while len(lines) < N_CAPTIONS:
-        color = colors[int(rng.integers(0, len(colors)))]
-        shape = SHAPES[int(rng.integers(0, len(SHAPES)))]
+        if pairs:
+            color, shape = pairs[0]
+        else:
+            color = colors[int(rng.integers(0, len(colors)))]
+            shape = SHAPES[int(rng.integers(0, len(SHAPES)))]
         extra = int(rng.integers(0, 4))  # 0: plain, 1: with size, 2: with background, 3: both
         scale = float(rng.uniform(0.2, 0.8)) if extra in (1, 3) else None
         bg = BACKGROUND_WORDS[int(rng.integers(0, len(BACKGROUND_WORDS)))] if extra in (2, 3) else None
@@ -85,6 +94,8 @@ def make_demo(out_dir: Path, seed: int = SEED) -> list[Path]:
         if text not in seen:
             seen.add(text)
             lines.append(text)
+            if pairs and pairs[0] == (color, shape):
+                pairs.pop(0)
     cap_path = out_dir / "captions.txt"
     cap_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     written.append(cap_path)

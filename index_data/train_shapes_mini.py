@@ -27,8 +27,15 @@ Seeds: training data uses ``--seed`` (default 0); the held-out check set uses
 (benchmarks/eval_shapes.py) uses 777, so none overlap.
 
 Everything is seeded (torch, numpy) and ``torch.use_deterministic_algorithms``
-is on with a fixed thread count, so re-running on the same machine reproduces
-the checkpoint (the script prints its SHA-256).
+is on with a fixed thread count (``--threads``, default 1), so re-running on the
+same machine reproduces the checkpoint byte for byte (the script prints its
+SHA-256). A different thread count gives different (equally good) weights.
+One thread is used because the CPU is usually shared: with other jobs running,
+2 threads were 1.5-3x slower per step than 1 on the 2-core machine.
+
+Note: ``create_model_and_transforms`` returns the model in *training* mode;
+the vision tower has BatchNorm, so call ``model.eval()`` before encoding, or
+embeddings depend on what else is in the batch.
 """
 
 from __future__ import annotations
