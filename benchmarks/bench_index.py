@@ -25,20 +25,24 @@ Contenders, for each --model, in turn (--repeat rounds, alternating; medians rep
            index, so rclip's start and model load are not counted either.
 
 Where the time goes: naive = decode+preprocess / host->device / model (synchronized per batch);
-mmsearch = decode (summed over the decoders, which run in parallel) / waiting for decoders /
-embed (stack + transfer + model; split with a separate transfer measurement) / database.
-"model only" is images/s of the encoder alone on ready pixels: the ceiling for this machine.
+mmsearch = decode (summed over the decoders, which run beside the model) / waiting for decoders /
+embed (stack + transfer + model; split with a separate transfer measurement) / database (commit +
+vector cache) / other (scan, diff, decoder start). "model only" is images/s of the encoder alone on
+ready pixels: the ceiling for this machine.
 
-On the GPU `device` machine (nothing can be downloaded there; torch with CUDA is present):
-  1. here, once, fetch wheels for its Python (check `python -V` there first) into the git-ignored .whl/:
+On the GPU `device` machine (16 cores; torch with CUDA is there, nothing can be downloaded there):
+  0. see what it lacks (one short run): python -V; for m in torch torchvision open_clip faiss ftfy regex \\
+       onnxruntime sqlalchemy click tqdm timm huggingface_hub safetensors PIL numpy; do
+       python -c "import $m" 2>/dev/null || echo "missing $m"; done
+  1. here, fetch wheels for its Python version (3.11 below) into the git-ignored .whl/ (carry limit 64 MiB):
        .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.11 -d .whl \\
-           open_clip_torch faiss-cpu ftfy wcwidth regex onnxruntime
-     (add any other module `python -c "import retrieval, open_clip, faiss, sqlalchemy, click"` misses there)
-  2. one command, with carry=[".whl"] (and kind nvidia-h100-x1):
+           open_clip_torch faiss-cpu ftfy wcwidth regex onnxruntime   # + any other module step 0 found missing
+  2. one command, run with carry=[".whl"]:
        pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
        PYTHONPATH=/tmp/site:. python benchmarks/bench_index.py --n 2000 --device cuda \\
-           --model ViT-B-32,ViT-B-32-256 --batch-size 256 --workers 8,15 --cache /tmp/bench \\
+           --model ViT-B-32,ViT-B-32-256 --batch-size 256 --workers 8,15 --repeat 2 --cache /tmp/bench \\
            --json $OUT/bench_index.json
+     (generating 2000 photos takes about a minute on 16 cores; rclip is a CPU program, leave it out there)
 """
 
 from __future__ import annotations
@@ -202,7 +206,7 @@ def run_mmsearch(model_name: str, folder: Path, device: str, batch_size: int, wo
     return {"seconds": total, "ips": n / total, "breakdown": dict(report.timings), "encoder": encoder}
 
 
-def model_only(encoder, batch_size: int, device: str, rounds: int = 3) -> dict:
+def model_only(encoder, batch_size: int, device: str, rounds: int = 2) -> dict:
     """Images/s of encoder.embed_pixels on ready uint8 pixels, and the host->device copy alone."""
     import numpy as np
     import torch
@@ -274,7 +278,8 @@ def main() -> None:
     ap.add_argument("--rclip-data", type=Path, help="its RCLIP_DATADIR with the model files (default: BIN/../../../data)")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--backend", default="auto",
-                    help="comma-separated mmsearch backends: auto (onnxruntime on cpu, torch on cuda), torch, onnx")
+                    help="comma-separated mmsearch backends: auto (onnxruntime on cpu, torch on cuda), torch, onnx;"
+                         " all --workers values run with the first, the others with the first --workers value only")
     ap.add_argument("--photo-size", default="1280x960")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MMSEARCH_BENCH_DIR", "~/.cache/mmsearch-bench")).expanduser())
@@ -316,26 +321,26 @@ def main() -> None:
         encoders: dict = {}
         if naive:  # warm-up (first-call allocations), untimed
             run_naive(*naive, files[: min(len(files), 4)], device, args.batch_size)
+        contenders = []  # (name, run()) in the order of even rounds; odd rounds run them reversed
+        if naive:
+            contenders.append(("naive", lambda: run_naive(*naive, files, device, args.batch_size)))
+        for bi, backend in enumerate(backends):
+            for w in workers_list if bi == 0 else workers_list[:1]:  # other backends: first --workers only
+                name = f"mmsearch[{backend}] workers={'auto=' + str(default_workers()) if w is None else w}"
+                contenders.append((name, lambda w=w, backend=backend: run_mmsearch(
+                    model_name, folder, device, args.batch_size, w, args.n, backend)))
+        if args.rclip and model_name == "ViT-B-32-256":
+            contenders.append(("rclip", lambda: run_rclip(args.rclip, rclip_data, folder, args.n)))
         for r in range(args.repeat):
-            if naive:
-                res = run_naive(*naive, files, device, args.batch_size)
-                res["load"] = loadavg()
-                runs.setdefault("naive", []).append(res)
-                log(f"  [{r}] {'naive':30s} {res['ips']:7.1f} img/s  (load {res['load']})")
-            for backend in backends:
-                for w in workers_list:
-                    res = run_mmsearch(model_name, folder, device, args.batch_size, w, args.n, backend)
-                    encoder = res.pop("encoder")
+            for name, run in contenders if r % 2 == 0 else contenders[::-1]:  # ABBA: cancels a drifting load
+                res = run()
+                encoder = res.pop("encoder", None)
+                if encoder is not None:
+                    name = f"mmsearch[{encoder.backend}{name[name.index(']'):]}"  # auto -> what it picked
                     encoders[encoder.backend] = encoder
-                    res["load"] = loadavg()
-                    key = f"mmsearch[{encoder.backend}] workers={'auto=' + str(default_workers()) if w is None else w}"
-                    runs.setdefault(key, []).append(res)
-                    log(f"  [{r}] {key:30s} {res['ips']:7.1f} img/s  (load {res['load']})")
-            if args.rclip and model_name == "ViT-B-32-256":
-                res = run_rclip(args.rclip, rclip_data, folder, args.n)
-                res["load"] = loadavg()
-                runs.setdefault("rclip (onnxruntime)", []).append(res)
-                log(f"  [{r}] {'rclip':30s} {res['ips']:7.1f} img/s  (load {res['load']})")
+                res["round"], res["load"] = r, loadavg()
+                runs.setdefault(name, []).append(res)
+                log(f"  [{r}] {name:34s} {res['ips']:7.1f} img/s  (load {res['load']})")
         ceilings = {f"mmsearch[{b}]": model_only(e, args.batch_size, device) for b, e in encoders.items()}
         del naive, encoders
         results["models"][model_name] = {"runs": runs, "model_only": ceilings}
@@ -347,22 +352,32 @@ def main() -> None:
 
 
 def median_run(runs: list[dict]) -> dict:
+    """The run of median speed (the lower middle one for an even count)."""
     ordered = sorted(runs, key=lambda r: r["ips"])
-    return ordered[len(ordered) // 2]
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def round_ratio(runs: list[dict], base: list[dict] | None) -> str:
+    """Median over rounds of (this img/s / base img/s in the same round)."""
+    if not base:
+        return "-"
+    by_round = {b["round"]: b["ips"] for b in base}
+    ratios = [r["ips"] / by_round[r["round"]] for r in runs if r["round"] in by_round]
+    return f"{statistics.median(ratios):.2f}" if ratios else "-"
 
 
 def print_table(model_name: str, runs: dict[str, list[dict]], ceilings: dict[str, dict | None], n: int) -> None:
-    base = median_run(runs["naive"])["ips"] if "naive" in runs else None
-    print(f"\n{model_name}: {n} photos")
-    print(f"{'contender':34s} {'img/s':>8s} {'x naive':>8s}  all runs (img/s)       where the time goes (s)")
+    print(f"\n{model_name}: {n} photos; img/s: median run; x naive, x rclip: median of the per-round ratios")
+    print(f"{'contender':34s} {'img/s':>6s} {'x naive':>7s} {'x rclip':>7s}  {'all runs (img/s)':24s} where the time goes (s)")
     for name, rs in runs.items():
         m = median_run(rs)
-        ratio = f"{m['ips'] / base:.2f}" if base else "-"
         every = ", ".join(f"{r['ips']:.1f}" for r in rs)
-        print(f"{name:34s} {m['ips']:8.1f} {ratio:>8s}  {every:22s} {describe(name, m, ceilings.get(name.split()[0]))}")
+        print(f"{name:34s} {m['ips']:6.1f} {round_ratio(rs, runs.get('naive')):>7s} {round_ratio(rs, runs.get('rclip')):>7s}"
+              f"  {every:24s} {describe(name, m, ceilings.get(name.split()[0]))}")
     for key, ceiling in ceilings.items():
         if ceiling:
-            print(f"{key + ' model only':34s} {ceiling['ips']:8.1f}          embed_pixels on ready pixels (the ceiling)"
+            print(f"{key + ' model only':34s} {ceiling['ips']:6.1f}                  embed_pixels on ready pixels "
+                  "(measured after the runs)"
                   + (f", host->device {ceiling['transfer_s_per_image'] * 1e3:.2f} ms/img" if ceiling["transfer_s_per_image"] else ""))
     sys.stdout.flush()
 
@@ -372,16 +387,17 @@ def describe(name: str, run: dict, ceiling: dict | None) -> str:
     total = run["seconds"]
     if name == "naive":
         return (f"total {total:.1f}: decode+preprocess {b['decode']:.1f}, transfer {b['transfer']:.1f}, "
-                f"model {b['model']:.1f}")
+                f"model {b['model']:.1f}; model alone {run['ips'] * total / max(b['model'], 1e-9):.1f} img/s")
     if name.startswith("mmsearch"):
         embed = b.get("embed", 0.0)
+        n = run["ips"] * total
         transfer = 0.0
         if ceiling and ceiling["transfer_s_per_image"]:
-            transfer = min(embed, ceiling["transfer_s_per_image"] * run["ips"] * total)
-        other = total - b.get("wait_decode", 0) - embed - b.get("wait_database", 0)
-        return (f"total {total:.1f}: decode {b.get('decode', 0):.1f} (in decoders), waiting for decode "
-                f"{b.get('wait_decode', 0):.1f}, transfer {transfer:.1f}, model {embed - transfer:.1f}, database "
-                f"{b.get('database', 0):.1f} ({b.get('wait_database', 0):.1f} not overlapped), other {other:.1f}")
+            transfer = min(embed, ceiling["transfer_s_per_image"] * n)
+        other = total - b.get("wait_decode", 0) - embed - b.get("database", 0)
+        return (f"total {total:.1f}: decode {b.get('decode', 0):.1f} (in the decoders, overlapped), waiting for "
+                f"decode {b.get('wait_decode', 0):.1f}, transfer {transfer:.1f}, model {embed - transfer:.1f}, "
+                f"database {b.get('database', 0):.1f}, other {other:.1f}; model alone {n / max(embed - transfer, 1e-9):.1f} img/s")
     return f"index run {b['index_run']:.1f} - query-only run {b['query_only_run']:.1f}"
 
 

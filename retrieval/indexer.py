@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,10 +51,9 @@ class IndexReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     missing_roots: list[str] = field(default_factory=list)
     #: Seconds spent on images: "images" (wall time of the image loop), "decode" (reading, hashing
-    #: and decoding, summed over the decoders working in parallel), "wait_decode" (the loop waiting
-    #: for decoded images), "embed" (batch stacking, host→device copy, model, copy back),
-    #: "database" (commits + vector-cache updates, in the writer thread), "wait_database" (the loop
-    #: waiting for the writer).
+    #: and decoding, summed over the decoders working in parallel with the rest), "wait_decode" (the
+    #: loop waiting for decoded images), "embed" (batch stacking, host→device copy, model, copy
+    #: back), "database" (commits + vector-cache updates).
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -201,39 +199,32 @@ def default_workers() -> int:
 
 def _embed_images(collection: Collection, encoder: Encoder, images: list[str], changed: set[str], report: IndexReport,
                   *, batch_size: int, workers: int, draft: bool, progress: Callable[[int], None] | None) -> None:
-    """Decode, embed and commit images batch by batch; `report.timings` says where the time went.
+    """Embed and commit images batch by batch while the decoders work ahead; fills `report.timings`.
 
-    Each batch is committed in one transaction, then mirrored into the vector cache, by one
-    writer thread while this thread gathers the next batch from the decoders. The next batch
-    enters the model only once the previous one is committed, so a kill at any moment loses
-    at most the batch in the model (and the decoded images waiting behind it).
+    Each batch is committed in one transaction, then mirrored into the vector cache, before the
+    next batch enters the model: a kill at any moment loses at most the batch in the model (and
+    the decoded images waiting behind it). The decoders keep working during the commit.
     """
     timings = report.timings
-    for key in ("decode", "wait_decode", "embed", "database", "wait_database"):
+    for key in ("decode", "wait_decode", "embed", "database"):
         timings.setdefault(key, 0.0)
     last_save = time.monotonic()
     started = time.perf_counter()
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmsearch-writer")
-    pending: tuple[Future, list, list] | None = None  # the commit in flight: (future, ok, bad)
 
-    def write(ok: list, vectors: np.ndarray | None, bad: list[tuple[str, str]]) -> None:
+    def flush(batch: list) -> None:
+        ok = [d for d in batch if d.pixels is not None]
+        bad = [(d.path, d.error or "unreadable") for d in batch if d.pixels is None]
+        added = []
+        if ok:
+            start = time.perf_counter()
+            vectors = encoder.embed_pixels(np.stack([d.pixels for d in ok]))
+            timings["embed"] += time.perf_counter() - start
+            added = [NewFile(d.path, "image", d.size, d.mtime, d.sha256, [0], [None], vectors[i : i + 1])
+                     for i, d in enumerate(ok)]
         start = time.perf_counter()
-        added = [NewFile(d.path, "image", d.size, d.mtime, d.sha256, [0], [None], vectors[i : i + 1])
-                 for i, d in enumerate(ok)]
         ids, vecs, gone = collection.store.commit(added=added, failures=bad, cleared_failures=[d.path for d in ok])
         collection.apply(ids, vecs, gone)
         timings["database"] += time.perf_counter() - start
-
-    def settle() -> None:
-        """Wait for the commit in flight (re-raising its error) and count it."""
-        nonlocal pending
-        if pending is None:
-            return
-        future, ok, bad = pending
-        pending = None
-        start = time.perf_counter()
-        future.result()
-        timings["wait_database"] += time.perf_counter() - start
         for d in ok:
             if d.path in changed:
                 report.updated += 1
@@ -242,19 +233,7 @@ def _embed_images(collection: Collection, encoder: Encoder, images: list[str], c
         report.skipped += len(bad)
         report.failures.extend(bad)
         if progress:
-            progress(len(ok) + len(bad))
-
-    def flush(batch: list) -> None:
-        nonlocal pending
-        ok = [d for d in batch if d.pixels is not None]
-        bad = [(d.path, d.error or "unreadable") for d in batch if d.pixels is None]
-        settle()
-        vectors = None
-        if ok:
-            start = time.perf_counter()
-            vectors = encoder.embed_pixels(np.stack([d.pixels for d in ok]))
-            timings["embed"] += time.perf_counter() - start
-        pending = (writer.submit(write, ok, vectors, bad), ok, bad)
+            progress(len(batch))
 
     decoded_stream = decode_many(images, encoder.geometry, workers, draft, ahead=max(2 * batch_size, 64))
     try:
@@ -271,15 +250,12 @@ def _embed_images(collection: Collection, encoder: Encoder, images: list[str], c
                 flush(batch)
                 batch = []
                 if time.monotonic() - last_save > SAVE_EVERY:
-                    settle()
                     collection.save()
                     last_save = time.monotonic()
         if batch:
             flush(batch)
-        settle()
     finally:
         decoded_stream.close()  # stops the decoders
-        writer.shutdown(wait=True)  # never leave a transaction running behind an error
     timings["images"] = time.perf_counter() - started
 
 

@@ -46,7 +46,7 @@ class VectorFileDamaged(MMSearchError):
 #: Exact search is kept while one brute-force scan touches at most this many floats
 #: (n * dim, the cost of a scan). Measured at d=512 on 2 shared cores, 1 thread, CPU time
 #: per query: exact 0.7 ms at 10k, 1.8 ms at 20k, 5.5 ms at 50k, 8 ms at 100k; HNSW 0.4-0.8 ms
-#: but 15 CPU-s of build at 50k and recall < 1. Up to ~5 ms a scan is not worth trading
+#: but ~25 CPU-s of build at 50k and recall < 1. Up to ~5 ms a scan is not worth trading
 #: exactness, instant builds/removes and exact filters for, hence 50k vectors at d=512.
 FLAT_MAX_FLOATS = 50_000 * 512
 
@@ -55,11 +55,13 @@ FLAT_MAX_FLOATS = 50_000 * 512
 #: near 0.99 and needs trained per-dimension ranges that later adds may exceed; float32
 #: storage is 1.13x and ~1.5x slower for no recall gain). See benchmarks/RESULTS-search.md.
 APPROX_LAYOUT = "HNSW32,SQfp16"
-#: Graph quality knob: build cost grows ~linearly with it; 40 keeps 1M under 10 min on 2 cores.
-HNSW_EF_CONSTRUCTION = 40
-#: Default search beam: recall@10 0.978 at 1M on the hard (continuous) distribution at ~1.3 ms
-#: (0.968 at 80, 0.990 at 128).
-HNSW_EF_SEARCH = 96
+#: Graph quality knob. Clustered data needs it: at 1M (4096 clusters) efConstruction 40
+#: left 2-4 % of queries routed into a wrong cluster (recall@10 0.85 at efSearch 96);
+#: 80 gives 0.99 at efSearch 128 for 1.7x the build CPU (1M continuous: ~8 CPU-min with 40).
+HNSW_EF_CONSTRUCTION = 80
+#: Default search beam: recall@10 >= 0.95 at 1M on both benchmark distributions with the
+#: graph above (clustered 0.975 at 96, 0.992 at 128; continuous 0.99 at 128, ~1.4 ms).
+HNSW_EF_SEARCH = 128
 #: IVF layouts only appear through an explicit override; probe this share of lists.
 IVF_PROBE_FRACTION = 1 / 32
 
@@ -75,7 +77,7 @@ SHRINK_HYSTERESIS = 0.5
 #: at 1M x 512 (HNSW32,SQfp16, 1 thread): scan ~2 ns/slot + ~370 ns/allowed item, beam
 #: ~8 us per unit of efSearch. The scan is exact and does not care where the allowed items
 #: lie, so it is kept unless the beam is EXACT_PREFERENCE times cheaper (crossover near a
-#: 6 % share at 1M, 20 % at 100k).
+#: 7 % share at 1M, 23 % at 100k with efSearch 128).
 SCAN_NS_PER_SLOT = 2.0
 SCAN_NS_PER_ALLOWED = 370.0
 BEAM_NS_PER_EF = 8000.0
