@@ -69,7 +69,7 @@ def cli() -> None:
               help="open_clip tag (laion2b_s34b_b79k), a local checkpoint file, or 'random'.")
 @_device_option
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(0, 64), default=None, help="Image decode processes (default: cores - 1).")
+@click.option("--workers", type=click.IntRange(0, 64), default=None, help="Image decode processes (default: 0 = one decode thread on 2 cores or fewer, else cores - 1).")
 @click.option("--text-field", help="Field holding the text in .jsonl/.csv records (default: text, then caption).")
 @click.option("--failures", "failures_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every skipped file and its reason to this file (tab-separated).")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import LOCK_NAME, default_index_dir, default_model
-from .errors import EmptyIndex, IndexInUse, IndexReadOnly, ModelMismatch, ModelUnavailable
+from .errors import BadQuery, EmptyIndex, IndexInUse, IndexReadOnly, ModelMismatch, ModelUnavailable
 from .store import ModelManifest, Store
 
 if TYPE_CHECKING:
@@ -229,16 +229,25 @@ class Collection:
         generation = self.store.generation()
         for kind in sorted(self._dirty):
             index = self._vectors[kind]
-            if index.needs_rebuild():
-                index = self._vectors[kind] = self._build(kind)
+            forced = self.store.setting(f"layout:{kind}")
+            if index.needs_rebuild(keep_layout=forced is not None):
+                index = self._vectors[kind] = self._build(kind, forced)
             index.save(self._vector_path(kind), generation)
         self._dirty.clear()
 
     def reindex(self, layout: str | None = None) -> dict[str, str]:
-        """Rebuild every vector cache from the store (forcing a FAISS `layout` if given)."""
+        """Rebuild every vector cache from the store.
+
+        A FAISS `layout` given is kept by later runs; None goes back to the automatic choice.
+        """
         with self.writing():
-            for kind in KINDS:
-                self._vectors[kind] = self._build(kind, layout)
+            try:
+                built = {kind: self._build(kind, layout) for kind in KINDS}
+            except ValueError as exc:  # an unparsable FAISS factory string
+                raise BadQuery(str(exc).splitlines()[0]) from None
+            for kind, index in built.items():
+                self.store.set_setting(f"layout:{kind}", layout)
+                self._vectors[kind] = index
                 self._dirty.add(kind)
         return {kind: self._vectors[kind].layout for kind in KINDS}
 
@@ -275,7 +284,7 @@ class Collection:
         except VectorFileDamaged as exc:
             if path.exists():
                 log.warning("vector file %s is damaged (%s); rebuilding it from the database", path.name, exc)
-            index, saved = self._build(kind), -1
+            index, saved = self._build(kind, self.store.setting(f"layout:{kind}")), -1
             self._dirty.add(kind)
         if saved != generation and saved != -1:
             self._sync(kind, index)

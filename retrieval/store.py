@@ -252,6 +252,18 @@ class Store:
                 "use the same model or another --index"
             )
 
+    def setting(self, key: str) -> str | None:
+        """A value stored with the index (for instance a FAISS layout the user forced)."""
+        with self.engine.connect() as conn:
+            return self._get_meta(conn, f"setting:{key}")
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        """Store (or with None, clear) a value kept with the index."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(Meta).where(Meta.key == f"setting:{key}"))
+            if value is not None:
+                conn.execute(insert(Meta).values(key=f"setting:{key}", value=value))
+
     def generation(self) -> int:
         """Counter bumped by every write; the vector cache records the one it reflects."""
         with self.engine.connect() as conn:

@@ -287,13 +287,16 @@ class VectorIndex:
             self._n_dead += len(slots)
         self._invalidate()
 
-    def needs_rebuild(self) -> bool:
+    def needs_rebuild(self, keep_layout: bool = False) -> bool:
         """True when a rebuild from SQLite would give a better index.
 
         That is when the collection outgrew an exact layout, shrank well below the
-        threshold of an approximate one, or too many slots are tombstones.
+        threshold of an approximate one, or too many slots are tombstones. With
+        `keep_layout` (a layout the user chose), only tombstones count.
         """
         n = len(self)
+        if keep_layout:
+            return self._n_dead > TOMBSTONE_REBUILD_FRACTION * max(len(self._slot_ids), 1)
         if _is_exact(self.layout) and not _is_exact(choose_layout(n, self.dim)):
             return True
         if not _is_exact(self.layout) and n * self.dim <= FLAT_MAX_FLOATS * SHRINK_HYSTERESIS:

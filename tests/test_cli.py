@@ -204,3 +204,25 @@ def test_query_errors(runner, tmp_path, tiny_model, photos) -> None:
         assert result.exit_code == 1 and message in result.stderr, (args, result.output)
     usage = invoke(runner, "query", "--index", str(index))
     assert usage.exit_code == 2
+
+
+def test_under_filters_by_folder_and_reindex_forces_a_layout(runner, tmp_path, tiny_model, photos) -> None:
+    index = tmp_path / "idx"
+    for i in range(4):
+        solid_image(photos / "sub" / f"extra{i}.png", (i * 60, 200, 10))
+    invoke(runner, *index_args(index, tiny_model, photos))
+    hits = query_json(runner, index, "a red square", "--under", str(photos / "sub"), "-k", "3")
+    assert len(hits) == 3 and all(h["path"].startswith(str(photos / "sub") + os.sep) for h in hits)
+    assert len(query_json(runner, index, "a red square", "--under", str(photos / "sub"), "-k", "50")) == 5
+    assert query_json(runner, index, "a red square", "--under", str(tmp_path / "elsewhere")) == []
+    before = query_json(runner, index, "a red square", "-k", "10")
+    forced = invoke(runner, "reindex", "--index", str(index), "--faiss", "HNSW32")
+    assert forced.exit_code == 0 and "image: HNSW32" in forced.stderr
+    assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["layouts"]["image"] == "HNSW32"
+    after = query_json(runner, index, "a red square", "-k", "10")
+    assert [h["path"] for h in after] == [h["path"] for h in before]  # 10 items: the graph is exact
+    bad = invoke(runner, "reindex", "--index", str(index), "--faiss", "no-such-layout")
+    assert bad.exit_code == 1 and "bad FAISS layout" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["layouts"]["image"] == "HNSW32"
+    invoke(runner, *index_args(index, tiny_model, photos))  # a later run keeps the layout the user chose
+    assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["layouts"]["image"] == "HNSW32"
