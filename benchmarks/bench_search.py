@@ -163,7 +163,8 @@ def run_case(n: int, dist: str, args: argparse.Namespace, rows: list[dict]) -> N
         _, save_s, _ = timed(lambda: index.save(path, generation=1))
         size = path.stat().st_size
         del index
-        (index, _), load_s, _ = timed(lambda: VectorIndex.load(path, DIM))  # mmap, as a query process
+        # mmap load, as a query process would
+        (index, _), load_s, _ = timed(lambda: VectorIndex.load(path, DIM))
         if args.ef:
             index.params["efSearch"] = args.ef
         (_, found), batch_s, _ = timed(lambda: index.search(queries, K))
@@ -219,7 +220,8 @@ def row(n, dist, method, layout, build_w, build_c, nbytes, lat, qps, rec, np_p50
     return {
         "n": f"{n:,}", "dist": dist, "method": method, "layout": layout,
         "build s": "-" if build_w is None else f"{build_w:.1f} ({build_c:.0f} cpu)",
-        "index MB": "-" if nbytes is None else f"{nbytes / 2**20:,.0f} ({nbytes / (n * DIM * 4):.2f}x)",
+        "index MB": "-" if nbytes is None
+        else f"{nbytes / 2**20:,.0f} ({nbytes / (n * DIM * 4):.2f}x)",
         "p50 ms": f"{p50 * 1e3:.3f}", "p99 ms": f"{np.percentile(lat[0], 99) * 1e3:.3f}",
         "p50 cpu ms": f"{np.median(lat[1]) * 1e3:.3f}",
         "single q": str(nq),
@@ -238,7 +240,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dist", nargs="+", default=["clustered", "continuous"],
                     choices=["clustered", "continuous"])
@@ -258,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time searches restricted to this share of random ids")
     ap.add_argument("--tmp", default=None, help="directory for the saved index (default: TMPDIR)")
     args = ap.parse_args(argv)
-    if 10 * DIM * 4 * max(args.n) > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+    # data + exact copy + approximate index + score chunks: ~4x the raw vectors at peak
+    if 4 * DIM * 4 * max(args.n) > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
         print("warning: this n likely needs more RAM than this machine has", file=sys.stderr)
 
     rows: list[dict] = []

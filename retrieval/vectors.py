@@ -41,7 +41,7 @@ class VectorFileDamaged(MMSearchError):
     """
 
 
-# --- layout policy (numbers from benchmarks/RESULTS-search.md) ----------------------------
+# --- layout policy (numbers: benchmarks/RESULTS-search.md) ---------------------------------
 
 #: Exact search is kept while one brute-force scan touches at most this many floats
 #: (n * dim, the cost of a scan). Measured at d=512 on 2 shared cores, 1 thread, CPU time
@@ -51,16 +51,17 @@ class VectorFileDamaged(MMSearchError):
 FLAT_MAX_FLOATS = 50_000 * 512
 
 #: Approximate layout above the threshold: HNSW graph (M=32) over float16 codes. At 1M x 512
-#: it is 0.63x the raw float32 size (SQ8 would be 0.38x and ~1.3x faster, but caps recall@10
-#: near 0.99 and needs trained per-dimension ranges that later adds may exceed; float32
-#: storage is 1.13x and ~1.5x slower for no recall gain). See benchmarks/RESULTS-search.md.
+#: the file is 0.64x the raw float32 size (SQ8 would be 0.38x and 1.2-1.5x faster, but caps
+#: recall@10 near 0.99 and needs trained per-dimension ranges that later adds may exceed;
+#: float32 storage is 1.13x and ~1.5x slower for no recall gain).
 APPROX_LAYOUT = "HNSW32,SQfp16"
-#: Graph quality knob. Clustered data needs it: at 1M (4096 clusters) efConstruction 40
-#: left 2-4 % of queries routed into a wrong cluster (recall@10 0.85 at efSearch 96);
-#: 80 gives 0.99 at efSearch 128 for 1.7x the build CPU (1M continuous: ~8 CPU-min with 40).
+#: Graph quality knob; clustered data needs it. With 40 (FAISS default) 1M clustered
+#: vectors gave recall@10 0.85 at efSearch 96: some queries were routed into a wrong
+#: cluster and no beam width fixed it. 80 costs 1.7x the build CPU (1M continuous: 870
+#: CPU-s, ~10 min wall on 2 cores).
 HNSW_EF_CONSTRUCTION = 80
-#: Default search beam: recall@10 >= 0.95 at 1M on both benchmark distributions with the
-#: graph above (clustered 0.975 at 96, 0.992 at 128; continuous 0.99 at 128, ~1.4 ms).
+#: Default search beam: the smallest with recall@10 >= 0.95 and margin at 1M on both
+#: benchmark distributions (clustered 0.986 at 0.36 ms, continuous 0.991 at 1.27 ms).
 HNSW_EF_SEARCH = 128
 #: IVF layouts only appear through an explicit override; probe this share of lists.
 IVF_PROBE_FRACTION = 1 / 32
@@ -355,7 +356,8 @@ class VectorIndex:
             elif slots is not None and self._scan_is_better(k, m):
                 d, i = self._exact(q, k, sel)
             else:
-                d, i = self._index.search(q, k, params=self._approx_params(k, m / len(self._slot_ids), sel))
+                params = self._approx_params(k, m / len(self._slot_ids), sel)
+                d, i = self._index.search(q, k, params=params)
                 short = np.flatnonzero((i >= 0).sum(axis=1) < min(k, m))
                 if len(short):
                     # The beam did not reach enough allowed/live items (filter far from the
@@ -377,7 +379,8 @@ class VectorIndex:
         beam = BEAM_NS_PER_EF * min(max(ef * n / m, ef), max(MAX_EF_SEARCH, k))
         return scan <= EXACT_PREFERENCE * beam
 
-    def _approx_params(self, k: int, share: float, sel: faiss.IDSelector | None) -> faiss.SearchParameters:
+    def _approx_params(self, k: int, share: float,
+                       sel: faiss.IDSelector | None) -> faiss.SearchParameters:
         """Search params widened by 1/share so a filtered beam still holds ~ef allowed items."""
         if self._kind == "hnsw":
             ef = max(self.params.get("efSearch", HNSW_EF_SEARCH), k)
@@ -597,7 +600,8 @@ def _kind_of(index: faiss.Index) -> str:
         return "ivf"
     if isinstance(index, faiss.IndexFlatCodes):
         return "codes"
-    raise ValueError(f"unsupported FAISS layout {type(index).__name__}: use Flat/SQ*, HNSW* or IVF*")
+    raise ValueError(f"unsupported FAISS layout {type(index).__name__}: "
+                     "use Flat/SQ*, HNSW* or IVF*")
 
 
 def _default_params(index: faiss.Index) -> dict[str, int]:

@@ -38,7 +38,8 @@ def two_clusters(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray, 
     return x / np.linalg.norm(x, axis=1, keepdims=True), side
 
 
-def exact_topk(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(x: np.ndarray, ids: np.ndarray, q: np.ndarray,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
     s = q @ x.T
     order = np.argsort(-s, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(s, order, axis=1), ids[order]
@@ -193,8 +194,11 @@ def test_filtered_beam_falls_back_to_exact(monkeypatch) -> None:
     allowed = ids[side < 0][:100]
     calls = []
     real_exact = VectorIndex._exact
-    monkeypatch.setattr(VectorIndex, "_exact",
-                        lambda self, qq, k, sel: calls.append(len(qq)) or real_exact(self, qq, k, sel))
+    def spy(self, qq, k, sel):
+        calls.append(len(qq))
+        return real_exact(self, qq, k, sel)
+
+    monkeypatch.setattr(VectorIndex, "_exact", spy)
     scores, got = index.search(q, 10, allowed=allowed)
     assert calls == [3]  # all three rows came back short from the beam
     want_scores, want_ids = exact_topk(x[allowed], allowed, q, 10)
@@ -316,3 +320,7 @@ def test_needs_rebuild(monkeypatch, data) -> None:
     assert approx.tombstones > 0 and approx.needs_rebuild()
     small = VectorIndex.build(ids[:200], x[:200], dim=24, layout="HNSW16")
     assert small.needs_rebuild()  # far below the threshold: Flat is better
+    # a layout the user chose is kept; only tombstones still ask for a rebuild
+    assert not small.needs_rebuild(keep_layout=True)
+    small.remove(ids[:50])
+    assert small.needs_rebuild(keep_layout=True)
