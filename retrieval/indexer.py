@@ -163,7 +163,7 @@ def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str
     work = plan(collection, roots, report)
     report.unchanged = work.unchanged
     report.skipped = len(report.failures)
-    collection.store.add_roots(os.path.abspath(os.path.expanduser(p)) for p in paths)
+    collection.store.add_roots(roots)  # already absolute; known roots are skipped
     if work.moved or work.gone or report.failures:
         ids, vecs, gone = collection.store.commit(
             removed_files=[row.id for row in work.gone], moved=work.moved, failures=report.failures)
