@@ -139,7 +139,7 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool) -> None:
     _setup_logging(False)
     with retrieval.open_index(index_dir, create=False) as idx:
         data = idx.info()
-        failures = idx.store.failures() if show_failures else []
+        failures = idx.failures() if show_failures else []
     if show_failures:
         data["failure_list"] = [{"path": p, "reason": r} for p, r in failures]
     if as_json:

@@ -30,7 +30,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 

@@ -1,8 +1,9 @@
 """An index directory as one object: the metadata store, the vector caches and the model.
 
-This is the library's entry point (`retrieval.open_index`). The store is the truth; each
-kind's FAISS file is a cache checked against the store's generation when opened, synced
-by id when behind, and rebuilt when damaged.
+This is the library's entry point (`retrieval.open_index`). The database is the truth:
+reads go through `reader` (stdlib sqlite3), writes through `store` (SQLAlchemy), opened
+only once something is written. Each kind's FAISS file is a cache checked against the
+database's generation when opened, synced by id when behind, and rebuilt when damaged.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import LOCK_NAME, default_index_dir, default_model
-from .errors import BadQuery, EmptyIndex, IndexInUse, IndexReadOnly, ModelMismatch, ModelUnavailable
-from .store import ModelManifest, Store
+from .config import DB_NAME, KINDS, LOCK_NAME, default_index_dir, default_model
+from .errors import BadQuery, EmptyIndex, IndexInUse, IndexNotFound, IndexReadOnly, ModelMismatch, ModelUnavailable
+from .reader import StoreReader
+from .records import ModelManifest
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -28,20 +30,21 @@ if TYPE_CHECKING:
     from .encoder import Encoder, ModelSource
     from .indexer import IndexReport
     from .search import Result
+    from .store import Store
     from .vectors import VectorIndex
 
 log = logging.getLogger("mmsearch")
-
-KINDS = ("image", "text")
 
 
 class Collection:
     """An open index: add files or texts, search by text, image or vector, embed."""
 
-    def __init__(self, directory: Path, store: Store, model: str | None = None,
-                 pretrained: str | None = None, device: str = "auto", backend: str | None = None) -> None:
+    def __init__(self, directory: Path, reader: StoreReader, model: str | None = None,
+                 pretrained: str | None = None, device: str = "auto", backend: str | None = None,
+                 store: Store | None = None) -> None:
         self.directory = directory
-        self.store = store
+        self.reader = reader
+        self._store = store
         self.device = device
         #: 'auto' (onnxruntime on CPU, torch on CUDA), 'torch' or 'onnx'; env MMSEARCH_BACKEND.
         self.backend = backend or os.environ.get("MMSEARCH_BACKEND", "auto")
@@ -63,11 +66,28 @@ class Collection:
         match the recorded model (ModelMismatch) or may be left out.
         """
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
-        return cls(path, Store.open(path, create=create), model, pretrained, device, backend)
+        store = None
+        if not (path / DB_NAME).exists():
+            if not create:
+                raise IndexNotFound(f"no index at {path} (run `mmsearch index PATH` first, or pass --index)")
+            store = _open_store(path)
+        reader = StoreReader.open(path)
+        if store is None and reader.needs_migration() and os.access(path, os.W_OK):
+            store = _open_store(path)  # an index from an older mmsearch: migrate it before reading
+        return cls(path, reader, model, pretrained, device, backend, store)
+
+    @property
+    def store(self) -> Store:
+        """The database for writing (SQLAlchemy), opened on first use."""
+        if self._store is None:
+            self._store = _open_store(self.directory)
+        return self._store
 
     def close(self) -> None:
         """Release the database; vectors not yet saved are rebuilt from it next time."""
-        self.store.close()
+        self.reader.close()
+        if self._store is not None:
+            self._store.close()
 
     def __enter__(self) -> Collection:
         return self
@@ -80,7 +100,7 @@ class Collection:
     @property
     def manifest(self) -> ModelManifest | None:
         """The model that built this index (None while it is empty and new)."""
-        return self.store.manifest()
+        return self.reader.manifest()
 
     def _checked_request(self, manifest: ModelManifest) -> ModelSource | None:
         """Refuse a model asked for that is not the index's; the resolved weights if some were named."""
@@ -170,7 +190,8 @@ class Collection:
         try:
             fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise IndexReadOnly(f"index directory {self.directory} is not writable: {exc.strerror}") from None
+            raise IndexReadOnly(f"index {self.directory} is read-only ({exc.strerror}): "
+                                "it can be queried but not changed") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -226,10 +247,10 @@ class Collection:
 
     def save(self) -> None:
         """Atomically write every changed vector cache, re-laid out when it outgrew its layout."""
-        generation = self.store.generation()
+        generation = self.reader.generation()
         for kind in sorted(self._dirty):
             index = self._vectors[kind]
-            forced = self.store.setting(f"layout:{kind}")
+            forced = self.reader.setting(f"layout:{kind}")
             if index.needs_rebuild(keep_layout=forced is not None):
                 index = self._vectors[kind] = self._build(kind, forced)
             index.save(self._vector_path(kind), generation)
@@ -265,7 +286,7 @@ class Collection:
     def _build(self, kind: str, layout: str | None = None) -> VectorIndex:
         from .vectors import VectorIndex  # faiss loads only when vectors are needed
 
-        chunks = list(self.store.vectors(kind))
+        chunks = list(self.reader.vectors(kind))
         dim = self._dim()
         ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
         vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
@@ -277,14 +298,14 @@ class Collection:
             return self._vectors[kind]
         from .vectors import VectorFileDamaged, VectorIndex
 
-        generation = self.store.generation()
+        generation = self.reader.generation()
         path = self._vector_path(kind)
         try:
             index, saved = VectorIndex.load(path, self._dim())
         except VectorFileDamaged as exc:
             if path.exists():
                 log.warning("vector file %s is damaged (%s); rebuilding it from the database", path.name, exc)
-            index, saved = self._build(kind, self.store.setting(f"layout:{kind}")), -1
+            index, saved = self._build(kind, self.reader.setting(f"layout:{kind}")), -1
             self._dirty.add(kind)
         if saved != generation and saved != -1:
             self._sync(kind, index)
@@ -293,12 +314,12 @@ class Collection:
 
     def _sync(self, kind: str, index: VectorIndex) -> None:
         """Bring a cache that lags the store (a crash between commit and save) up to date by id."""
-        have, want = index.ids(), self.store.item_ids(kind)
+        have, want = index.ids(), self.reader.item_ids(kind)
         extra = np.setdiff1d(have, want, assume_unique=True)
         missing = np.setdiff1d(want, have, assume_unique=True)
         if len(extra):
             index.remove(extra)
-        for ids, vecs in self.store.vectors(kind, missing):
+        for ids, vecs in self.reader.vectors(kind, missing):
             index.add(ids, vecs)
         if len(extra) or len(missing):
             log.info("vector cache %s: %d added, %d removed to match the database", kind, len(missing), len(extra))
@@ -314,7 +335,7 @@ class Collection:
 
     def info(self) -> dict[str, Any]:
         """Index path, model, counts per kind, FAISS layouts and size on disk."""
-        counts = self.store.counts()
+        counts = self.reader.counts()
         manifest = self.manifest
         size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
         layouts = {}
@@ -333,11 +354,21 @@ class Collection:
             "files": counts["files"],
             "failures": counts["failures"],
             "layouts": layouts,
-            "roots": self.store.roots(),
+            "roots": self.reader.roots(),
             "size_bytes": size,
         }
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file or record skipped and not indexed since."""
+        return self.reader.failures()
 
 
 def open_index(directory: str | Path | None = None, **options: Any) -> Collection:
     """Open (or create) an index; see `Collection.open`."""
     return Collection.open(directory, **options)
+
+
+def _open_store(directory: Path) -> Store:
+    from .store import Store  # SQLAlchemy loads only when something is written
+
+    return Store.open(directory)

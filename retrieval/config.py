@@ -20,6 +20,9 @@ TEXT_EXTENSIONS = frozenset({".txt", ".jsonl", ".csv"})
 #: Record fields tried, in order, when `--text-field` is not given.
 DEFAULT_TEXT_FIELDS = ("text", "caption")
 
+#: What an item can be: one image, or one text (a line or record of a corpus).
+KINDS = ("image", "text")
+
 DB_NAME = "mmsearch.db"
 LOCK_NAME = "lock"
 

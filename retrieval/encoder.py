@@ -21,7 +21,7 @@ import numpy as np
 from .config import BUNDLED_DIR, cache_dir
 from .errors import ModelUnavailable
 from .images import Geometry, fit, open_image, to_rgb
-from .store import ModelManifest
+from .records import ModelManifest
 
 if TYPE_CHECKING:
     from PIL import Image

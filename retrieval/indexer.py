@@ -24,7 +24,7 @@ from .encoder import sha256_file
 from .errors import PathNotFound, UnsupportedFile
 from .images import decode_many
 from .scan import Candidate, read_corpus, scan
-from .store import FileRow, NewFile
+from .records import FileRow, NewFile
 
 if TYPE_CHECKING:
     from .collection import Collection
@@ -81,7 +81,7 @@ class Plan:
 def _resolve_roots(collection: Collection, paths: Sequence[str], report: IndexReport) -> list[str]:
     if not paths:
         roots = []
-        for root in collection.store.roots():
+        for root in collection.reader.roots():
             if os.path.exists(root) and os.access(root, os.R_OK):
                 roots.append(root)
             else:
@@ -110,7 +110,7 @@ def plan(collection: Collection, roots: Sequence[str], report: IndexReport) -> P
         scanned = scan(root)
         report.failures.extend(scanned.failures)
         found.update((c.path, c) for c in scanned.candidates)
-        known.update(collection.store.files_under(root))
+        known.update(collection.reader.files_under(root))
     for path, cand in found.items():
         row = known.get(path)
         if row is None:

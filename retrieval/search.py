@@ -80,13 +80,14 @@ def search(collection: Collection, query: str | Path | Image.Image | np.ndarray,
         raise BadQuery("k must be at least 1")
     if target is not None and target not in TARGETS:
         raise BadQuery(f"unknown target {target!r}: use images, texts or all")
-    counts = collection.store.counts()
-    if collection.manifest is None or not (counts.get("image") or counts.get("text")):
+    present = collection.reader.kinds()
+    if collection.manifest is None or not present:
         raise EmptyIndex(f"index {collection.directory} is empty: run `mmsearch index PATH` first")
     vec, default_target = query_vector(collection, query)
-    kinds = [kind for kind in TARGETS[target or default_target] if counts.get(kind)]
+    kinds = [kind for kind in TARGETS[target or default_target] if kind in present]
     if not kinds:
         wanted = target or default_target
+        counts = collection.reader.counts()
         raise EmptyIndex(f"the index holds no {wanted} to search ({counts.get('image', 0)} images, "
                          f"{counts.get('text', 0)} texts): try --target all")
     folder = os.path.abspath(os.path.expanduser(str(under))) if under else None
@@ -107,14 +108,14 @@ def search(collection: Collection, query: str | Path | Image.Image | np.ndarray,
 
 def _search_kind(collection: Collection, kind: str, vec: np.ndarray, k: int, folder: str | None) -> list[tuple[float, Any]]:
     index = collection.vectors(kind)
-    allowed = collection.store.ids_under(folder, kind) if folder else None
+    allowed = collection.reader.ids_under(folder, kind) if folder else None
     if allowed is not None and not len(allowed):
         return []
     fetch = k
     while True:
         scores, ids = index.search(vec[None, :], fetch, allowed)
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        rows = collection.store.items(i for _, i in pairs)
+        rows = collection.reader.items(i for _, i in pairs)
         # The store is the truth: an id the cache still holds but the store dropped is skipped.
         hits = [(s, rows[i]) for s, i in pairs if i in rows]
         if len(hits) >= k or len(pairs) < fetch:

@@ -1,20 +1,20 @@
-"""SQLite metadata store (through SQLAlchemy): the source of truth of an index.
+"""SQLite metadata store (through SQLAlchemy): the schema of an index and every write to it.
 
 One database per index directory holds the files seen, the items embedded from them
 (one per image, one per text line/record) with their float32 vectors, the model that
-built the index, and the failures of the last runs. Every write is one transaction;
-`generation` grows with each, so a vector cache can tell whether it is current.
-Knows nothing of torch or FAISS.
+built the index, and the failures of the last runs. It is the source of truth. Every
+write is one transaction; `generation` grows with each, so a vector cache can tell
+whether it is current. Reads are in `reader`, which a query uses without importing
+SQLAlchemy. Knows nothing of torch or FAISS.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,6 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    func,
     insert,
     select,
     update,
@@ -38,7 +37,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .config import DB_NAME
-from .errors import IndexInUse, IndexNotFound, IndexReadOnly, MMSearchError, ModelMismatch
+from .errors import IndexReadOnly, ModelMismatch
+from .reader import SCHEMA_VERSION, database_error
+from .records import ModelManifest, NewFile
 
 
 class Base(DeclarativeBase):
@@ -104,70 +105,20 @@ def _m0001_initial(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
 
-#: Named schema migrations, applied once each, in order.
+#: Named schema migrations, applied once each, in order; the last is `reader.SCHEMA_VERSION`.
 MIGRATIONS = [("0001_initial", _m0001_initial)]
+assert MIGRATIONS[-1][0] == SCHEMA_VERSION, "reader.SCHEMA_VERSION must name the last migration"
 
 
-@dataclass(frozen=True)
-class ModelManifest:
-    """Which model built an index: vectors of two models must never be mixed."""
-
-    name: str
-    pretrained: str | None
-    checkpoint_sha256: str | None
-    dim: int
-
-    def identity(self) -> tuple[str, str | None, int]:
-        """What must match: a local checkpoint is identified by content, a hub tag by name."""
-        return (self.name, self.checkpoint_sha256 or self.pretrained, self.dim)
-
-    def describe(self) -> str:
-        """Human-readable model description for errors and `info`."""
-        weights = self.pretrained or "random"
-        if self.checkpoint_sha256:
-            weights = f"{weights} (sha256 {self.checkpoint_sha256[:12]})"
-        return f"{self.name} / {weights}, dim {self.dim}"
-
-
-@dataclass(frozen=True)
-class FileRow:
-    """A file as last indexed."""
-
-    id: int
-    path: str
-    kind: str
-    size: int
-    mtime: float
-    sha256: str
-
-
-@dataclass
-class NewFile:
-    """A file to insert (or replace) with the items embedded from it."""
-
-    path: str
-    kind: str
-    size: int
-    mtime: float
-    sha256: str
-    lines: list[int] = field(default_factory=list)
-    texts: list[str | None] = field(default_factory=list)
-    vectors: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class ItemRow:
-    """What a search result shows about an item."""
-
-    id: int
-    kind: str
-    path: str
-    line: int
-    text: str | None
+#: SQLite page size of new index databases (see `_sqlite_pragmas`).
+PAGE_SIZE = 16384
 
 
 def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
     cur = dbapi_conn.cursor()
+    # Takes effect only when the file is created. A 512-d float32 vector is a 2 KB row: with
+    # 4 KB pages each row fills a page (4.1 KB a row); 16 KB pages hold 7 (2.4 KB a row).
+    cur.execute(f"PRAGMA page_size={PAGE_SIZE}")
     # WAL: readers never block the writer and a crash rolls back to the last commit.
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -184,30 +135,19 @@ class Store:
         self.directory = directory
 
     @classmethod
-    def open(cls, directory: Path, *, create: bool) -> Store:
-        """Open (and with `create`, create and migrate) the database in `directory`."""
-        db = directory / DB_NAME
-        if not db.exists():
-            if not create:
-                raise IndexNotFound(f"no index at {directory} (run `mmsearch index PATH` first, or pass --index)")
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise IndexReadOnly(f"cannot create index directory {directory}: {exc.strerror}") from None
-        read_only = not create and not os.access(directory, os.W_OK)
-        if read_only:
-            # A read-only directory (shared or mounted ro) cannot hold WAL's shared-memory file:
-            # open the database immutable, for queries only.
-            engine = create_engine(f"sqlite:///file:{db}?mode=ro&immutable=1&uri=true")
-        else:
-            engine = create_engine(f"sqlite:///{db}")
-            event.listen(engine, "connect", _sqlite_pragmas)
+    def open(cls, directory: Path) -> Store:
+        """Open the database in `directory` for writing, creating and migrating it as needed."""
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise IndexReadOnly(f"cannot create index directory {directory}: {exc.strerror}") from None
+        engine = create_engine(f"sqlite:///{directory / DB_NAME}")
+        event.listen(engine, "connect", _sqlite_pragmas)
         store = cls(engine, directory)
         try:
-            if not read_only:
-                store._migrate()
+            store._migrate()
         except OperationalError as exc:
-            raise _operational_error(exc, directory) from None
+            raise database_error(str(exc.orig), directory) from None
         return store
 
     def close(self) -> None:
@@ -232,12 +172,6 @@ class Store:
         conn.execute(delete(Meta).where(Meta.key == key))
         conn.execute(insert(Meta).values(key=key, value=value))
 
-    def manifest(self) -> ModelManifest | None:
-        """The model recorded by the first `index` run, or None for a new index."""
-        with self.engine.connect() as conn:
-            raw = self._get_meta(conn, "model")
-        return ModelManifest(**json.loads(raw)) if raw else None
-
     def claim_model(self, manifest: ModelManifest) -> None:
         """Record the index's model, or refuse a different one (ModelMismatch)."""
         with self.engine.begin() as conn:
@@ -252,11 +186,6 @@ class Store:
                 "use the same model or another --index"
             )
 
-    def setting(self, key: str) -> str | None:
-        """A value stored with the index (for instance a FAISS layout the user forced)."""
-        with self.engine.connect() as conn:
-            return self._get_meta(conn, f"setting:{key}")
-
     def set_setting(self, key: str, value: str | None) -> None:
         """Store (or with None, clear) a value kept with the index."""
         with self.engine.begin() as conn:
@@ -264,16 +193,11 @@ class Store:
             if value is not None:
                 conn.execute(insert(Meta).values(key=f"setting:{key}", value=value))
 
-    def generation(self) -> int:
-        """Counter bumped by every write; the vector cache records the one it reflects."""
-        with self.engine.connect() as conn:
-            return int(self._get_meta(conn, "generation") or 0)
-
     def _bump(self, conn: Connection) -> None:
         value = int(self._get_meta(conn, "generation") or 0) + 1
         self._set_meta(conn, "generation", str(value))
 
-    # --- roots and files --------------------------------------------------------------------
+    # --- writes -----------------------------------------------------------------------------
 
     def add_roots(self, paths: Iterable[str]) -> None:
         """Remember folders/files the user indexed so a bare `index` re-scans them."""
@@ -282,20 +206,6 @@ class Store:
             for path in paths:
                 if path not in known:
                     conn.execute(insert(Root).values(path=path))
-
-    def roots(self) -> list[str]:
-        """Every root indexed so far."""
-        with self.engine.connect() as conn:
-            return list(conn.scalars(select(Root.path).order_by(Root.path)))
-
-    def files_under(self, root: str) -> dict[str, FileRow]:
-        """Files recorded at `root` (a file) or below it (a folder), by path."""
-        prefix = root.rstrip(os.sep) + os.sep
-        stmt = select(File).where((File.path == root) | (func.substr(File.path, 1, len(prefix)) == prefix))
-        with self.engine.connect() as conn:
-            return {r.path: FileRow(r.id, r.path, r.kind, r.size, r.mtime, r.sha256) for r in conn.execute(stmt)}
-
-    # --- writes -----------------------------------------------------------------------------
 
     def commit(
         self,
@@ -359,73 +269,3 @@ class Store:
         vecs = {k: np.stack(v) for k, v in new_vecs.items()}
         return ids, vecs, {k: np.asarray(v, dtype=np.int64) for k, v in gone.items()}
 
-    # --- reads ------------------------------------------------------------------------------
-
-    def item_ids(self, kind: str) -> np.ndarray:
-        """Every item id of one kind, ascending."""
-        with self.engine.connect() as conn:
-            ids = list(conn.scalars(select(Item.id).where(Item.kind == kind).order_by(Item.id)))
-        return np.asarray(ids, dtype=np.int64)
-
-    def vectors(self, kind: str, ids: np.ndarray | None = None, chunk: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, float32 vectors) of one kind in chunks; all items, or only `ids`."""
-        with self.engine.connect() as conn:
-            if ids is None:
-                result = conn.execute(select(Item.id, Item.vector).where(Item.kind == kind).order_by(Item.id))
-                batches: Iterable[list] = iter(lambda: result.fetchmany(chunk), [])
-            else:
-                wanted = [int(i) for i in ids]
-                batches = (
-                    list(conn.execute(select(Item.id, Item.vector).where(Item.id.in_(wanted[i : i + chunk]))))
-                    for i in range(0, len(wanted), chunk)
-                )
-            for rows in batches:
-                if rows:
-                    yield (
-                        np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
-                        np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]),
-                    )
-
-    def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
-        """Display rows for item ids that still exist (a missing id is simply absent)."""
-        wanted = [int(i) for i in ids]
-        stmt = (
-            select(Item.id, Item.kind, File.path, Item.line, Item.text)
-            .join(File, File.id == Item.file_id)
-            .where(Item.id.in_(wanted))
-        )
-        with self.engine.connect() as conn:
-            return {r.id: ItemRow(r.id, r.kind, r.path, r.line, r.text) for r in conn.execute(stmt)}
-
-    def ids_under(self, folder: str, kind: str) -> np.ndarray:
-        """Item ids of one kind whose file lies under `folder`."""
-        prefix = folder.rstrip(os.sep) + os.sep
-        stmt = (
-            select(Item.id)
-            .join(File, File.id == Item.file_id)
-            .where(Item.kind == kind, (File.path == folder) | (func.substr(File.path, 1, len(prefix)) == prefix))
-        )
-        with self.engine.connect() as conn:
-            return np.asarray(list(conn.scalars(stmt)), dtype=np.int64)
-
-    def counts(self) -> dict[str, int]:
-        """Number of items per kind, plus files and recorded failures."""
-        with self.engine.connect() as conn:
-            out = {kind: n for kind, n in conn.execute(select(Item.kind, func.count()).group_by(Item.kind))}
-            out["files"] = conn.scalar(select(func.count()).select_from(File)) or 0
-            out["failures"] = conn.scalar(select(func.count()).select_from(Failure)) or 0
-        return out
-
-    def failures(self) -> list[tuple[str, str]]:
-        """(path, reason) of everything skipped and not indexed since."""
-        with self.engine.connect() as conn:
-            return [(r.path, r.reason) for r in conn.execute(select(Failure).order_by(Failure.path))]
-
-
-def _operational_error(exc: OperationalError, directory: Path) -> Exception:
-    message = str(exc.orig)
-    if "readonly" in message or "unable to open" in message:
-        return IndexReadOnly(f"index at {directory} is read-only or cannot be opened: {message}")
-    if "locked" in message:
-        return IndexInUse(f"index at {directory} is in use by another process: {message}")
-    return MMSearchError(f"index at {directory} cannot be used: {message}")

@@ -40,6 +40,25 @@ def test_help_and_import_do_not_load_torch(argv: list[str]) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 
+def test_query_in_a_fresh_process_loads_neither_torch_nor_sqlalchemy(runner, tmp_path, tiny_model, photos) -> None:
+    """The query path's import budget: the ONNX text tower and stdlib sqlite3 only (see RESULTS.md)."""
+    index = tmp_path / "idx"
+    assert invoke(runner, *index_args(index, tiny_model, photos)).exit_code == 0
+    code = (
+        "import json, sys, cli\n"
+        "from click.testing import CliRunner\n"
+        f"r = CliRunner().invoke(cli.cli, ['query', 'a red square', '--index', {str(index)!r}, '--json'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert len(json.loads(r.stdout)) == 6\n"
+        "bad = [m for m in ('torch', 'open_clip', 'sqlalchemy') if m in sys.modules]\n"
+        "assert not bad, f'imported {bad}'\n"
+    )
+    for _ in ("new text", "cached embedding"):
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((index / "query-cache").glob("*.npy"))) == 1
+
+
 def test_index_then_query_ranks_by_cosine(runner, tmp_path, tiny_model, photos) -> None:
     index = tmp_path / "idx"
     result = invoke(runner, *index_args(index, tiny_model, photos))

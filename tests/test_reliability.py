@@ -105,7 +105,7 @@ def test_messy_library_indexes_every_good_file(tmp_path, tiny_model) -> None:
     with retrieval.open_index(index, create=False) as idx:
         indexed = {r.path for r in idx.search(np.ones(32, np.float32), k=100, target="images")}
         assert indexed == good
-        recorded = dict(idx.store.failures())
+        recorded = dict(idx.failures())
         upright, rotated = idx.embed_images([library / "upright.jpg", library / "rotated.jpg"])
         assert float(upright @ rotated) > 0.99  # EXIF orientation applied before embedding
     assert set(recorded) == bad | bad_records
@@ -170,7 +170,7 @@ def many_images(root: Path, n: int) -> Path:
 def assert_consistent(index: Path) -> dict[int, str]:
     """Rows and vectors agree and the index answers; returns the committed image ids."""
     with retrieval.open_index(index, create=False) as idx:
-        rows = idx.store.item_ids("image")
+        rows = idx.reader.item_ids("image")
         assert np.array_equal(np.sort(idx.vectors("image").ids()), rows)
         hits = idx.search(np.ones(32, np.float32), k=len(rows) or 1, target="images") if len(rows) else []
         assert len(hits) == len(rows)
@@ -227,7 +227,7 @@ def test_concurrent_query_answers_and_second_index_is_refused(tmp_path, tiny_mod
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with retrieval.open_index(index, create=False) as idx:
-                if len(idx.store.item_ids("image")) > 4:
+                if len(idx.reader.item_ids("image")) > 4:
                     break
             time.sleep(0.2)
         assert writer.poll() is None, "the writer finished too early for this test"
@@ -271,3 +271,21 @@ def test_read_only_index_refuses_writes_and_keeps_answering(tmp_path, tiny_model
     if os.geteuid() != 0:
         index.chmod(0o755)
     assert {p.name: p.read_bytes() for p in index.iterdir() if p.is_file()} == before
+
+
+def test_index_from_an_older_schema_is_migrated_when_opened(tmp_path, tiny_model) -> None:
+    """A query on an index whose schema lacks the newest migration migrates it first, losing nothing."""
+    import sqlite3
+
+    from retrieval.reader import SCHEMA_VERSION
+
+    photos = tmp_path / "photos"
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        solid_image(photos / f"{i}.png", color)
+    index = tmp_path / "idx"
+    assert run_mmsearch("index", str(photos), "--index", str(index), "--model", tiny_model, "--pretrained", "random").returncode == 0
+    with sqlite3.connect(index / "mmsearch.db") as db:
+        db.execute("DELETE FROM migrations WHERE name = ?", (SCHEMA_VERSION,))
+    with retrieval.open_index(index, create=False) as idx:
+        assert not idx.reader.needs_migration()
+        assert len(idx.search("a red square", k=5)) == 3

@@ -1,0 +1,180 @@
+"""Reads of an index database, in plain SQL through the standard library's sqlite3 driver.
+
+The schema, its migrations and every write live in `store` (SQLAlchemy). Reads come here
+because a query from the shell must start fast: importing SQLAlchemy costs about 0.25 s,
+most of a cached query's time (benchmarks/RESULTS.md, "Query latency"). The SQL is plain
+(JOIN, IN, substr, GROUP BY) so a server database could run it through its own driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .config import DB_NAME, KINDS
+from .errors import IndexInUse, IndexNotFound, IndexReadOnly, MMSearchError
+from .records import FileRow, ItemRow, ModelManifest
+
+#: Name of the last migration in `store.MIGRATIONS`: an index without it is opened for writing
+#: once (which migrates it) before it is read.
+SCHEMA_VERSION = "0001_initial"
+
+#: SQLite limits bound parameters per statement; id lists are sent in chunks of this size.
+CHUNK = 20000
+
+
+def database_error(message: str, directory: Path) -> MMSearchError:
+    """The typed error for an SQLite failure message on the index at `directory`."""
+    if "readonly" in message or "unable to open" in message:
+        return IndexReadOnly(f"index at {directory} is read-only or cannot be opened: {message}")
+    if "locked" in message:
+        return IndexInUse(f"index at {directory} is in use by another process: {message}")
+    return MMSearchError(f"index at {directory} cannot be used: {message}")
+
+
+def _under(column: str, folder: str) -> tuple[str, list[object]]:
+    """SQL condition (and its parameters) for `column` being `folder` or a path below it."""
+    prefix = folder.rstrip(os.sep) + os.sep
+    return f"({column} = ? OR substr({column}, 1, ?) = ?)", [folder, len(prefix), prefix]
+
+
+class StoreReader:
+    """Read-only view of one index database; every call sees the latest committed state."""
+
+    def __init__(self, connection: sqlite3.Connection, directory: Path) -> None:
+        self._conn = connection
+        self.directory = directory
+        # One connection, shared by the threads of a library user (a web server, say).
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, directory: Path) -> StoreReader:
+        """Open the database in `directory` (IndexNotFound if there is none)."""
+        db = directory / DB_NAME
+        if not db.exists():
+            raise IndexNotFound(f"no index at {directory} (run `mmsearch index PATH` first, or pass --index)")
+        # A directory we cannot write cannot hold WAL's shared-memory file: read it immutable.
+        mode = "rw" if os.access(directory, os.W_OK) else "ro&immutable=1"
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None,
+                                   check_same_thread=False, timeout=10.0)
+        except sqlite3.Error as exc:
+            raise database_error(str(exc), directory) from None
+        return cls(conn, directory)
+
+    def close(self) -> None:
+        """Release the connection."""
+        self._conn.close()
+
+    def _all(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.Error as exc:
+                raise database_error(str(exc), self.directory) from None
+
+    def _meta(self, key: str) -> str | None:
+        rows = self._all("SELECT value FROM meta WHERE key = ?", [key])
+        return rows[0][0] if rows else None
+
+    # --- index-wide -------------------------------------------------------------------------
+
+    def needs_migration(self) -> bool:
+        """Whether the schema predates this version of mmsearch."""
+        try:
+            return not self._all("SELECT 1 FROM migrations WHERE name = ?", [SCHEMA_VERSION])
+        except MMSearchError:
+            return True  # no migrations table yet
+
+    def manifest(self) -> ModelManifest | None:
+        """The model recorded by the first `index` run, or None for a new index."""
+        raw = self._meta("model")
+        return ModelManifest(**json.loads(raw)) if raw else None
+
+    def setting(self, key: str) -> str | None:
+        """A value stored with the index (for instance a FAISS layout the user forced)."""
+        return self._meta(f"setting:{key}")
+
+    def generation(self) -> int:
+        """Counter bumped by every write; the vector cache records the one it reflects."""
+        return int(self._meta("generation") or 0)
+
+    def kinds(self) -> set[str]:
+        """The item kinds present, each found by one index lookup (counting is O(n))."""
+        exists = "SELECT EXISTS (SELECT 1 FROM items WHERE kind = ?)"
+        return {kind for kind in KINDS if self._all(exists, [kind])[0][0]}
+
+    def counts(self) -> dict[str, int]:
+        """Number of items per kind, plus files and recorded failures."""
+        out = dict(self._all("SELECT kind, count(*) FROM items GROUP BY kind"))
+        out["files"] = self._all("SELECT count(*) FROM files")[0][0]
+        out["failures"] = self._all("SELECT count(*) FROM failures")[0][0]
+        return out
+
+    def roots(self) -> list[str]:
+        """Every root indexed so far."""
+        return [r[0] for r in self._all("SELECT path FROM roots ORDER BY path")]
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(path, reason) of everything skipped and not indexed since."""
+        return [(p, r) for p, r in self._all("SELECT path, reason FROM failures ORDER BY path")]
+
+    # --- files and items --------------------------------------------------------------------
+
+    def files_under(self, root: str) -> dict[str, FileRow]:
+        """Files recorded at `root` (a file) or below it (a folder), by path."""
+        where, params = _under("path", root)
+        rows = self._all(f"SELECT id, path, kind, size, mtime, sha256 FROM files WHERE {where}", params)
+        return {r[1]: FileRow(*r) for r in rows}
+
+    def item_ids(self, kind: str) -> np.ndarray:
+        """Every item id of one kind, ascending."""
+        rows = self._all("SELECT id FROM items WHERE kind = ? ORDER BY id", [kind])
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def ids_under(self, folder: str, kind: str) -> np.ndarray:
+        """Item ids of one kind whose file lies under `folder`."""
+        where, params = _under("files.path", folder)
+        rows = self._all(f"SELECT items.id FROM items JOIN files ON files.id = items.file_id "
+                         f"WHERE items.kind = ? AND {where}", [kind, *params])
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
+        """Display rows for item ids that still exist (a missing id is simply absent)."""
+        wanted = [int(i) for i in ids]
+        out: dict[int, ItemRow] = {}
+        for start in range(0, len(wanted), CHUNK):
+            part = wanted[start : start + CHUNK]
+            rows = self._all("SELECT items.id, items.kind, files.path, items.line, items.text FROM items "
+                             f"JOIN files ON files.id = items.file_id WHERE items.id IN ({','.join('?' * len(part))})",
+                             part)
+            out.update((r[0], ItemRow(*r)) for r in rows)
+        return out
+
+    def vectors(self, kind: str, ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, float32 vectors) of one kind in chunks of at most CHUNK; all items, or only `ids`."""
+        if ids is None:
+            # Keyset pagination: each chunk is one short statement, so no read stays open between chunks.
+            after = -1
+            while rows := self._all("SELECT id, vector FROM items WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+                                    [kind, after, CHUNK]):
+                after = rows[-1][0]
+                yield _unpack(rows)
+            return
+        wanted = [int(i) for i in ids]
+        for start in range(0, len(wanted), CHUNK):
+            part = wanted[start : start + CHUNK]
+            rows = self._all(f"SELECT id, vector FROM items WHERE id IN ({','.join('?' * len(part))})", part)
+            if rows:
+                yield _unpack(rows)
+
+
+def _unpack(rows: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    return ids, np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])

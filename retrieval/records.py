@@ -1,0 +1,65 @@
+"""Plain records exchanged between the store, its reader, the indexer and search (no database code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """Which model built an index: vectors of two models must never be mixed."""
+
+    name: str
+    pretrained: str | None
+    checkpoint_sha256: str | None
+    dim: int
+
+    def identity(self) -> tuple[str, str | None, int]:
+        """What must match: a local checkpoint is identified by content, a hub tag by name."""
+        return (self.name, self.checkpoint_sha256 or self.pretrained, self.dim)
+
+    def describe(self) -> str:
+        """Human-readable model description for errors and `info`."""
+        weights = self.pretrained or "random"
+        if self.checkpoint_sha256:
+            weights = f"{weights} (sha256 {self.checkpoint_sha256[:12]})"
+        return f"{self.name} / {weights}, dim {self.dim}"
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """A file as last indexed."""
+
+    id: int
+    path: str
+    kind: str
+    size: int
+    mtime: float
+    sha256: str
+
+
+@dataclass
+class NewFile:
+    """A file to insert (or replace) with the items embedded from it."""
+
+    path: str
+    kind: str
+    size: int
+    mtime: float
+    sha256: str
+    lines: list[int] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """What a search result shows about an item."""
+
+    id: int
+    kind: str
+    path: str
+    line: int
+    text: str | None
