@@ -16,6 +16,8 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
@@ -166,31 +168,82 @@ def decode_many(paths: list[str], geometry: Geometry, workers: int, draft: bool 
     """Decode files in order, at most `ahead` files ahead of the consumer.
 
     `workers` > 0: in that many processes, spawned, not forked, so they never inherit
-    torch's thread pools, and import only this module (PIL + numpy). 0: in one thread of
-    this process, which overlaps with the model (PIL's decoders, resize and hashlib release
-    the GIL). The look-ahead bound keeps memory flat when the model is the slower side
-    (a decoded 224 px image is 150 KB).
+    torch's thread pools, and import only this module (PIL + numpy). A worker that dies (a
+    decoder crash, the OOM killer) costs a restart, not the run: see `_decode_in_processes`.
+    0: in one thread of this process, which overlaps with the model (PIL's decoders, resize
+    and hashlib release the GIL). The look-ahead bound keeps memory flat when the model is
+    the slower side (a decoded 224 px image is 150 KB).
     """
     ahead = max(ahead, 1)
     if workers <= 0 or len(paths) < 2 * workers:
         yield from _decode_in_thread(paths, geometry, draft, ahead)
         return
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    window = max(2 * workers, -(-ahead // CHUNK))
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) as pool:
-        pending: deque = deque()
+    yield from _decode_in_processes(chunks, geometry, draft, workers, window=max(2 * workers, -(-ahead // CHUNK)))
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _decode_in_processes(chunks: list[list[str]], geometry: Geometry, draft: bool, workers: int,
+                         window: int) -> Iterator[Decoded]:
+    """Decode chunks in a process pool, `window` chunks in flight, results in order.
+
+    When a worker dies the pool breaks and every unfinished chunk fails with it. The oldest
+    one (it was running) is then decoded file by file, each in a process of its own, so a
+    file that kills its decoder is reported as a failure; the rest go to a new pool. A file
+    that crashes its decoder thus costs at most `workers` restarts, and never hangs the run.
+    """
+    pool = _process_pool(workers)
+    try:
+        pending: deque[tuple[list[str], Future]] = deque()
         todo = iter(chunks)
+
+        def submit(chunk: list[str]) -> None:
+            future: Future
+            try:
+                future = pool.submit(_decode_chunk, chunk, geometry, draft)
+            except BrokenProcessPool as exc:  # broke since the last result: dealt with in this chunk's turn
+                future = Future()
+                future.set_exception(exc)
+            pending.append((chunk, future))
+
         for chunk in todo:
-            pending.append(pool.apply_async(_decode_chunk, (chunk, geometry, draft)))
+            submit(chunk)
             if len(pending) >= window:
                 break
         while pending:
-            done = pending.popleft().get()
-            chunk = next(todo, None)
-            if chunk is not None:
-                pending.append(pool.apply_async(_decode_chunk, (chunk, geometry, draft)))
+            chunk, future = pending.popleft()
+            try:
+                done = future.result()
+            except BrokenProcessPool:
+                done = [_decode_alone(path, geometry, draft) for path in chunk]
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = _process_pool(workers)
+                retry = [c for c, _ in pending]
+                pending.clear()
+                for c in retry:
+                    submit(c)
+            nxt = next(todo, None)
+            if nxt is not None:
+                submit(nxt)
             yield from done
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_alone(path: str, geometry: Geometry, draft: bool) -> Decoded:
+    """Decode one file in a process of its own; a crash there becomes this file's failure."""
+    with _process_pool(1) as pool:
+        try:
+            return pool.submit(decode_file, path, geometry, draft).result()
+        except BrokenProcessPool:
+            try:
+                size, mtime = file_identity(path)
+            except OSError:
+                size, mtime = 0, 0.0
+            return Decoded(path, size, mtime, "", None, "the image decoder crashed on this file")
 
 
 _END = object()

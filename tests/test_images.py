@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.images import Geometry, decode_file, fit, open_image, to_rgb
+from retrieval.images import Geometry, decode_file, decode_many, fit, open_image, to_rgb
 
 GEOM = Geometry(32)
 
@@ -115,3 +118,54 @@ def test_decode_file_records_identity(tmp_path: Path) -> None:
     decoded = decode_file(str(path), GEOM)
     assert decoded.error is None and decoded.pixels.shape == (32, 32, 3)
     assert decoded.size == path.stat().st_size and len(decoded.sha256) == 64
+
+
+def test_decode_workers_killed_mid_run_cost_a_restart_not_the_run(tmp_path) -> None:
+    """A decode process that dies (OOM killer, a crashing decoder) must not hang or drop files."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(48):
+        path = tmp_path / f"{i:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    geometry = Geometry(32)
+    got, kills = [], 0
+    for decoded in decode_many(paths, geometry, workers=2, ahead=8):
+        got.append(decoded)
+        if len(got) in (3, 20):
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                kills += 1
+    assert kills >= 2
+    assert [d.path for d in got] == paths
+    assert all(d.error is None for d in got), [d.error for d in got if d.error]
+    for decoded in got:
+        np.testing.assert_array_equal(decoded.pixels, decode_file(decoded.path, geometry).pixels)
+
+
+def _decode_or_die(path: str, geometry: Geometry, draft: bool = True):
+    """Stands in for a native decoder that crashes on one file (runs in a decode process)."""
+    if path.endswith("13.png"):
+        os._exit(139)
+    return decode_file(path, geometry, draft)
+
+
+def _decode_chunk_or_die(paths: list[str], geometry: Geometry, draft: bool):
+    return [_decode_or_die(p, geometry, draft) for p in paths]
+
+
+def test_a_file_that_crashes_its_decoder_is_skipped_with_a_reason(tmp_path, monkeypatch) -> None:
+    import retrieval.images as images
+
+    # Decode processes import these by name from this module, which the spawned children can import.
+    monkeypatch.setattr(images, "_decode_chunk", _decode_chunk_or_die)
+    monkeypatch.setattr(images, "decode_file", _decode_or_die)
+    paths = []
+    for i in range(24):
+        paths.append(str(tmp_path / f"{i:02d}.png"))
+        Image.new("RGB", (40, 30), (i * 10, 0, 0)).save(paths[-1])
+    got = list(decode_many(paths, Geometry(32), workers=2, ahead=8))
+    assert [d.path for d in got] == paths
+    failed = {Path(d.path).name: d.error for d in got if d.error}
+    assert failed == {"13.png": "the image decoder crashed on this file"}
+    assert all(d.pixels is not None for d in got if not d.error)
