@@ -30,6 +30,11 @@ def _device_option(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="Where the model runs.")(func)
 
 
+def _wait_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--wait", type=click.FloatRange(0), default=0, show_default=True, metavar="SECONDS",
+                        help="If another `mmsearch index` is writing this index, wait this long for it.")(func)
+
+
 def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one-line messages with a non-zero exit code."""
 
@@ -73,10 +78,12 @@ def cli() -> None:
 @click.option("--text-field", help="Field holding the text in .jsonl/.csv records (default: text, then caption).")
 @click.option("--failures", "failures_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every skipped file and its reason to this file (tab-separated).")
+@_wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or warnings.")
 @_reports_errors
 def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, device: str,
-          batch_size: int, workers: int | None, text_field: str | None, failures_file: Path | None, quiet: bool) -> None:
+          batch_size: int, workers: int | None, text_field: str | None, failures_file: Path | None, wait: float,
+          quiet: bool) -> None:
     """Index image folders and text corpora (.txt, .jsonl, .csv), incrementally.
 
     With no PATHS, re-scans every folder indexed before.
@@ -85,7 +92,7 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
 
     _setup_logging(quiet)
     bar = tqdm(total=0, unit="file", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), desc="embedding")
-    with retrieval.open_index(index_dir, model=model, pretrained=pretrained, device=device) as idx:
+    with retrieval.open_index(index_dir, model=model, pretrained=pretrained, device=device, wait=wait) as idx:
         report = idx.add(list(paths), text_field=text_field, batch_size=batch_size, workers=workers,
                          progress=bar.update, on_total=lambda n: bar.reset(total=n))
     bar.close()
@@ -161,11 +168,12 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool) -> None:
 @cli.command()
 @_index_option
 @click.option("--faiss", "layout", help="FAISS index factory string to force (e.g. Flat, HNSW32); default: automatic.")
+@_wait_option
 @_reports_errors
-def reindex(index_dir: Path | None, layout: str | None) -> None:
+def reindex(index_dir: Path | None, layout: str | None, wait: float) -> None:
     """Rebuild the vector caches from the database."""
     _setup_logging(False)
-    with retrieval.open_index(index_dir, create=False) as idx:
+    with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
         layouts = idx.reindex(layout)
     click.echo(", ".join(f"{kind}: {name}" for kind, name in layouts.items()), err=True)
 

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,11 +42,13 @@ class Collection:
 
     def __init__(self, directory: Path, reader: StoreReader, model: str | None = None,
                  pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, wait: float = 0.0) -> None:
         self.directory = directory
         self.reader = reader
         self._store = store
         self.device = device
+        #: Seconds a write waits for another process's write to finish before IndexInUse.
+        self.wait = wait
         #: 'auto' (onnxruntime on CPU, torch on CUDA), 'torch' or 'onnx'; env MMSEARCH_BACKEND.
         self.backend = backend or os.environ.get("MMSEARCH_BACKEND", "auto")
         self._requested = (model, pretrained)
@@ -59,11 +62,12 @@ class Collection:
     @classmethod
     def open(cls, directory: str | Path | None = None, *, model: str | None = None,
              pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-             create: bool = True) -> Collection:
+             create: bool = True, wait: float = 0.0) -> Collection:
         """Open the index at `directory` (default: MMSEARCH_INDEX or the per-user data dir).
 
         `model`/`pretrained` name the model for a new index; on an existing one they must
-        match the recorded model (ModelMismatch) or may be left out.
+        match the recorded model (ModelMismatch) or may be left out. `wait`: seconds a write
+        (add, reindex) waits for another process's write to finish before IndexInUse.
         """
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
         store = None
@@ -74,7 +78,7 @@ class Collection:
         reader = StoreReader.open(path)
         if store is None and reader.needs_migration() and os.access(path, os.W_OK):
             store = _open_store(path)  # an index from an older mmsearch: migrate it before reading
-        return cls(path, reader, model, pretrained, device, backend, store)
+        return cls(path, reader, model, pretrained, device, backend, store, wait)
 
     @property
     def store(self) -> Store:
@@ -186,20 +190,14 @@ class Collection:
 
     @contextmanager
     def writing(self) -> Iterator[None]:
-        """Hold the index's write lock (IndexInUse if another process has it) and save on exit."""
+        """Hold the index's write lock (waiting up to `self.wait` s for another process) and save on exit."""
         try:
             fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise IndexReadOnly(f"index {self.directory} is read-only ({exc.strerror}): "
                                 "it can be queried but not changed") from None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise IndexInUse(f"index {self.directory} is in use by another `mmsearch index`; "
-                                     "try again when it finishes") from None
-                raise
+            self._lock(fd)
             if not os.access(self.directory, os.W_OK):
                 raise IndexReadOnly(f"index directory {self.directory} is read-only")
             try:
@@ -208,6 +206,25 @@ class Collection:
                 self.save()
         finally:
             os.close(fd)
+
+    def _lock(self, fd: int) -> None:
+        deadline = time.monotonic() + self.wait
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise IndexInUse(f"index {self.directory} is in use by another `mmsearch index`; "
+                                 "try again when it finishes, or wait for it (--wait SECONDS)")
+            if not waiting:
+                log.warning("index %s is in use by another process; waiting up to %.0f s", self.directory, self.wait)
+                waiting = True
+            time.sleep(min(0.25, left))
 
     def claim_model(self) -> Encoder:
         """Load the encoder and record (or check) it as this index's model."""

@@ -251,6 +251,30 @@ def _read_only_runner(path: Path) -> list[str] | None:
     return None
 
 
+def test_index_waits_for_a_busy_index_when_asked(tmp_path, tiny_model) -> None:
+    import fcntl
+    import threading
+
+    photos = many_images(tmp_path / "photos", 3)
+    index = tmp_path / "idx"
+    common = ["--index", index, "--model", tiny_model, "--pretrained", "random", "--workers", "0"]
+    assert run_mmsearch("index", photos / "p000.png", *common).returncode == 0
+    fd = os.open(index / "lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another writer holds the index
+    try:
+        start = time.monotonic()
+        refused = run_mmsearch("index", photos, *common, "--wait", "1")
+        assert refused.returncode == 1 and "in use" in refused.stderr and time.monotonic() - start >= 1
+        release = threading.Timer(2.0, fcntl.flock, (fd, fcntl.LOCK_UN))
+        release.start()
+        waited = run_mmsearch("index", photos, *common, "--wait", "60")
+        release.join()
+    finally:
+        os.close(fd)
+    assert waited.returncode == 0, waited.stderr
+    assert "waiting up to 60 s" in waited.stderr and "added 2" in waited.stderr
+
+
 def test_read_only_index_refuses_writes_and_keeps_answering(tmp_path, tiny_model) -> None:
     photos = many_images(tmp_path / "photos", 6)
     index = tmp_path / "idx"
