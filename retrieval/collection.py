@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import DB_NAME, KINDS, LOCK_NAME, default_index_dir, default_model
-from .errors import BadQuery, EmptyIndex, IndexInUse, IndexNotFound, IndexReadOnly, ModelMismatch, ModelUnavailable
+from .errors import BadQuery, EmptyIndex, IndexInUse, IndexReadOnly, ModelMismatch, ModelUnavailable
 from .reader import StoreReader
 from .records import ModelManifest
 
@@ -70,12 +70,8 @@ class Collection:
         (add, reindex) waits for another process's write to finish before IndexInUse.
         """
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
-        store = None
-        if not (path / DB_NAME).exists():
-            if not create:
-                raise IndexNotFound(f"no index at {path} (run `mmsearch index PATH` first, or pass --index)")
-            store = _open_store(path)
-        reader = StoreReader.open(path)
+        store = _open_store(path) if create and not (path / DB_NAME).exists() else None
+        reader = StoreReader.open(path)  # IndexNotFound where there is none
         if store is None and reader.needs_migration() and os.access(path, os.W_OK):
             store = _open_store(path)  # an index from an older mmsearch: migrate it before reading
         return cls(path, reader, model, pretrained, device, backend, store, wait)

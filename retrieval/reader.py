@@ -145,17 +145,18 @@ class StoreReader:
                          f"WHERE items.kind = ? AND {where}", [kind, *params])
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
-    def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
-        """Display rows for item ids that still exist (a missing id is simply absent)."""
+    def _by_ids(self, sql: str, ids: Iterable[int]) -> Iterator[list[tuple]]:
+        """Rows of `sql`, whose `{ids}` is an IN list, for `ids` sent CHUNK at a time."""
         wanted = [int(i) for i in ids]
-        out: dict[int, ItemRow] = {}
         for start in range(0, len(wanted), CHUNK):
             part = wanted[start : start + CHUNK]
-            rows = self._all("SELECT items.id, items.kind, files.path, items.line, items.text FROM items "
-                             f"JOIN files ON files.id = items.file_id WHERE items.id IN ({','.join('?' * len(part))})",
-                             part)
-            out.update((r[0], ItemRow(*r)) for r in rows)
-        return out
+            yield self._all(sql.format(ids=",".join("?" * len(part))), part)
+
+    def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
+        """Display rows for item ids that still exist (a missing id is simply absent)."""
+        sql = ("SELECT items.id, items.kind, files.path, items.line, items.text FROM items "
+               "JOIN files ON files.id = items.file_id WHERE items.id IN ({ids})")
+        return {r[0]: ItemRow(*r) for rows in self._by_ids(sql, ids) for r in rows}
 
     def vectors(self, kind: str, ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, float32 vectors) of one kind in chunks of at most CHUNK; all items, or only `ids`."""
@@ -167,10 +168,7 @@ class StoreReader:
                 after = rows[-1][0]
                 yield _unpack(rows)
             return
-        wanted = [int(i) for i in ids]
-        for start in range(0, len(wanted), CHUNK):
-            part = wanted[start : start + CHUNK]
-            rows = self._all(f"SELECT id, vector FROM items WHERE id IN ({','.join('?' * len(part))})", part)
+        for rows in self._by_ids("SELECT id, vector FROM items WHERE id IN ({ids})", ids):
             if rows:
                 yield _unpack(rows)
 
