@@ -12,8 +12,9 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,12 +22,20 @@ from .config import DB_NAME, KINDS
 from .errors import IndexInUse, IndexNotFound, IndexReadOnly, MMSearchError
 from .records import FileRow, ItemRow, ModelManifest
 
+T = TypeVar("T")
+
 #: Name of the last migration in `store.MIGRATIONS`: an index without it is opened for writing
 #: once (which migrates it) before it is read.
 SCHEMA_VERSION = "0001_initial"
 
-#: SQLite limits bound parameters per statement; id lists are sent in chunks of this size.
+#: SQLite limits bound parameters per statement (32,766 by default); lists go in chunks of this size.
 CHUNK = 20000
+
+
+def chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`values` in slices of at most CHUNK, for IN lists within SQLite's parameter limit."""
+    for start in range(0, len(values), CHUNK):
+        yield values[start : start + CHUNK]
 
 
 def database_error(message: str, directory: Path) -> MMSearchError:
@@ -147,9 +156,7 @@ class StoreReader:
 
     def _by_ids(self, sql: str, ids: Iterable[int]) -> Iterator[list[tuple]]:
         """Rows of `sql`, whose `{ids}` is an IN list, for `ids` sent CHUNK at a time."""
-        wanted = [int(i) for i in ids]
-        for start in range(0, len(wanted), CHUNK):
-            part = wanted[start : start + CHUNK]
+        for part in chunks([int(i) for i in ids]):
             yield self._all(sql.format(ids=",".join("?" * len(part))), part)
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:

@@ -38,7 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .config import DB_NAME
 from .errors import IndexReadOnly, ModelMismatch
-from .reader import SCHEMA_VERSION, database_error
+from .reader import SCHEMA_VERSION, chunks, database_error
 from .records import ModelManifest, NewFile
 
 
@@ -232,11 +232,11 @@ class Store:
             removed = list(removed_files)
             if added:
                 removed.extend(conn.scalars(select(File.id).where(File.path.in_([nf.path for nf in added]))))
-            if removed:
-                for kind, item_id in conn.execute(select(Item.kind, Item.id).where(Item.file_id.in_(removed))):
+            for part in chunks(removed):  # a deleted folder can hold more files than one statement takes
+                for kind, item_id in conn.execute(select(Item.kind, Item.id).where(Item.file_id.in_(part))):
                     gone.setdefault(kind, []).append(item_id)
-                conn.execute(delete(Item).where(Item.file_id.in_(removed)))
-                conn.execute(delete(File).where(File.id.in_(removed)))
+                conn.execute(delete(Item).where(Item.file_id.in_(part)))
+                conn.execute(delete(File).where(File.id.in_(part)))
             # Bulk inserts with RETURNING (one statement per table, ids in parameter order): per-row
             # inserts cost ~1 ms an image, a ceiling for GPU-speed indexing.
             if added:
@@ -259,8 +259,8 @@ class Store:
                         new_ids.setdefault(kind, []).append(item_id)
                         new_vecs.setdefault(kind, []).append(vec)
             stale = list(cleared_failures) + [path for path, _ in failures]
-            if stale:
-                conn.execute(delete(Failure).where(Failure.path.in_(stale)))
+            for part in chunks(stale):
+                conn.execute(delete(Failure).where(Failure.path.in_(part)))
             if failures:
                 now = time.time()
                 conn.execute(insert(Failure), [{"path": p, "reason": r, "at": now} for p, r in dict(failures).items()])

@@ -85,3 +85,19 @@ def test_reader_needs_an_existing_index(tmp_path) -> None:
     with pytest.raises(IndexNotFound, match="mmsearch index"):
         StoreReader.open(tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()
+
+
+def test_removing_more_files_than_one_statement_takes(pair) -> None:
+    """Deleting a big folder must not hit SQLite's bound-parameter limit (32,766 on many systems)."""
+    from sqlalchemy import event
+
+    store, reader = pair
+    n = reader_module.CHUNK + 5000
+    ids, _, _ = store.commit(added=_files([f"/big/{i}.jpg" for i in range(n)], dim=4))
+    store.engine.dispose()
+    event.listen(store.engine, "connect", lambda conn, _: conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER,
+                                                                         reader_module.CHUNK))
+    file_ids = [row.id for row in reader.files_under("/big").values()]
+    _, _, gone = store.commit(removed_files=file_ids, cleared_failures=[f"/big/{i}.jpg" for i in range(n)])
+    assert sorted(gone["image"]) == sorted(ids["image"]) and len(gone["image"]) == n
+    assert reader.counts()["files"] == 0 and reader.kinds() == set()
