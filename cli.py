@@ -166,6 +166,19 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool) -> None:
 
 
 @cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_index_option
+@_wait_option
+@_reports_errors
+def remove(paths: tuple[Path, ...], index_dir: Path | None, wait: float) -> None:
+    """Take files or folders out of the index (they need not exist any more); they are not re-scanned."""
+    _setup_logging(False)
+    with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
+        removal = idx.remove(list(paths))
+    click.echo(removal.summary(), err=True)
+
+
+@cli.command()
 @_index_option
 @click.option("--faiss", "layout", help="FAISS index factory string to force (e.g. Flat, HNSW32); default: automatic.")
 @_wait_option

@@ -22,7 +22,7 @@ from .errors import (
     PathNotFound,
     UnsupportedFile,
 )
-from .indexer import IndexReport
+from .indexer import IndexReport, Removal
 from .search import Result
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "ModelMismatch",
     "ModelUnavailable",
     "PathNotFound",
+    "Removal",
     "Result",
     "UnsupportedFile",
     "open_index",

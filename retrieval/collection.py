@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .encoder import Encoder, ModelSource
-    from .indexer import IndexReport
+    from .indexer import IndexReport, Removal
     from .search import Result
     from .store import Store
     from .vectors import VectorIndex
@@ -226,10 +226,14 @@ class Collection:
         """Load the encoder and record (or check) it as this index's model."""
         encoder = self.encoder
         self.store.claim_model(encoder.manifest)
-        # Load the caches before any commit, so each batch is mirrored into them exactly once.
-        for kind in KINDS:
-            self.vectors(kind)
+        self.load_vectors()
         return encoder
+
+    def load_vectors(self) -> None:
+        """Load every vector cache; done before a commit, so each batch is mirrored into them exactly once."""
+        if self.manifest is not None:
+            for kind in KINDS:
+                self.vectors(kind)
 
     def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:
         """Index image files/folders and text corpora (incremental); see `indexer.index_paths`.
@@ -240,6 +244,13 @@ class Collection:
 
         with self.writing():
             return index_paths(self, [str(p) for p in paths], **options)
+
+    def remove(self, paths: Sequence[str | Path]) -> Removal:
+        """Take files and folders (and what was indexed from them) out of the index; see `indexer.remove_paths`."""
+        from .indexer import remove_paths
+
+        with self.writing():
+            return remove_paths(self, [str(p) for p in paths])
 
     def add_texts(self, texts: Sequence[str], source: str) -> IndexReport:
         """Index texts that live in no file, under the name `source` (replacing earlier ones)."""

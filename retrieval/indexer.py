@@ -187,6 +187,47 @@ def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str
     return report
 
 
+@dataclass
+class Removal:
+    """What `remove` took out of an index."""
+
+    files: int = 0
+    items: int = 0
+    roots: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the end of `mmsearch remove`."""
+        line = f"removed {self.files} files ({self.items} items)"
+        return line + (f"; no longer re-scanned: {', '.join(self.roots)}" if self.roots else "")
+
+
+def remove_paths(collection: Collection, paths: Sequence[str]) -> Removal:
+    """Take files and folders out of the index, whether or not they still exist on disk.
+
+    Every file at or below each path goes, with its items; roots at or below it are no
+    longer re-scanned. PathNotFound, before anything changes, for a path with nothing indexed.
+    """
+    folders = [os.path.abspath(os.path.expanduser(p)) for p in paths]
+    files: dict[str, FileRow] = {}
+    roots: list[str] = []
+    for raw, folder in zip(paths, folders):
+        found, found_roots = collection.reader.files_under(folder), collection.reader.roots(under=folder)
+        if not found and not found_roots:
+            raise PathNotFound(f"nothing indexed at {raw}")
+        files.update(found)
+        roots.extend(found_roots)
+    collection.load_vectors()  # before the commit, which they then mirror
+    failures = [path for folder in folders for path, _ in collection.reader.failures(under=folder)]
+    ids, vecs, gone = collection.store.commit(removed_files=[row.id for row in files.values()],
+                                              cleared_failures=failures, forgotten_roots=roots)
+    collection.apply(ids, vecs, gone)
+    for folder in folders:
+        for root in collection.reader.roots():
+            if folder.startswith(root.rstrip(os.sep) + os.sep) and os.path.exists(folder):
+                log.warning("%s lies in the indexed folder %s: its next re-scan adds it again", folder, root)
+    return Removal(len(files), sum(len(v) for v in gone.values()), sorted(set(roots)))
+
+
 def default_workers() -> int:
     """Decode processes when none are asked for: cores - 1 (the model keeps the rest busy), 0 on 2 cores or fewer.
 

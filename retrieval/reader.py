@@ -126,13 +126,15 @@ class StoreReader:
         out["failures"] = self._all("SELECT count(*) FROM failures")[0][0]
         return out
 
-    def roots(self) -> list[str]:
-        """Every root indexed so far."""
-        return [r[0] for r in self._all("SELECT path FROM roots ORDER BY path")]
+    def roots(self, under: str | None = None) -> list[str]:
+        """Every root indexed so far (or those at or below the folder `under`)."""
+        where, params = _under("path", under) if under else ("1", [])
+        return [r[0] for r in self._all(f"SELECT path FROM roots WHERE {where} ORDER BY path", params)]
 
-    def failures(self) -> list[tuple[str, str]]:
-        """(path, reason) of everything skipped and not indexed since."""
-        return [(p, r) for p, r in self._all("SELECT path, reason FROM failures ORDER BY path")]
+    def failures(self, under: str | None = None) -> list[tuple[str, str]]:
+        """(path, reason) of everything skipped and not indexed since (or only at or below `under`)."""
+        where, params = _under("path", under) if under else ("1", [])
+        return [(p, r) for p, r in self._all(f"SELECT path, reason FROM failures WHERE {where} ORDER BY path", params)]
 
     # --- files and items --------------------------------------------------------------------
 

@@ -214,12 +214,14 @@ class Store:
         moved: Iterable[tuple[int, str, int, float]] = (),
         failures: Iterable[tuple[str, str]] = (),
         cleared_failures: Iterable[str] = (),
+        forgotten_roots: Iterable[str] = (),
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Apply one batch of changes in one transaction.
 
         `added` files replace any earlier file of the same path; `moved` is (file id, new
-        path, size, mtime) for a file recognized by content. Returns, per kind, the new item
-        ids, their vectors, and the item ids that were deleted, for the vector cache.
+        path, size, mtime) for a file recognized by content; `forgotten_roots` are no longer
+        re-scanned. Returns, per kind, the new item ids, their vectors, and the item ids that
+        were deleted, for the vector cache.
         """
         new_ids: dict[str, list[int]] = {}
         new_vecs: dict[str, list[np.ndarray]] = {}
@@ -261,6 +263,8 @@ class Store:
             stale = list(cleared_failures) + [path for path, _ in failures]
             for part in chunks(stale):
                 conn.execute(delete(Failure).where(Failure.path.in_(part)))
+            for part in chunks(list(forgotten_roots)):
+                conn.execute(delete(Root).where(Root.path.in_(part)))
             if failures:
                 now = time.time()
                 conn.execute(insert(Failure), [{"path": p, "reason": r, "at": now} for p, r in dict(failures).items()])

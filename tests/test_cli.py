@@ -126,6 +126,32 @@ def test_missing_root_is_never_wiped(runner, tmp_path, tiny_model, photos) -> No
     assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["images"] == 6
 
 
+def test_remove_takes_out_folders_even_when_gone_from_disk(runner, tmp_path, tiny_model, photos) -> None:
+    index = tmp_path / "idx"
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a red square\na blue circle\n")
+    assert invoke(runner, *index_args(index, tiny_model, photos, corpus)).exit_code == 0
+    # Nothing indexed there: a one-line error, and nothing changes.
+    wrong = invoke(runner, "remove", str(tmp_path / "elsewhere"), "--index", str(index))
+    assert wrong.exit_code == 1 and "nothing indexed at" in wrong.stderr
+    assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["images"] == 6
+    # A subfolder of an indexed folder: its file goes now (and a re-scan would bring it back, as it warns).
+    sub = invoke(runner, "remove", str(photos / "sub"), "--index", str(index))
+    assert sub.exit_code == 0 and "removed 1 files (1 items)" in sub.stderr and "adds it again" in sub.stderr
+    paths = {h["path"] for h in query_json(runner, index, "a red square", "-k", "10")}
+    assert len(paths) == 5 and not any("/sub/" in p for p in paths)
+    # The photo folder deleted from disk: `remove` is how it leaves the index for good.
+    shutil.rmtree(photos)
+    gone = invoke(runner, "remove", str(photos), "--index", str(index))
+    assert gone.exit_code == 0 and "removed 5 files (5 items)" in gone.stderr and str(photos) in gone.stderr
+    info = json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)
+    assert (info["images"], info["texts"], info["roots"]) == (0, 2, [str(corpus)])
+    rescan = invoke(runner, "index", "--index", str(index), "--workers", "0")
+    assert rescan.exit_code == 0 and "missing" not in rescan.stderr
+    texts = query_json(runner, index, "a red square", "--target", "all", "-k", "10")
+    assert [h["kind"] for h in texts] == ["text", "text"]
+
+
 def test_text_corpora_and_image_query(runner, tmp_path, tiny_model, photos) -> None:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
