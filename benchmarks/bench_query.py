@@ -51,7 +51,7 @@ def add_synthetic(index: Path, n: int, chunk: int = 20000) -> None:
 
     with retrieval.open_index(index, create=False) as idx, idx.writing():
         dim = idx.manifest.dim
-        idx.vectors("image")  # loaded before the commits, which it then mirrors
+        idx.load_vectors()  # before the commits, which they then mirror
         for start in range(0, n, chunk):
             vecs = generate("clustered", min(chunk, n - start), dim, seed=0, stream=10 + start // chunk)
             files = [NewFile(f"/synthetic/{start + i:07d}.jpg", "image", 1, 0.0, "0" * 64, [0], [None], v[None])

@@ -221,8 +221,9 @@ def remove_paths(collection: Collection, paths: Sequence[str]) -> Removal:
     ids, vecs, gone = collection.store.commit(removed_files=[row.id for row in files.values()],
                                               cleared_failures=failures, forgotten_roots=roots)
     collection.apply(ids, vecs, gone)
+    kept_roots = collection.reader.roots()
     for folder in folders:
-        for root in collection.reader.roots():
+        for root in kept_roots:
             if folder.startswith(root.rstrip(os.sep) + os.sep) and os.path.exists(folder):
                 log.warning("%s lies in the indexed folder %s: its next re-scan adds it again", folder, root)
     return Removal(len(files), sum(len(v) for v in gone.values()), sorted(set(roots)))
