@@ -5,11 +5,13 @@ Data goes to stdout; progress, warnings and errors to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,30 @@ def reindex(index_dir: Path | None, layout: str | None, wait: float) -> None:
     with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
         layouts = idx.reindex(layout)
     click.echo(", ".join(f"{kind}: {name}" for kind, name in layouts.items()), err=True)
+
+
+@cli.command()
+@click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Build the demo index here and keep it (default: a temporary index, deleted afterwards).")
+@click.option("--query", "text", default="a red circle", show_default=True, help="The text to search the demo for.")
+@click.option("-k", "k", type=click.IntRange(1, 10000), default=5, show_default=True, help="Number of results.")
+@click.option("--quiet", "-q", is_flag=True, help="No warnings or summary.")
+@click.pass_context
+@_reports_errors
+def demo(ctx: click.Context, index_dir: Path | None, text: str, k: int, quiet: bool) -> None:
+    """Index the bundled demo (colored shapes) with the bundled shapes-mini model and run a query.
+
+    Needs no download and no checkout: both ship inside mmsearch (`retrieval.demo_path()`).
+    """
+    _setup_logging(quiet)
+    demo_dir = retrieval.demo_path()
+    with contextlib.nullcontext(index_dir) if index_dir else tempfile.TemporaryDirectory(prefix="mmsearch-demo-") as where:
+        with retrieval.open_index(where, model=retrieval.DEMO_MODEL) as idx:
+            report = idx.add([demo_dir])
+        if not quiet:
+            click.echo(f"{demo_dir}: {report.summary()}", err=True)
+            click.echo(f"query: {text!r}", err=True)
+        ctx.invoke(query, text=text, index_dir=Path(where), k=k)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ Importing this package does not import torch; the model loads on first use.
 """
 
 from .collection import Collection, open_index
+from .config import DEMO_MODEL, demo_path
 from .errors import (
     BadQuery,
     EmptyIndex,
@@ -28,6 +29,7 @@ from .search import Result
 __all__ = [
     "BadQuery",
     "Collection",
+    "DEMO_MODEL",
     "EmptyIndex",
     "IndexInUse",
     "IndexNotFound",
@@ -40,5 +42,6 @@ __all__ = [
     "Removal",
     "Result",
     "UnsupportedFile",
+    "demo_path",
     "open_index",
 ]

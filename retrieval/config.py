@@ -7,13 +7,29 @@ help and the query path stay fast.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 
-#: The repo's bundled data: the demo corpus and the `shapes-mini` model (config + checkpoint).
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "index_data"
+
+def _bundled_dir() -> Path:
+    """Where the bundled model and demo are: the package data `retrieval.bundled`, else index_data/.
+
+    Installs (a wheel, `pip install .`, an editable install) map the repo's index_data/ to the
+    package `retrieval.bundled`; a source checkout used without installing has only index_data/.
+    """
+    try:
+        return Path(str(resources.files("retrieval.bundled")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "index_data"
+
+
+#: The bundled data: the demo corpus and the `shapes-mini` model (config + checkpoint).
+BUNDLED_DIR = _bundled_dir()
+#: The model the demo corpus was made for.
+DEMO_MODEL = "shapes-mini"
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 TEXT_EXTENSIONS = frozenset({".txt", ".jsonl", ".csv"})
@@ -55,6 +71,11 @@ def default_model() -> tuple[str, str | None]:
     if pretrained is None and name == DEFAULT_MODEL:
         pretrained = DEFAULT_PRETRAINED
     return name, pretrained
+
+
+def demo_path() -> Path:
+    """The bundled demo corpus: 50 images of colored shapes and a `captions.txt` (index it with `DEMO_MODEL`)."""
+    return BUNDLED_DIR / "demo"
 
 
 def kind_of(path: Path) -> str | None:
