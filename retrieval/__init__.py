@@ -12,10 +12,13 @@ Importing this package does not import torch; the model loads on first use.
 from .collection import Collection, open_index
 from .errors import (
     BadQuery,
+    DeviceUnavailable,
     EmptyIndex,
+    IndexDamaged,
     IndexInUse,
     IndexNotFound,
     IndexReadOnly,
+    IndexTooNew,
     MMSearchError,
     ModelMismatch,
     ModelUnavailable,
@@ -28,11 +31,14 @@ from .search import Result
 __all__ = [
     "BadQuery",
     "Collection",
+    "DeviceUnavailable",
     "EmptyIndex",
+    "IndexDamaged",
     "IndexInUse",
     "IndexNotFound",
     "IndexReadOnly",
     "IndexReport",
+    "IndexTooNew",
     "MMSearchError",
     "ModelMismatch",
     "ModelUnavailable",
