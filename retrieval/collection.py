@@ -193,11 +193,13 @@ class Collection:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalized float32 [n, dim] embeddings of texts with this index's model."""
-        return self.encoder.embed_texts(_listed(texts, "embed_texts"))
+        texts = _listed(texts, "embed_texts")
+        return self.encoder.embed_texts(texts)
 
     def embed_images(self, images: Sequence[Image.Image | str | Path]) -> np.ndarray:
         """L2-normalized float32 [n, dim] embeddings of PIL images or image files."""
-        return self.encoder.embed_images(_listed(images, "embed_images"))
+        images = _listed(images, "embed_images")
+        return self.encoder.embed_images(images)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -272,8 +274,9 @@ class Collection:
         """Take files and folders (and what was indexed from them) out of the index; see `indexer.remove_paths`."""
         from .indexer import remove_paths
 
+        paths = [str(p) for p in _listed(paths, "remove")]
         with self.writing():
-            return remove_paths(self, [str(p) for p in _listed(paths, "remove")])
+            return remove_paths(self, paths)
 
     def add_texts(self, texts: Sequence[str], source: str) -> IndexReport:
         """Index texts that live in no file, under the name `source` (replacing earlier ones)."""

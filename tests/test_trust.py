@@ -147,3 +147,112 @@ def test_an_index_from_a_newer_mmsearch_is_refused_never_rebuilt(runner, tmp_pat
     for argv in (["query", "a cat"], ["info"], ["reindex"], ["index", photos], ["remove", photos]):
         one_line_error(invoke(runner, *argv, "--index", index), "written by a newer mmsearch (schema 9999_from_the_future")
     assert snapshot(index) == before
+
+
+# --- query options and library inputs ------------------------------------------------------
+
+
+def test_query_options_are_checked(runner, tmp_path, tiny_model, photos) -> None:
+    index = tmp_path / "idx"
+    build(runner, index, tiny_model, photos)
+    for value in ("1.5", "-2", "nan"):
+        one_line_error(invoke(runner, "query", "a cat", "--min-score", value, "--index", index), "min-score must be")
+    with retrieval.open_index(index, create=False) as idx, pytest.raises(retrieval.BadQuery):
+        idx.search("a cat", min_score=float("nan"))
+    # A query text that names an image file runs as text, with a hint on stderr (none with --quiet).
+    photo = str(photos / "img0.jpg")
+    hinted = invoke(runner, "query", photo, "--index", index)
+    assert hinted.exit_code == 0 and len(hinted.stdout.splitlines()) == 6
+    assert len(hinted.stderr.splitlines()) == 1 and "use --image" in hinted.stderr
+    assert invoke(runner, "query", photo, "--index", index, "--quiet").stderr == ""
+    assert "hint" not in invoke(runner, "query", "a cat", "--index", index).stderr
+
+
+def test_cuda_without_a_gpu_is_the_same_error_for_every_query_kind(runner, tmp_path, tiny_model, photos) -> None:
+    from retrieval.encoder import gpu_likely
+
+    if gpu_likely():
+        pytest.skip("this machine may have a GPU")
+    index = tmp_path / "idx"
+    build(runner, index, tiny_model, photos)
+    assert invoke(runner, "query", "a cached text", "--index", index).exit_code == 0
+    errors = set()
+    for query in (["a new text"], ["a cached text"], ["--image", photos / "img1.png"]):
+        result = invoke(runner, "query", *query, "--device", "cuda", "--index", index)
+        one_line_error(result, "no NVIDIA GPU")
+        errors.add(result.stderr)
+    assert len(errors) == 1
+    with pytest.raises(retrieval.DeviceUnavailable, match="no NVIDIA GPU"):
+        retrieval.open_index(index, device="cuda")
+
+
+def test_unknown_device_is_a_typed_error_at_open(tmp_path) -> None:
+    with pytest.raises(retrieval.DeviceUnavailable, match="unknown device 'tpu'"):
+        retrieval.open_index(tmp_path / "idx", device="tpu")
+    assert issubclass(retrieval.DeviceUnavailable, retrieval.MMSearchError)
+    assert not (tmp_path / "idx").exists()
+
+
+def test_a_lone_string_is_refused_where_a_list_is_expected(tmp_path, tiny_model, photos) -> None:
+    photo = photos / "img0.jpg"
+    with retrieval.open_index(tmp_path / "idx", model=tiny_model, pretrained="random") as idx:
+        calls = [lambda: idx.add(str(photos)), lambda: idx.add(photos), lambda: idx.remove("x"),
+                 lambda: idx.add_texts("a cat", source="s"), lambda: idx.embed_texts("a cat"),
+                 lambda: idx.embed_images(str(photo)), lambda: idx.embed_images(photo)]
+        for call in calls:
+            with pytest.raises(TypeError, match="takes a list, not a single"):
+                call()
+        assert not (tmp_path / "idx").exists()
+        assert idx.embed_texts(["a cat"]).shape == (1, 32)
+        assert idx.add([photos]).added == 6
+
+
+# --- output and help -----------------------------------------------------------------------
+
+
+def test_control_characters_in_file_names_print_escaped(runner, tmp_path, tiny_model) -> None:
+    folder = tmp_path / "odd"
+    for i, name in enumerate(["new\nline.png", "esc\x1b[31mred.png", "plain.png"]):
+        solid_image(folder / name, (40 * i, 200, 90))
+    (folder / "bad\tname.jpg").write_bytes(b"not an image")
+    index = tmp_path / "idx"
+    built = invoke(runner, "index", folder, "--index", index, "--model", tiny_model, "--pretrained", "random", "--workers", "0")
+    assert built.exit_code == 0 and f"skipped {folder}/bad\\tname.jpg: " in built.stderr
+    table = invoke(runner, "query", "a cat", "--index", index).stdout
+    assert len(table.splitlines()) == 3 and "\x1b" not in table
+    assert f"{folder}/new\\nline.png" in table and f"{folder}/esc\\x1b[31mred.png" in table
+    hits = json.loads(invoke(runner, "query", "a cat", "--index", index, "--json").stdout)
+    assert str(folder / "new\nline.png") in {h["path"] for h in hits}  # JSON keeps the real name
+    failures = invoke(runner, "info", "--failures", "--index", index).stdout
+    assert f"skipped {folder}/bad\\tname.jpg: " in failures and "\t" not in failures
+
+
+def test_help_documents_every_option_variable_and_the_default_model(runner) -> None:
+    import re
+
+    import click
+
+    from cli import cli
+    from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+    for name, command in cli.commands.items():
+        assert "--quiet" in {opt for p in command.params for opt in p.opts}, name
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and param.help.strip(), (name, param.name)
+            else:  # arguments have no help of their own: the command's text names them
+                assert param.human_readable_name in command.help, (name, param.name)
+    top = invoke(runner, "--help").stdout
+    assert DEFAULT_MODEL in top and DEFAULT_PRETRAINED in top
+    used = {v for p in [REPO / "cli.py", *(REPO / "retrieval").glob("*.py")]
+            for v in re.findall(r"MMSEARCH_[A-Z_]+", p.read_text())}
+    assert used and all(v in top for v in used), sorted(v for v in used if v not in top)
+
+
+def test_shell_completion_shown_in_the_readme_works(runner) -> None:
+    from cli import cli
+
+    assert "_MMSEARCH_COMPLETE=bash_source mmsearch" in (REPO / "README.md").read_text()
+    env = {"_MMSEARCH_COMPLETE": "bash_complete", "COMP_WORDS": "mmsearch query --mi", "COMP_CWORD": "2"}
+    result = runner.invoke(cli, [], prog_name="mmsearch", env=env)
+    assert result.exit_code == 0 and "--min-score" in result.stdout
