@@ -7,6 +7,7 @@ help and the query path stay fast.
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 DEFAULT_MODEL = "ViT-B-32"
@@ -35,7 +36,15 @@ DEFAULT_PRETRAINED = DEFAULT_TAGS[DEFAULT_MODEL]
 #: The repo's bundled data: the demo corpus and the `shapes-mini` model (config + checkpoint).
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "index_data"
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+#: pillow-heif (the optional extra `mmsearch[heif]`) is installed: HEIC/HEIF photos can be read.
+#: Found without importing it (about 30 ms), so `import retrieval` stays fast; `images` registers it.
+HEIF_READABLE = find_spec("pillow_heif") is not None
+#: Pillow decodes AVIF where it was built with libavif (its wheels since 11.2): `PIL._avif` exists.
+AVIF_READABLE = find_spec("PIL._avif") is not None
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+                             | ({".avif"} if AVIF_READABLE else set())
+                             | ({".heic", ".heif"} if HEIF_READABLE else set()))
 TEXT_EXTENSIONS = frozenset({".txt", ".jsonl", ".csv"})
 #: Record fields tried, in order, when `--text-field` is not given.
 DEFAULT_TEXT_FIELDS = ("text", "caption")

@@ -256,3 +256,56 @@ def test_shell_completion_shown_in_the_readme_works(runner) -> None:
     env = {"_MMSEARCH_COMPLETE": "bash_complete", "COMP_WORDS": "mmsearch query --mi", "COMP_CWORD": "2"}
     result = runner.invoke(cli, [], prog_name="mmsearch", env=env)
     assert result.exit_code == 0 and "--min-score" in result.stdout
+
+
+# --- AVIF and HEIC ---------------------------------------------------------------------------
+
+
+def _picture(size: tuple[int, int] = (96, 72)):
+    from PIL import Image
+
+    img = Image.new("RGB", size, (230, 40, 40))
+    img.paste((30, 40, 220), (24, 18, 72, 54))
+    return img
+
+
+def test_avif_photos_are_indexed_where_pillow_decodes_them(tmp_path, tiny_model) -> None:
+    from PIL import features
+
+    from retrieval.config import IMAGE_EXTENSIONS
+
+    assert (".avif" in IMAGE_EXTENSIONS) == features.check("avif")
+    if not features.check("avif"):
+        pytest.skip("this Pillow cannot decode AVIF")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _picture().save(folder / "photo.avif", quality=95)
+    _picture().save(folder / "same.png")
+    with retrieval.open_index(tmp_path / "idx", model=tiny_model, pretrained="random") as idx:
+        report = idx.add([folder], workers=0)
+        assert (report.added, report.skipped) == (2, 0), report.failures
+        avif, png = idx.embed_images([folder / "photo.avif", folder / "same.png"])
+    assert float(avif @ png) > 0.99  # the same picture, decoded (lossy AVIF vs PNG)
+
+
+def test_heic_photos_are_indexed_with_pillow_heif_also_in_decode_processes(tmp_path, tiny_model) -> None:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    import numpy as np
+
+    from retrieval.config import IMAGE_EXTENSIONS
+    from retrieval.images import Geometry, decode_many
+
+    assert {".heic", ".heif"} <= IMAGE_EXTENSIONS
+    folder = tmp_path / "iphone"
+    folder.mkdir()
+    for i in range(4):  # the worker processes never saw pillow-heif registered by this one
+        pillow_heif.from_pillow(_picture((96 + 8 * i, 72))).save(folder / f"IMG_{i}.HEIC", quality=95)
+    _picture().save(folder / "same.png")
+    paths = sorted(str(p) for p in folder.glob("*.HEIC"))
+    decoded = list(decode_many(paths, Geometry(32), workers=2))
+    assert [d.error for d in decoded] == [None] * 4
+    png = next(decode_many([str(folder / "same.png")], Geometry(32), workers=0)).pixels
+    assert np.abs(decoded[0].pixels.astype(int) - png).mean() < 8
+    with retrieval.open_index(tmp_path / "idx", model=tiny_model, pretrained="random") as idx:
+        report = idx.add([folder], workers=0)
+        assert (report.added, report.skipped) == (5, 0), report.failures
