@@ -70,7 +70,7 @@ def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except retrieval.MMSearchError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_shown(str(exc))) from None
         except KeyboardInterrupt:
             click.echo("interrupted: everything committed so far is kept", err=True)
             sys.exit(130)
@@ -78,9 +78,16 @@ def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class _EscapingFormatter(logging.Formatter):
+    """Library warnings name files: their control characters are shown escaped, as in tables."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _shown(super().format(record))
+
+
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mmsearch: %(message)s"))
+    handler.setFormatter(_EscapingFormatter("mmsearch: %(message)s"))
     log = logging.getLogger("mmsearch")
     log.handlers[:] = [handler]
     log.setLevel(logging.ERROR if quiet else logging.WARNING)
@@ -190,7 +197,7 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
         return
     model = data["model"]
     click.echo(f"index:    {_shown(data['index'])}")
-    click.echo(f"model:    {'-' if model is None else model['name'] + ' / ' + str(model['pretrained']) + ', dim ' + str(model['dim'])}")
+    click.echo(_shown(f"model:    {'-' if model is None else model['name'] + ' / ' + str(model['pretrained']) + ', dim ' + str(model['dim'])}"))
     click.echo(f"images:   {data['images']}")
     click.echo(f"texts:    {data['texts']}")
     click.echo(f"files:    {data['files']}")
@@ -212,7 +219,7 @@ def remove(paths: tuple[Path, ...], index_dir: Path | None, wait: float, quiet: 
     _setup_logging(quiet)
     with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
         removal = idx.remove(list(paths))
-    click.echo(removal.summary(), err=True)
+    click.echo(_shown(removal.summary()), err=True)
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import struct
 import subprocess
@@ -211,20 +212,27 @@ def test_a_lone_string_is_refused_where_a_list_is_expected(tmp_path, tiny_model,
 
 
 def test_control_characters_in_file_names_print_escaped(runner, tmp_path, tiny_model) -> None:
-    folder = tmp_path / "odd"
+    folder = tmp_path / "odd\nroot"
+    shown = f"{tmp_path}/odd\\nroot"  # as the table shows it
     for i, name in enumerate(["new\nline.png", "esc\x1b[31mred.png", "plain.png"]):
         solid_image(folder / name, (40 * i, 200, 90))
     (folder / "bad\tname.jpg").write_bytes(b"not an image")
     index = tmp_path / "idx"
     built = invoke(runner, "index", folder, "--index", index, "--model", tiny_model, "--pretrained", "random", "--workers", "0")
-    assert built.exit_code == 0 and f"skipped {folder}/bad\\tname.jpg: " in built.stderr
+    assert built.exit_code == 0 and f"skipped {shown}/bad\\tname.jpg: " in built.stderr
     table = invoke(runner, "query", "a cat", "--index", index).stdout
     assert len(table.splitlines()) == 3 and "\x1b" not in table
-    assert f"{folder}/new\\nline.png" in table and f"{folder}/esc\\x1b[31mred.png" in table
+    assert f"{shown}/new\\nline.png" in table and f"{shown}/esc\\x1b[31mred.png" in table
     hits = json.loads(invoke(runner, "query", "a cat", "--index", index, "--json").stdout)
     assert str(folder / "new\nline.png") in {h["path"] for h in hits}  # JSON keeps the real name
     failures = invoke(runner, "info", "--failures", "--index", index).stdout
-    assert f"skipped {folder}/bad\\tname.jpg: " in failures and "\t" not in failures
+    assert f"skipped {shown}/bad\\tname.jpg: " in failures and "\t" not in failures
+    # Errors and warnings that name such a file stay on one line too.
+    one_line_error(invoke(runner, "index", folder / "gone\nfile.png", "--index", index), f"{shown}/gone\\nfile.png")
+    shutil.move(folder, tmp_path / "away")
+    rescan = invoke(runner, "index", "--index", index, "--workers", "0")
+    assert rescan.exit_code == 0 and f"indexed root {shown} is missing" in rescan.stderr
+    assert len(rescan.stderr.splitlines()) == 2  # the warning and the summary
 
 
 def test_help_documents_every_option_variable_and_the_default_model(runner) -> None:
