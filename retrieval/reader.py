@@ -44,6 +44,9 @@ def database_error(message: str, directory: Path) -> MMSearchError:
         return IndexReadOnly(f"index at {directory} is read-only or cannot be opened: {message}")
     if "locked" in message:
         return IndexInUse(f"index at {directory} is in use by another process: {message}")
+    if "malformed" in message or "not a database" in message:
+        return IndexDamaged(f"{directory / DB_NAME} is damaged or not a database ({message}): "
+                            "move it away (and index again) or use another --index")
     return MMSearchError(f"index at {directory} cannot be used: {message}")
 
 
@@ -93,11 +96,8 @@ class StoreReader:
             tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             newer = [r[0] for r in self._conn.execute("SELECT name FROM migrations WHERE name > ? ORDER BY name",
                                                       (SCHEMA_VERSION,))] if "migrations" in tables else []
-        except sqlite3.DatabaseError as exc:
-            if "locked" in str(exc):
-                raise database_error(str(exc), self.directory) from None
-            raise IndexDamaged(f"{self.directory / DB_NAME} is not a readable mmsearch database ({exc}): "
-                               "move it away or use another --index") from None
+        except sqlite3.Error as exc:
+            raise database_error(str(exc), self.directory) from None
         if tables and "migrations" not in tables:
             raise IndexDamaged(f"{self.directory / DB_NAME} is an SQLite database of something else, "
                                "not an mmsearch index: use another --index")

@@ -122,7 +122,7 @@ def test_a_database_that_is_not_an_index_is_refused_and_left_alone(runner, tmp_p
     before = snapshot(index)
     for argv in (["index", photos, "--model", tiny_model, "--pretrained", "random"], ["query", "a cat"], ["info"]):
         result = invoke(runner, *argv, "--index", index)
-        one_line_error(result, "not a readable mmsearch database" if content == "text" else "not an mmsearch index")
+        one_line_error(result, "is damaged or not a database" if content == "text" else "not an mmsearch index")
     assert snapshot(index) == before
 
 
@@ -317,3 +317,22 @@ def test_heic_photos_are_indexed_with_pillow_heif_also_in_decode_processes(tmp_p
     with retrieval.open_index(tmp_path / "idx", model=tiny_model, pretrained="random") as idx:
         report = idx.add([folder], workers=0)
         assert (report.added, report.skipped) == (5, 0), report.failures
+
+
+def test_a_damaged_database_is_one_line_for_readers_and_writers(runner, tmp_path, tiny_model, photos) -> None:
+    from retrieval.store import Store
+
+    index = tmp_path / "idx"
+    build(runner, index, tiny_model, photos)
+    invoke(runner, "reindex", "--index", index)  # checkpoints the WAL into the database file
+    db = index / "mmsearch.db"
+    data = bytearray(db.read_bytes())
+    page = 16384
+    assert len(data) > 2 * page
+    for offset in range(page, len(data), page):  # the schema (page 1) survives, the tables do not
+        data[offset : offset + 512] = b"\x07" * 512
+    db.write_bytes(bytes(data))
+    for argv in (["query", "a cat"], ["info"], ["index", photos], ["remove", photos]):
+        one_line_error(invoke(runner, *argv, "--index", index), "is damaged or not a database")
+    with pytest.raises(retrieval.IndexDamaged):  # the SQLAlchemy writer says the same
+        Store.open(index).add_roots([str(tmp_path / "more")])
