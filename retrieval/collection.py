@@ -71,7 +71,7 @@ class Collection:
         `device`: 'auto', 'cpu', 'cuda' or 'cuda:N' (DeviceUnavailable otherwise, or without a GPU).
         A new index (`create`) is created on disk by its first write, once its inputs are checked.
         """
-        if not isinstance(device, str) or device not in ("auto", "cpu"):  # the usual two need no check
+        if device not in ("auto", "cpu"):  # the usual two need no check (nor the encoder module)
             from .encoder import check_device
 
             check_device(device)
