@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -19,7 +20,29 @@ from typing import Any
 import click
 
 import retrieval
+from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, kind_of
 from retrieval.search import TARGETS
+
+HELP = f"""Search images by meaning and texts by image, with CLIP, offline.
+
+\b
+Default model: {DEFAULT_MODEL} with {DEFAULT_PRETRAINED} weights (see `index --help`).
+Environment variables:
+  MMSEARCH_INDEX       index directory (default: $XDG_DATA_HOME/mmsearch, ~/.local/share/mmsearch)
+  MMSEARCH_MODEL       model of a new index, as --model
+  MMSEARCH_PRETRAINED  its weights, as --pretrained
+  MMSEARCH_CACHE       exported models (default: $XDG_CACHE_HOME/mmsearch, ~/.cache/mmsearch)
+  MMSEARCH_BACKEND     auto (onnxruntime on a CPU, torch on CUDA), torch or onnx
+  MMSEARCH_OFFLINE     if set, never try to reach the model hub
+"""
+
+#: C0/C1 control characters and lone surrogates (undecodable bytes of a file name): escaped in tables.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _shown(text: str) -> str:
+    """`text` for a line of table output: a newline or escape sequence in a file name is shown escaped."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), text)
 
 
 def _index_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -37,6 +60,10 @@ def _wait_option(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="If another `mmsearch index` is writing this index, wait this long for it.")(func)
 
 
+def _quiet_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings or hints (errors still show).")(func)
+
+
 def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one-line messages with a non-zero exit code."""
 
@@ -45,7 +72,7 @@ def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except retrieval.MMSearchError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_shown(str(exc))) from None
         except KeyboardInterrupt:
             click.echo("interrupted: everything committed so far is kept", err=True)
             sys.exit(130)
@@ -53,35 +80,47 @@ def _reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class _EscapingFormatter(logging.Formatter):
+    """Library warnings name files: their control characters are shown escaped, as in tables."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _shown(super().format(record))
+
+
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mmsearch: %(message)s"))
+    handler.setFormatter(_EscapingFormatter("mmsearch: %(message)s"))
     log = logging.getLogger("mmsearch")
     log.handlers[:] = [handler]
     log.setLevel(logging.ERROR if quiet else logging.WARNING)
     log.propagate = False
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mmsearch")
 def cli() -> None:
-    """Search images by meaning and texts by image, with CLIP, offline."""
+    """The mmsearch command group (its help is HELP)."""
 
 
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @_index_option
-@click.option("--model", envvar="MMSEARCH_MODEL", help="open_clip architecture (ViT-B-32) or bundled model (shapes-mini).")
+@click.option("--model", envvar="MMSEARCH_MODEL",
+              help=f"Model of a new index: an open_clip architecture, a bundled model (shapes-mini) or an open_clip "
+                   f"model config (.json) [default: {DEFAULT_MODEL}].")
 @click.option("--pretrained", envvar="MMSEARCH_PRETRAINED",
-              help="open_clip tag (laion2b_s34b_b79k), a local checkpoint file, or 'random'.")
+              help=f"open_clip tag, a local checkpoint file, or 'random' (random weights, for tests). Default: the "
+                   f"architecture's usual weights ({DEFAULT_MODEL}: {DEFAULT_PRETRAINED}); other architectures and "
+                   f".json configs need it.")
 @_device_option
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Images embedded (and committed) together.")
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="Image decode processes (default: 0 = one decode thread on 2 cores or fewer, else cores - 1).")
 @click.option("--text-field", help="Field holding the text in .jsonl/.csv records (default: text, then caption).")
 @click.option("--failures", "failures_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every skipped file and its reason to this file (tab-separated).")
 @_wait_option
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or warnings.")
+@_quiet_option
 @_reports_errors
 def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, device: str,
           batch_size: int, workers: int | None, text_field: str | None, failures_file: Path | None, wait: float,
@@ -103,7 +142,7 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
     if report.failures and not quiet:
         shown = report.failures[:5]
         for path, reason in shown:
-            click.echo(f"skipped {path}: {reason}", err=True)
+            click.echo(f"skipped {_shown(path)}: {_shown(reason)}", err=True)
         if len(report.failures) > len(shown):
             click.echo(f"... and {len(report.failures) - len(shown)} more (see `mmsearch info --failures`)", err=True)
     click.echo(report.summary(), err=True)
@@ -115,37 +154,41 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
 @_index_option
 @click.option("--target", type=click.Choice(sorted(TARGETS)), help="What to return (default: the other modality).")
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Number of results.")
-@click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
+@click.option("--min-score", type=float, help="Drop results below this cosine similarity (-1 to 1).")
 @click.option("--under", type=click.Path(path_type=Path), help="Only items whose file lies in this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @_device_option
+@_quiet_option
 @_reports_errors
 def query(text: str | None, image: Path | None, index_dir: Path | None, target: str | None, k: int,
-          min_score: float | None, under: Path | None, as_json: bool, device: str) -> None:
+          min_score: float | None, under: Path | None, as_json: bool, device: str, quiet: bool) -> None:
     """Find images for TEXT, or texts (--target images|all) for --image."""
-    _setup_logging(False)
+    _setup_logging(quiet)
     if (text is None) == (image is None):
         raise click.UsageError("give either a TEXT query or --image PATH")
+    if text is not None and not quiet and kind_of(Path(text)) == "image" and os.path.isfile(text):
+        click.echo(f"hint: searching for the words {_shown(text)!r}; to search by that image, use --image", err=True)
     with retrieval.open_index(index_dir, device=device, create=False) as idx:
         results = idx.search(image if image is not None else text, k=k, target=target, min_score=min_score, under=under)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2))
         return
-    if not results:
+    if not results and not quiet:
         click.echo("no results", err=True)
     for r in results:
         shown = r.path if r.kind == "image" else f"{r.text}  [{Path(r.path).name}:{r.line}]"
-        click.echo(f"{r.rank:>3}  {r.score:.4f}  {shown}")
+        click.echo(f"{r.rank:>3}  {r.score:.4f}  {_shown(shown)}")
 
 
 @cli.command()
 @_index_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--failures", "show_failures", is_flag=True, help="List skipped files and why.")
+@_quiet_option
 @_reports_errors
-def info(index_dir: Path | None, as_json: bool, show_failures: bool) -> None:
+def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool) -> None:
     """Show the index: location, model, counts, FAISS layout, size on disk."""
-    _setup_logging(False)
+    _setup_logging(quiet)
     with retrieval.open_index(index_dir, create=False) as idx:
         data = idx.info()
         failures = idx.failures() if show_failures else []
@@ -155,8 +198,8 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool) -> None:
         click.echo(json.dumps(data, ensure_ascii=False, indent=2))
         return
     model = data["model"]
-    click.echo(f"index:    {data['index']}")
-    click.echo(f"model:    {'-' if model is None else model['name'] + ' / ' + str(model['pretrained']) + ', dim ' + str(model['dim'])}")
+    click.echo(f"index:    {_shown(data['index'])}")
+    click.echo(_shown(f"model:    {'-' if model is None else model['name'] + ' / ' + str(model['pretrained']) + ', dim ' + str(model['dim'])}"))
     click.echo(f"images:   {data['images']}")
     click.echo(f"texts:    {data['texts']}")
     click.echo(f"files:    {data['files']}")
@@ -164,30 +207,32 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool) -> None:
     click.echo(f"layout:   {', '.join(f'{k}: {v}' for k, v in data['layouts'].items()) or '-'}")
     click.echo(f"size:     {data['size_bytes'] / 1e6:.1f} MB")
     for p, r in failures:
-        click.echo(f"skipped {p}: {r}")
+        click.echo(f"skipped {_shown(p)}: {_shown(r)}")
 
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_index_option
 @_wait_option
+@_quiet_option
 @_reports_errors
-def remove(paths: tuple[Path, ...], index_dir: Path | None, wait: float) -> None:
-    """Take files or folders out of the index (they need not exist any more); they are not re-scanned."""
-    _setup_logging(False)
+def remove(paths: tuple[Path, ...], index_dir: Path | None, wait: float, quiet: bool) -> None:
+    """Take PATHS (files or folders; they need not exist any more) out of the index; they are not re-scanned."""
+    _setup_logging(quiet)
     with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
         removal = idx.remove(list(paths))
-    click.echo(removal.summary(), err=True)
+    click.echo(_shown(removal.summary()), err=True)
 
 
 @cli.command()
 @_index_option
 @click.option("--faiss", "layout", help="FAISS index factory string to force (e.g. Flat, HNSW32); default: automatic.")
 @_wait_option
+@_quiet_option
 @_reports_errors
-def reindex(index_dir: Path | None, layout: str | None, wait: float) -> None:
+def reindex(index_dir: Path | None, layout: str | None, wait: float, quiet: bool) -> None:
     """Rebuild the vector caches from the database."""
-    _setup_logging(False)
+    _setup_logging(quiet)
     with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
         layouts = idx.reindex(layout)
     click.echo(", ".join(f"{kind}: {name}" for kind, name in layouts.items()), err=True)

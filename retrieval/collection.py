@@ -40,11 +40,11 @@ log = logging.getLogger("mmsearch")
 class Collection:
     """An open index: add files or texts, search by text, image or vector, embed."""
 
-    def __init__(self, directory: Path, reader: StoreReader, model: str | None = None,
+    def __init__(self, directory: Path, reader: StoreReader | None, model: str | None = None,
                  pretrained: str | None = None, device: str = "auto", backend: str | None = None,
                  store: Store | None = None, wait: float = 0.0) -> None:
         self.directory = directory
-        self.reader = reader
+        self._reader = reader  # None until a new index is created by its first write
         self._store = store
         self.device = device
         #: Seconds a write waits for another process's write to finish before IndexInUse.
@@ -68,13 +68,29 @@ class Collection:
         `model`/`pretrained` name the model for a new index; on an existing one they must
         match the recorded model (ModelMismatch) or may be left out. `wait`: seconds a write
         (add, reindex) waits for another process's write to finish before IndexInUse.
+        `device`: 'auto', 'cpu', 'cuda' or 'cuda:N' (DeviceUnavailable otherwise, or without a GPU).
+        A new index (`create`) is created on disk by its first write, once its inputs are checked.
         """
+        if device not in ("auto", "cpu"):  # the usual two need no check (nor the encoder module)
+            from .encoder import check_device
+
+            check_device(device)
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
-        store = _open_store(path) if create and not (path / DB_NAME).exists() else None
+        if create and not (path / DB_NAME).exists():
+            return cls(path, None, model, pretrained, device, backend, None, wait)
         reader = StoreReader.open(path)  # IndexNotFound where there is none
-        if store is None and reader.needs_migration() and os.access(path, os.W_OK):
+        store = None
+        if reader.needs_migration() and os.access(path, os.W_OK):
             store = _open_store(path)  # an index from an older mmsearch: migrate it before reading
         return cls(path, reader, model, pretrained, device, backend, store, wait)
+
+    @property
+    def reader(self) -> StoreReader:
+        """Reads of the database; a new index is created here, on its first use."""
+        if self._reader is None:
+            self.store  # noqa: B018 - creates and migrates the database
+            self._reader = StoreReader.open(self.directory)
+        return self._reader
 
     @property
     def store(self) -> Store:
@@ -85,7 +101,8 @@ class Collection:
 
     def close(self) -> None:
         """Release the database; vectors not yet saved are rebuilt from it next time."""
-        self.reader.close()
+        if self._reader is not None:
+            self._reader.close()
         if self._store is not None:
             self._store.close()
 
@@ -100,7 +117,7 @@ class Collection:
     @property
     def manifest(self) -> ModelManifest | None:
         """The model that built this index (None while it is empty and new)."""
-        return self.reader.manifest()
+        return self._reader.manifest() if self._reader is not None else None
 
     def _checked_request(self, manifest: ModelManifest) -> ModelSource | None:
         """Refuse a model asked for that is not the index's; the resolved weights if some were named."""
@@ -176,17 +193,20 @@ class Collection:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalized float32 [n, dim] embeddings of texts with this index's model."""
-        return self.encoder.embed_texts(list(texts))
+        texts = _listed(texts, "embed_texts")
+        return self.encoder.embed_texts(texts)
 
     def embed_images(self, images: Sequence[Image.Image | str | Path]) -> np.ndarray:
         """L2-normalized float32 [n, dim] embeddings of PIL images or image files."""
-        return self.encoder.embed_images(list(images))
+        images = _listed(images, "embed_images")
+        return self.encoder.embed_images(images)
 
     # --- writing ----------------------------------------------------------------------------
 
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the index's write lock (waiting up to `self.wait` s for another process) and save on exit."""
+        self.reader  # noqa: B018 - a new index is created by its first write
         try:
             fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -238,26 +258,35 @@ class Collection:
     def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:
         """Index image files/folders and text corpora (incremental); see `indexer.index_paths`.
 
-        With no paths, re-scans every root indexed before.
+        With no paths, re-scans every root indexed before. A new index is created only once
+        the paths exist and its model loads.
         """
-        from .indexer import index_paths
+        from .indexer import check_paths, index_paths
 
+        paths = [str(p) for p in _listed(paths, "add")]
+        if self._reader is None:
+            check_paths(paths)
+            self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
-            return index_paths(self, [str(p) for p in paths], **options)
+            return index_paths(self, paths, **options)
 
     def remove(self, paths: Sequence[str | Path]) -> Removal:
         """Take files and folders (and what was indexed from them) out of the index; see `indexer.remove_paths`."""
         from .indexer import remove_paths
 
+        paths = [str(p) for p in _listed(paths, "remove")]
         with self.writing():
-            return remove_paths(self, [str(p) for p in paths])
+            return remove_paths(self, paths)
 
     def add_texts(self, texts: Sequence[str], source: str) -> IndexReport:
         """Index texts that live in no file, under the name `source` (replacing earlier ones)."""
         from .indexer import index_texts
 
+        texts = _listed(texts, "add_texts")
+        if self._reader is None:
+            self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
-            return index_texts(self, list(texts), source)
+            return index_texts(self, texts, source)
 
     def apply(self, ids: dict[str, np.ndarray], vecs: dict[str, np.ndarray], gone: dict[str, np.ndarray]) -> None:
         """Mirror one committed store batch into the vector caches."""
@@ -286,6 +315,7 @@ class Collection:
         A FAISS `layout` given is kept by later runs; None goes back to the automatic choice.
         """
         with self.writing():
+            self.load_vectors()  # refuses vector files of a newer mmsearch instead of rebuilding over them
             try:
                 built = {kind: self._build(kind, layout) for kind in KINDS}
             except ValueError as exc:  # an unparsable FAISS factory string
@@ -390,6 +420,14 @@ class Collection:
 def open_index(directory: str | Path | None = None, **options: Any) -> Collection:
     """Open (or create) an index; see `Collection.open`."""
     return Collection.open(directory, **options)
+
+
+def _listed(values: Any, method: str) -> list[Any]:
+    """`values` as a list; a lone str or path is refused (TypeError), never split into characters."""
+    if isinstance(values, (str, bytes, os.PathLike)):
+        raise TypeError(f"{method}() takes a list, not a single {type(values).__name__}: "
+                        f"pass [{values!r}] for one item")
+    return list(values)
 
 
 def _open_store(directory: Path) -> Store:

@@ -8,10 +8,31 @@ from __future__ import annotations
 
 import os
 from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 
 DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+#: The weights `--model ARCH` means when no `--pretrained` is given (open_clip has no notion of a
+#: default tag). Well-known, widely used tags; every one is in open_clip's
+#: `list_pretrained_tags_by_model` (tests/test_trust.py checks). Any other architecture needs an
+#: explicit `--pretrained`: random weights are never implied.
+DEFAULT_TAGS = {
+    "ViT-B-32": "laion2b_s34b_b79k",
+    "ViT-B-32-256": "datacomp_s34b_b86k",
+    "ViT-B-16": "laion2b_s34b_b88k",
+    "ViT-L-14": "laion2b_s32b_b82k",
+    "ViT-L-14-336": "openai",
+    "ViT-H-14": "laion2b_s32b_b79k",
+    "ViT-g-14": "laion2b_s34b_b88k",
+    "ViT-bigG-14": "laion2b_s39b_b160k",
+    "RN50": "openai",
+    "convnext_base_w": "laion2b_s13b_b82k",
+    "ViT-B-16-SigLIP": "webli",
+    "ViT-SO400M-14-SigLIP": "webli",
+    "MobileCLIP-S2": "datacompdr",
+}
+DEFAULT_PRETRAINED = DEFAULT_TAGS[DEFAULT_MODEL]
 
 
 def _bundled_dir() -> Path:
@@ -31,7 +52,15 @@ BUNDLED_DIR = _bundled_dir()
 #: The model the demo corpus was made for.
 DEMO_MODEL = "shapes-mini"
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+#: pillow-heif (the optional extra `mmsearch[heif]`) is installed: HEIC/HEIF photos can be read.
+#: Found without importing it (about 30 ms), so `import retrieval` stays fast; `images` registers it.
+HEIF_READABLE = find_spec("pillow_heif") is not None
+#: Pillow decodes AVIF where it was built with libavif (its wheels since 11.2): `PIL._avif` exists.
+AVIF_READABLE = find_spec("PIL._avif") is not None
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+                             | ({".avif"} if AVIF_READABLE else set())
+                             | ({".heic", ".heif"} if HEIF_READABLE else set()))
 TEXT_EXTENSIONS = frozenset({".txt", ".jsonl", ".csv"})
 #: Record fields tried, in order, when `--text-field` is not given.
 DEFAULT_TEXT_FIELDS = ("text", "caption")
@@ -65,12 +94,13 @@ def cache_dir() -> Path:
 
 
 def default_model() -> tuple[str, str | None]:
-    """The model asked for when no flag is given: env `MMSEARCH_MODEL` / `MMSEARCH_PRETRAINED`, else ViT-B-32."""
+    """The model asked for when no flag is given: env `MMSEARCH_MODEL` / `MMSEARCH_PRETRAINED`, else ViT-B-32.
+
+    Without `MMSEARCH_PRETRAINED` the weights are the architecture's `DEFAULT_TAGS` entry (None
+    when it has none, which `encoder.resolve_model` refuses).
+    """
     name = os.environ.get("MMSEARCH_MODEL") or DEFAULT_MODEL
-    pretrained = os.environ.get("MMSEARCH_PRETRAINED")
-    if pretrained is None and name == DEFAULT_MODEL:
-        pretrained = DEFAULT_PRETRAINED
-    return name, pretrained
+    return name, os.environ.get("MMSEARCH_PRETRAINED") or DEFAULT_TAGS.get(name)
 
 
 def demo_path() -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import BUNDLED_DIR, cache_dir
-from .errors import ModelUnavailable
+from .config import BUNDLED_DIR, DEFAULT_TAGS, cache_dir
+from .errors import DeviceUnavailable, ModelUnavailable
 from .images import Geometry, fit, open_image, to_rgb
 from .records import ModelManifest
 
@@ -101,11 +103,44 @@ def model_key(name: str) -> str:
     return str(Path(name).expanduser().resolve()) if name.lower().endswith(".json") else name
 
 
+def _default_weights(name: str, config: Path | None) -> str:
+    """The tag `name` means without --pretrained (config.DEFAULT_TAGS); ModelUnavailable where there is none.
+
+    Random weights are never implied: they make an index that looks fine and finds nothing.
+    """
+    fix = "pass --pretrained TAG, --pretrained /path/to/checkpoint, or --pretrained random for random weights"
+    if config is not None:
+        raise ModelUnavailable(f"model config {name} names no weights: {fix}")
+    tag = DEFAULT_TAGS.get(name)
+    if tag is None:
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        listed = f"open_clip knows {', '.join(tags)}" if tags else "open_clip knows no weights for it"
+        raise ModelUnavailable(f"no default weights for {name} ({listed}): {fix}")
+    return tag
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Refuse a file that is no checkpoint open_clip reads (torch zip or pickle, safetensors, numpy), by its first bytes."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:
+        raise ModelUnavailable(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    zip_or_pickle = head.startswith((b"PK\x03\x04", b"\x80", b"\x93NUMPY"))
+    safetensors = len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then a JSON header
+    if not (zip_or_pickle or safetensors):
+        raise ModelUnavailable(f"{path} is not a model checkpoint (a PyTorch .pt/.bin, .safetensors or .npz file)")
+
+
 def resolve_model(name: str, pretrained: str | None) -> ModelSource:
     """Find a model's config and weights; raise ModelUnavailable (fast, with a fix) if impossible.
 
     `name` is an open_clip architecture, a model bundled in index_data/, or the path of an
-    open_clip model config (.json) for a custom architecture.
+    open_clip model config (.json) for a custom architecture. `pretrained` None means a bundled
+    model's own checkpoint or an architecture's `DEFAULT_TAGS` entry; a config file, or an
+    architecture not in that table, then needs an explicit tag, checkpoint or 'random'.
     """
     config: Path | None = None
     if name.lower().endswith(".json"):
@@ -126,12 +161,15 @@ def resolve_model(name: str, pretrained: str | None) -> ModelSource:
                 f"unknown model {name!r}: use an open_clip architecture such as ViT-B-32, "
                 f"or a bundled model ({', '.join(bundled_models()) or 'none installed'})"
             )
-    if pretrained is None or pretrained.lower() in RANDOM_WEIGHTS:
+    if pretrained is None:
+        pretrained = _default_weights(name, config)
+    if pretrained.lower() in RANDOM_WEIGHTS:
         return ModelSource(name, arch, "random", None, None, config)
     if _looks_like_path(pretrained) or Path(pretrained).exists():
         path = Path(pretrained).expanduser().resolve()
         if not path.is_file():
             raise ModelUnavailable(f"checkpoint not found: {path}")
+        _check_checkpoint(path)
         return ModelSource(name, arch, str(path), path, sha256_file(path), config)
     import open_clip
 
@@ -153,6 +191,19 @@ def resolve_model(name: str, pretrained: str | None) -> ModelSource:
 def gpu_likely() -> bool:
     """Whether an NVIDIA GPU may be present, without importing torch (device nodes or driver)."""
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def check_device(device: str) -> None:
+    """Refuse an unknown device, or CUDA where no NVIDIA GPU can be present, without importing torch.
+
+    Checked when an index is opened, so every query kind (text, cached text, image) fails the same way.
+    """
+    if device in ("auto", "cpu"):
+        return
+    if not isinstance(device, str) or not re.fullmatch(r"cuda(:\d+)?", device):
+        raise DeviceUnavailable(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    if not gpu_likely():
+        raise DeviceUnavailable(f"--device {device} asked for, but this machine has no NVIDIA GPU (use --device cpu)")
 
 
 def pick_device(device: str) -> str:
@@ -314,8 +365,10 @@ def load_source(source: ModelSource, device: str = "auto", backend: str = "auto"
         # open_clip warns on the root logger when asked for random weights, which is deliberate here.
         logging.disable(logging.WARNING if weights is None else logging.NOTSET)
         model, _, _ = open_clip.create_model_and_transforms(source.arch, pretrained=weights, device="cpu", **kwargs)
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        raise ModelUnavailable(f"cannot load {source.arch} weights {weights}: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, OSError, ValueError, KeyError, AssertionError, pickle.UnpicklingError) as exc:
+        # open_clip asserts on some shape mismatches (a checkpoint of another architecture)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelUnavailable(f"cannot load {source.arch} weights {weights}: {reason}") from None
     finally:
         logging.disable(logging.NOTSET)
     model = model.eval()

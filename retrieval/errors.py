@@ -39,3 +39,15 @@ class EmptyIndex(MMSearchError):
 
 class BadQuery(MMSearchError):
     """A query cannot be run: unreadable query image, empty text, bad option."""
+
+
+class IndexDamaged(MMSearchError):
+    """The index database is not an SQLite database of mmsearch's, or is corrupt."""
+
+
+class IndexTooNew(MMSearchError):
+    """The index was written by a newer mmsearch (database migration or vector-file format)."""
+
+
+class DeviceUnavailable(ModelUnavailable):
+    """The device asked for is unknown, or not present on this machine."""

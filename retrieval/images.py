@@ -25,6 +25,8 @@ from queue import Queue
 import numpy as np
 from PIL import Image, ImageOps
 
+from .config import HEIF_READABLE
+
 #: Larger images are refused as decompression bombs (a 12000x9000 photo, 108 MP, passes).
 MAX_PIXELS = 180_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -81,7 +83,14 @@ def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Im
     with warnings.catch_warnings():
         # Large-but-allowed images warn; MAX_PIXELS is our limit and we check it ourselves.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(fp)
+        try:
+            img = Image.open(fp)
+        except Image.UnidentifiedImageError:
+            if not _register_heif():
+                raise
+            if isinstance(fp, io.BytesIO):
+                fp.seek(0)
+            img = Image.open(fp)
         width, height = img.size
         if width * height > MAX_PIXELS:
             raise ValueError(f"image is {width}x{height}, over the {MAX_PIXELS // 1_000_000} MP limit")
@@ -91,6 +100,25 @@ def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Im
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
+
+
+_heif_tried = False
+
+
+def _register_heif() -> bool:
+    """Teach PIL HEIC/HEIF (pillow-heif), once per process, on the first file PIL cannot identify.
+
+    Lazy so that processes that never meet such a file (most; decode workers included) skip the
+    ~30 ms import. True when the opener was registered now, so the caller tries the file again.
+    """
+    global _heif_tried
+    if _heif_tried or not HEIF_READABLE:
+        return False
+    _heif_tried = True
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def fit(img: Image.Image, geometry: Geometry) -> np.ndarray:

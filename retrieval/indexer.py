@@ -88,6 +88,11 @@ def _resolve_roots(collection: Collection, paths: Sequence[str], report: IndexRe
                 report.missing_roots.append(root)
                 log.warning("indexed root %s is missing or unreadable (unmounted?): kept as it was", root)
         return roots
+    return check_paths(paths)
+
+
+def check_paths(paths: Sequence[str]) -> list[str]:
+    """The absolute roots of paths given to index; PathNotFound/UnsupportedFile before anything changes."""
     roots = []
     for raw in paths:
         root = os.path.abspath(os.path.expanduser(raw))

@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 
 from .config import DB_NAME, KINDS
-from .errors import IndexInUse, IndexNotFound, IndexReadOnly, MMSearchError
+from .errors import IndexDamaged, IndexInUse, IndexNotFound, IndexReadOnly, IndexTooNew, MMSearchError
 from .records import FileRow, ItemRow, ModelManifest
 
 T = TypeVar("T")
@@ -44,6 +44,9 @@ def database_error(message: str, directory: Path) -> MMSearchError:
         return IndexReadOnly(f"index at {directory} is read-only or cannot be opened: {message}")
     if "locked" in message:
         return IndexInUse(f"index at {directory} is in use by another process: {message}")
+    if "malformed" in message or "not a database" in message:
+        return IndexDamaged(f"{directory / DB_NAME} is damaged or not a database ({message}): "
+                            "move it away (and index again) or use another --index")
     return MMSearchError(f"index at {directory} cannot be used: {message}")
 
 
@@ -75,7 +78,32 @@ class StoreReader:
                                    check_same_thread=False, timeout=10.0)
         except sqlite3.Error as exc:
             raise database_error(str(exc), directory) from None
-        return cls(conn, directory)
+        reader = cls(conn, directory)
+        try:
+            reader._check_origin()
+        except BaseException:
+            conn.close()
+            raise
+        return reader
+
+    def _check_origin(self) -> None:
+        """Refuse a file that is not an index database of this mmsearch, before anything reads or writes it.
+
+        Migration names sort in the order they were added (`0001_…`, `0002_…`), so a name after
+        SCHEMA_VERSION is one a newer mmsearch applied: its index must not be "repaired" here.
+        """
+        try:
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            newer = [r[0] for r in self._conn.execute("SELECT name FROM migrations WHERE name > ? ORDER BY name",
+                                                      (SCHEMA_VERSION,))] if "migrations" in tables else []
+        except sqlite3.Error as exc:
+            raise database_error(str(exc), self.directory) from None
+        if tables and "migrations" not in tables:
+            raise IndexDamaged(f"{self.directory / DB_NAME} is an SQLite database of something else, "
+                               "not an mmsearch index: use another --index")
+        if newer:
+            raise IndexTooNew(f"index at {self.directory} was written by a newer mmsearch (schema {newer[-1]}; "
+                              f"this version knows up to {SCHEMA_VERSION}): upgrade mmsearch to use it")
 
     def close(self) -> None:
         """Release the connection."""

@@ -80,8 +80,10 @@ def search(collection: Collection, query: str | Path | Image.Image | np.ndarray,
         raise BadQuery("k must be at least 1")
     if target is not None and target not in TARGETS:
         raise BadQuery(f"unknown target {target!r}: use images, texts or all")
-    present = collection.reader.kinds()
-    if collection.manifest is None or not present:
+    if min_score is not None and not -1.0 <= min_score <= 1.0:  # NaN fails this too
+        raise BadQuery(f"min-score must be a cosine similarity between -1 and 1, not {min_score}")
+    present = collection.reader.kinds() if collection.manifest is not None else set()
+    if not present:
         raise EmptyIndex(f"index {collection.directory} is empty: run `mmsearch index PATH` first")
     vec, default_target = query_vector(collection, query)
     kinds = [kind for kind in TARGETS[target or default_target] if kind in present]

@@ -32,7 +32,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -127,6 +127,12 @@ def _sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: object) -> None:
     cur.close()
 
 
+def _raise_typed(context: ExceptionContext, directory: Path) -> None:
+    """Any SQLite failure of a write (a damaged file, a lock, a full disk) as one typed, one-line error."""
+    if isinstance(context.original_exception, sqlite3.DatabaseError):
+        raise database_error(str(context.original_exception), directory) from None
+
+
 class Store:
     """The metadata database of one index directory."""
 
@@ -143,6 +149,7 @@ class Store:
             raise IndexReadOnly(f"cannot create index directory {directory}: {exc.strerror}") from None
         engine = create_engine(f"sqlite:///{directory / DB_NAME}")
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "handle_error", lambda context: _raise_typed(context, directory))
         store = cls(engine, directory)
         try:
             store._migrate()

@@ -29,7 +29,7 @@ from typing import BinaryIO
 import faiss
 import numpy as np
 
-from retrieval.errors import MMSearchError
+from retrieval.errors import IndexTooNew, MMSearchError
 
 __all__ = ["VectorFileDamaged", "VectorIndex", "choose_layout"]
 
@@ -475,7 +475,7 @@ class VectorIndex:
         """Load a file written by :meth:`save`; return ``(index, generation)``.
 
         Raises :class:`VectorFileDamaged` when the file is missing, truncated, corrupt or was
-        built for another ``dim``. With ``mmap`` (default) the vectors stay in the page cache
+        built for another ``dim``; ``IndexTooNew`` when a newer mmsearch wrote it. With ``mmap`` (default) the vectors stay in the page cache
         (``IO_FLAG_MMAP_IFC``), so a query process starts fast; the first mutation copies
         them into private memory. Every load checks the footer, the metadata checksum and a
         sample of the FAISS payload; ``verify=True`` also checksums the whole payload.
@@ -492,6 +492,9 @@ class VectorIndex:
                  sample, meta_crc, footer_crc) = _FOOTER.unpack(footer)
                 if magic != _MAGIC or zlib.crc32(footer[:-4]) != footer_crc:
                     raise VectorFileDamaged(f"{path}: not a vector file or truncated")
+                if version > _FORMAT_VERSION:  # a cache a newer mmsearch wrote: never rebuilt over
+                    raise IndexTooNew(f"{path} was written by a newer mmsearch (vector format {version}, "
+                                      f"this version reads up to {_FORMAT_VERSION}): upgrade mmsearch to use it")
                 if version != _FORMAT_VERSION:
                     raise VectorFileDamaged(f"{path}: unknown format version {version}")
                 if fdim != dim:
