@@ -19,6 +19,7 @@ from .errors import (
     MMSearchError,
     ModelMismatch,
     ModelUnavailable,
+    NothingToIndex,
     PathNotFound,
     UnsupportedFile,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "MMSearchError",
     "ModelMismatch",
     "ModelUnavailable",
+    "NothingToIndex",
     "PathNotFound",
     "Removal",
     "Result",

@@ -39,3 +39,7 @@ class EmptyIndex(MMSearchError):
 
 class BadQuery(MMSearchError):
     """A query cannot be run: unreadable query image, empty text, bad option."""
+
+
+class NothingToIndex(MMSearchError):
+    """`index` without paths on an index that has no folders to re-scan yet."""
