@@ -301,7 +301,7 @@ def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str
                                                   failures=report.failures, cleared_failures=readable_again)
         collection.apply(ids, vecs, gone)
         report.removed = len(work.gone)
-    collection.store.replace_ignored(options, report.ignored, keep_under=work.unreadable)
+    collection.store.replace_ignored(list(options), report.ignored, keep_under=work.unreadable)
     todo = work.new + work.changed
     changed = {c.path for c in work.changed}
     if on_total:
@@ -476,7 +476,9 @@ def _commit_texts(collection: Collection, file: NewFile, lines: list[int], texts
     report.texts += len(texts)
     report.skipped += len(bad)
     report.failures.extend(bad)
-    ids, vecs, gone = collection.store.commit(added=[file], failures=bad, cleared_failures=[file.path])
+    # The records that failed when the corpus was read before (path:line) go with the old version.
+    stale = [p for p, _ in collection.reader.failures(under=os.path.dirname(file.path)) if p.startswith(f"{file.path}:")]
+    ids, vecs, gone = collection.store.commit(added=[file], failures=bad, cleared_failures=[file.path, *stale])
     collection.apply(ids, vecs, gone)
 
 

@@ -283,6 +283,7 @@ def test_text_field_is_stored_per_root_and_a_change_rereads(runner, tmp_path, ti
     assert wrong.stderr.strip().splitlines()[-1] == f"Error: nothing indexed from {corpus}"
     listed = invoke(runner, *index_args(index, tiny_model, corpus, "--text-field", "captions"))
     assert listed.exit_code == 0 and "15 texts" in listed.stderr
+    assert info_json(runner, index)["failures"] == 0  # the records skipped before are read now
     hits = json.loads(invoke(runner, "query", "caption 2.4", "--index", str(index), "--target", "texts",
                              "-k", "20", "--json").stdout)
     assert sorted((h["line"], h["text"]) for h in hits) == [(i + 1, f"caption {i}.{j}") for i in range(3) for j in range(5)]
