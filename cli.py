@@ -185,8 +185,10 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool) -> None:
     if ignored:
         types = ", ".join(f"{ext} {n}" for ext, n in data["ignored_types"].items())
         click.echo(f"ignored (unsupported types, not indexed): {len(ignored)}: {types}")
-        for path in ignored:
+        for path in ignored[:20]:
             click.echo(f"ignored {path}")
+        if len(ignored) > 20:
+            click.echo(f"... and {len(ignored) - 20} more (`mmsearch info --json` lists them all)")
     for p, r in failures:
         click.echo(f"skipped {p}: {r}")
 

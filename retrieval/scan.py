@@ -48,10 +48,13 @@ def excluded(relative: str, patterns: Sequence[str], include_hidden: bool) -> bo
     naming a folder leaves out everything in it.
     """
     parts = relative.split(os.sep)
-    if not include_hidden and any(part.startswith(".") for part in parts):
-        return True
-    prefixes = [os.sep.join(parts[: i + 1]) for i in range(len(parts))]
-    return any(_matches(prefix, pattern) for pattern in patterns for prefix in prefixes)
+    return any(_left_out(os.sep.join(parts[: i + 1]), patterns, include_hidden) for i in range(len(parts)))
+
+
+def _left_out(relative: str, patterns: Sequence[str], include_hidden: bool) -> bool:
+    """Whether this one path is left out, the folders above it being let in."""
+    hidden = not include_hidden and os.path.basename(relative).startswith(".")
+    return hidden or any(_matches(relative, pattern) for pattern in patterns)
 
 
 def type_counts(paths: Iterable[str]) -> dict[str, int]:
@@ -101,8 +104,10 @@ def scan(root: str, exclude: Sequence[str] = (), include_hidden: bool = False) -
         result.failures.append((folder, f"cannot read folder: {exc.strerror}"))
         result.unreadable.append(folder)
 
+    below = len(root.rstrip(os.sep)) + 1  # os.walk's paths all start with the root and a separator
+
     def skip(path: str) -> bool:
-        return excluded(os.path.relpath(path, root), exclude, include_hidden)
+        return _left_out(path[below:], exclude, include_hidden)  # its folders were let in already
 
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=on_error):
         st = os.stat(folder)

@@ -256,6 +256,22 @@ def test_exclude_patterns_and_hidden_files_are_stored_per_root(runner, tmp_path,
         "exclude": ["sub"], "include_hidden": True, "text_field": None}
 
 
+@pytest.mark.parametrize("relative, patterns, include_hidden, left_out", [
+    ("thumbs/a.jpg", ["**/thumbs"], False, True),      # `**/` also matches no folder at all
+    ("2024/thumbs/a.jpg", ["**/thumbs"], False, True),  # a folder matched: everything in it
+    ("thumbs2/a.jpg", ["thumbs"], False, False),        # whole names, not prefixes
+    ("2024/a.CR2.jpg", ["*.cr2.jpg"], False, False),    # case-sensitive, like the file system
+    ("2024/a.tmp.jpg", ["*.tmp.jpg"], False, True),     # `*` crosses folders
+    ("2024/.git/a.jpg", [], False, True),               # a hidden folder
+    ("2024/._a.jpg", ["nothing"], False, True),         # macOS resource forks; patterns keep the rule
+    ("2024/._a.jpg", [], True, False),
+])
+def test_exclude_pattern_semantics(relative, patterns, include_hidden, left_out) -> None:
+    from retrieval.scan import excluded
+
+    assert excluded(relative, patterns, include_hidden) is left_out
+
+
 def test_newly_excluded_files_leave_even_past_the_prune_rule(tmp_path, tiny_model) -> None:
     photos = tmp_path / "photos"
     photos.mkdir()
