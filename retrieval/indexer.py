@@ -229,6 +229,7 @@ def plan(collection: Collection, options: dict[str, RootOptions], stored: dict[s
     result.new = still_new
     moved_ids = {m[0] for m in result.moved}
     gone = [row for row in gone if row.id not in moved_ids]
+    report.ignored = list(dict.fromkeys(report.ignored))  # a nested root's files are seen twice
     result.gone = _apply_prune_rule(gone, options, known_per_root, result.unreadable, report, limits)
     return result
 

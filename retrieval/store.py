@@ -247,14 +247,14 @@ class Store:
             for root in roots:
                 prefix = root.rstrip(os.sep) + os.sep
                 stale = conn.scalars(select(Ignored.path).where(
-                    (Ignored.path == root) | (func.substr(Ignored.path, 1, len(prefix)) == prefix)))
+                    (Ignored.path == root) | (func.substr(Ignored.path, 1, len(prefix)) == prefix))).all()
                 drop = [p for p in stale if not any(is_under(p, k) for k in keep)]
                 for part in chunks(drop):
                     conn.execute(delete(Ignored).where(Ignored.path.in_(part)))
             now = time.time()
             rows = [{"path": p, "at": now} for p in dict.fromkeys(found)]
             if rows:
-                conn.execute(insert(Ignored).prefix_with("OR REPLACE"), rows)
+                conn.execute(insert(Ignored), rows)
 
     def commit(
         self,
