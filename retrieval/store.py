@@ -229,7 +229,7 @@ class Store:
         options = options or {}
         with self.engine.begin() as conn:
             known = set(conn.scalars(select(Root.path)))
-            for path in paths:
+            for path in dict.fromkeys(paths):  # a path named twice is one root
                 if path not in known:
                     conn.execute(insert(Root).values(path=path, options=options.get(path, RootOptions()).to_json()))
 

@@ -343,3 +343,10 @@ def test_bare_index_without_roots_says_so(runner, tmp_path, tiny_model, photos) 
     bare = invoke(runner, "index", "--index", str(index))
     assert bare.exit_code == 1 and "added" not in bare.stderr
     assert bare.stderr.strip() == f"Error: index {index} has no folders to re-scan yet: run `mmsearch index PATH` first"
+
+
+def test_a_path_named_twice_is_one_root(runner, tmp_path, tiny_model, photos) -> None:
+    index = tmp_path / "idx"
+    twice = invoke(runner, *index_args(index, tiny_model, photos, photos))
+    assert twice.exit_code == 0, twice.output
+    assert info_json(runner, index)["roots"] == [str(photos)]
