@@ -243,17 +243,19 @@ class Store:
         """Make `found` the files of unsupported type at or below `roots` (those below the
         unreadable folders `keep_under` stay as they were)."""
         keep = list(keep_under)
+        wanted = dict.fromkeys(found)
         with self.engine.begin() as conn:
+            stored: set[str] = set()
             for root in roots:
                 prefix = root.rstrip(os.sep) + os.sep
-                stale = conn.scalars(select(Ignored.path).where(
-                    (Ignored.path == root) | (func.substr(Ignored.path, 1, len(prefix)) == prefix))).all()
-                drop = [p for p in stale if not any(is_under(p, k) for k in keep)]
-                for part in chunks(drop):
-                    conn.execute(delete(Ignored).where(Ignored.path.in_(part)))
+                stored.update(conn.scalars(select(Ignored.path).where(
+                    (Ignored.path == root) | (func.substr(Ignored.path, 1, len(prefix)) == prefix))))
+            drop = [p for p in stored if p not in wanted and not any(is_under(p, k) for k in keep)]
+            for part in chunks(drop):
+                conn.execute(delete(Ignored).where(Ignored.path.in_(part)))
             now = time.time()
-            rows = [{"path": p, "at": now} for p in dict.fromkeys(found)]
-            if rows:
+            rows = [{"path": p, "at": now} for p in wanted if p not in stored]
+            if rows:  # only what changed is written: a re-scan of an unchanged folder writes nothing
                 conn.execute(insert(Ignored), rows)
 
     def commit(
