@@ -24,13 +24,14 @@ from .config import PRUNE_MAX_FILES, PRUNE_MAX_SHARE, kind_of
 from .encoder import sha256_file
 from .errors import MMSearchError, NothingToIndex, PathNotFound, UnsupportedFile
 from .images import decode_many
-from .reader import StoreReader, is_under
+from .reader import is_under
 from .scan import Candidate, excluded, read_corpus, scan, type_counts
 from .records import FileRow, NewFile, RootOptions
 
 if TYPE_CHECKING:
     from .collection import Collection
     from .encoder import Encoder
+    from .reader import StoreReader
 
 log = logging.getLogger("mmsearch")
 
