@@ -20,6 +20,7 @@ import pytest
 
 import retrieval
 from conftest import REPO, invoke, solid_image
+from retrieval.config import BUNDLED_DIR
 from retrieval.records import RootOptions
 from test_reliability import _read_only_runner, many_images
 
@@ -48,7 +49,7 @@ def v1_copy(tmp_path: Path) -> Path:
     shutil.copytree(FIXTURE, index)
     with sqlite3.connect(index / "mmsearch.db") as db:
         model = json.loads(db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0])
-        model["pretrained"] = str(REPO / "index_data" / "shapes-mini.pt")  # where this checkout keeps it
+        model["pretrained"] = str(BUNDLED_DIR / "shapes-mini.pt")  # where this checkout keeps it
         db.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps(model),))
     db.close()
     return index
