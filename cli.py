@@ -116,25 +116,37 @@ def cli() -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Images embedded (and committed) together.")
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="Image decode processes (default: 0 = one decode thread on 2 cores or fewer, else cores - 1).")
-@click.option("--text-field", help="Field holding the text in .jsonl/.csv records (default: text, then caption).")
+@click.option("--text-field", help="Field holding the text in .jsonl/.json/.csv records (default: text, then caption); "
+              "kept for these PATHS by later runs.")
+@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+              help="Leave out paths below a folder matching this glob (fnmatch, ** allowed; repeatable); "
+                   "kept for these PATHS by later runs, replaced by a new --exclude, cleared by --exclude ''.")
+@click.option("--include-hidden/--skip-hidden", default=None,
+              help="Index hidden files and folders (.name, macOS ._name); skipped by default; kept for these PATHS.")
+@click.option("--prune", is_flag=True,
+              help="Remove every file gone from disk, even when more than 20 % of a folder's files (and more "
+                   "than 10) are gone at once, which is otherwise kept as a likely unmounted drive.")
 @click.option("--failures", "failures_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every skipped file and its reason to this file (tab-separated).")
 @_wait_option
 @_quiet_option
 @_reports_errors
 def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, device: str,
-          batch_size: int, workers: int | None, text_field: str | None, failures_file: Path | None, wait: float,
-          quiet: bool) -> None:
-    """Index image folders and text corpora (.txt, .jsonl, .csv), incrementally.
+          batch_size: int, workers: int | None, text_field: str | None, exclude: tuple[str, ...],
+          include_hidden: bool | None, prune: bool, failures_file: Path | None, wait: float, quiet: bool) -> None:
+    """Index image folders and text corpora (.txt, .jsonl, .json, .csv), incrementally.
 
-    With no PATHS, re-scans every folder indexed before.
+    With no PATHS, re-scans every folder indexed before, each with its stored options.
     """
     from tqdm import tqdm
 
     _setup_logging(quiet)
     bar = tqdm(total=0, unit="file", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), desc="embedding")
-    with retrieval.open_index(index_dir, model=model, pretrained=pretrained, device=device, wait=wait) as idx:
-        report = idx.add(list(paths), text_field=text_field, batch_size=batch_size, workers=workers,
+    # A re-scan (no PATHS) needs an index to exist already: it creates none.
+    with retrieval.open_index(index_dir, model=model, pretrained=pretrained, device=device, wait=wait,
+                              create=bool(paths)) as idx:
+        report = idx.add(list(paths), text_field=text_field, exclude=list(exclude) if exclude else None,
+                         include_hidden=include_hidden, prune=prune, batch_size=batch_size, workers=workers,
                          progress=bar.update, on_total=lambda n: bar.reset(total=n))
     bar.close()
     if failures_file:
@@ -146,6 +158,8 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
         if len(report.failures) > len(shown):
             click.echo(f"... and {len(report.failures) - len(shown)} more (see `mmsearch info --failures`)", err=True)
     click.echo(report.summary(), err=True)
+    if report.nothing_indexed:
+        raise click.ClickException(f"nothing indexed from {', '.join(report.empty_paths)}")
 
 
 @cli.command()
@@ -192,9 +206,11 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
     with retrieval.open_index(index_dir, create=False) as idx:
         data = idx.info()
         failures = idx.failures() if show_failures else []
+        ignored = idx.ignored()
     if show_failures:
         data["failure_list"] = [{"path": p, "reason": r} for p, r in failures]
     if as_json:
+        data["ignored_files"] = ignored
         click.echo(json.dumps(data, ensure_ascii=False, indent=2))
         return
     model = data["model"]
@@ -206,6 +222,18 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
     click.echo(f"skipped:  {data['failures']}")
     click.echo(f"layout:   {', '.join(f'{k}: {v}' for k, v in data['layouts'].items()) or '-'}")
     click.echo(f"size:     {data['size_bytes'] / 1e6:.1f} MB")
+    for root, opts in data["root_options"].items():
+        shown = [f"exclude {' '.join(opts['exclude'])}"] if opts["exclude"] else []
+        shown += ["hidden files included"] if opts["include_hidden"] else []
+        shown += [f"text field {opts['text_field']}"] if opts["text_field"] else []
+        click.echo(f"root:     {root}" + (f"  ({'; '.join(shown)})" if shown else ""))
+    if ignored:
+        types = ", ".join(f"{ext} {n}" for ext, n in data["ignored_types"].items())
+        click.echo(f"ignored (unsupported types, not indexed): {len(ignored)}: {types}")
+        for path in ignored[:20]:
+            click.echo(f"ignored {path}")
+        if len(ignored) > 20:
+            click.echo(f"... and {len(ignored) - 20} more (`mmsearch info --json` lists them all)")
     for p, r in failures:
         click.echo(f"skipped {_shown(p)}: {_shown(r)}")
 

@@ -23,6 +23,7 @@ from .errors import (
     MMSearchError,
     ModelMismatch,
     ModelUnavailable,
+    NothingToIndex,
     PathNotFound,
     UnsupportedFile,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "MMSearchError",
     "ModelMismatch",
     "ModelUnavailable",
+    "NothingToIndex",
     "PathNotFound",
     "Removal",
     "Result",

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ import numpy as np
 from .config import DB_NAME, KINDS, LOCK_NAME, default_index_dir, default_model
 from .errors import BadQuery, EmptyIndex, IndexInUse, IndexReadOnly, ModelMismatch, ModelUnavailable
 from .reader import StoreReader
+from .scan import type_counts
 from .records import ModelManifest
 
 if TYPE_CHECKING:
@@ -258,7 +260,9 @@ class Collection:
     def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:
         """Index image files/folders and text corpora (incremental); see `indexer.index_paths`.
 
-        With no paths, re-scans every root indexed before. A new index is created only once
+        With no paths, re-scans every root indexed before. Options include `prune=True`,
+        `exclude=[patterns]`, `include_hidden=True` and `text_field=NAME` (the last three are
+        stored with each root; None keeps what is stored). A new index is created only once
         the paths exist and its model loads.
         """
         from .indexer import check_paths, index_paths
@@ -388,8 +392,10 @@ class Collection:
         return search(self, query, **options)
 
     def info(self) -> dict[str, Any]:
-        """Index path, model, counts per kind, FAISS layouts and size on disk."""
+        """Index path, model, counts per kind, FAISS layouts, roots and how each is scanned,
+        files ignored for their type (count, and per type), and size on disk."""
         counts = self.reader.counts()
+        ignored = self.reader.ignored()
         manifest = self.manifest
         size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
         layouts = {}
@@ -409,12 +415,19 @@ class Collection:
             "failures": counts["failures"],
             "layouts": layouts,
             "roots": self.reader.roots(),
+            "root_options": {root: asdict(opts) for root, opts in self.reader.root_options().items()},
+            "ignored": len(ignored),
+            "ignored_types": type_counts(ignored),
             "size_bytes": size,
         }
 
     def failures(self) -> list[tuple[str, str]]:
         """(path, reason) of every file or record skipped and not indexed since."""
         return self.reader.failures()
+
+    def ignored(self) -> list[str]:
+        """Files skipped for their type (not failures) at the last scan of their root."""
+        return self.reader.ignored()
 
 
 def open_index(directory: str | Path | None = None, **options: Any) -> Collection:

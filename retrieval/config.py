@@ -61,9 +61,16 @@ AVIF_READABLE = find_spec("PIL._avif") is not None
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
                              | ({".avif"} if AVIF_READABLE else set())
                              | ({".heic", ".heif"} if HEIF_READABLE else set()))
-TEXT_EXTENSIONS = frozenset({".txt", ".jsonl", ".csv"})
+TEXT_EXTENSIONS = frozenset({".txt", ".jsonl", ".json", ".csv"})
 #: Record fields tried, in order, when `--text-field` is not given.
 DEFAULT_TEXT_FIELDS = ("text", "caption")
+
+#: The prune rule: a re-scan that would remove more than this share of a root's indexed files AND
+#: more than PRUNE_MAX_FILES of them keeps them (an unmounted drive lists as an empty folder)
+#: unless told to prune. Per index: `Store.set_setting("prune_max_share", "0.5")`; env
+#: MMSEARCH_PRUNE_MAX_SHARE / MMSEARCH_PRUNE_MAX_FILES.
+PRUNE_MAX_SHARE = 0.20
+PRUNE_MAX_FILES = 10
 
 #: What an item can be: one image, or one text (a line or record of a corpus).
 KINDS = ("image", "text")

@@ -51,3 +51,7 @@ class IndexTooNew(MMSearchError):
 
 class DeviceUnavailable(ModelUnavailable):
     """The device asked for is unknown, or not present on this machine."""
+
+
+class NothingToIndex(MMSearchError):
+    """`index` without paths on an index that has no folders to re-scan yet."""

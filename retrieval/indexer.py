@@ -3,7 +3,8 @@
 Each batch is one store transaction followed by the matching vector-cache update, so a
 crash loses at most the batch in flight. Files are recognized by size + mtime, then by
 content hash: a renamed file keeps its vectors, and a file whose root folder is missing
-(an unmounted drive) is never removed.
+(an unmounted drive) is never removed. Nor is a file under a folder that cannot be listed,
+nor (the prune rule) a large share of a root's files gone at once, unless told to prune.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import kind_of
+from .config import PRUNE_MAX_FILES, PRUNE_MAX_SHARE, kind_of
 from .encoder import sha256_file
-from .errors import PathNotFound, UnsupportedFile
+from .errors import MMSearchError, NothingToIndex, PathNotFound, UnsupportedFile
 from .images import decode_many
-from .scan import Candidate, read_corpus, scan
-from .records import FileRow, NewFile
+from .reader import is_under
+from .scan import Candidate, excluded, read_corpus, scan, type_counts
+from .records import FileRow, NewFile, RootOptions
 
 if TYPE_CHECKING:
     from .collection import Collection
     from .encoder import Encoder
+    from .reader import StoreReader
 
 log = logging.getLogger("mmsearch")
 
@@ -50,6 +53,17 @@ class IndexReport:
     texts: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     missing_roots: list[str] = field(default_factory=list)
+    #: Files missing from disk whose entries were kept: under a folder that could not be
+    #: listed, or held back by the prune rule (see `warnings`).
+    kept: int = 0
+    #: Files skipped for their type (not failures): .heic, .cr2, no extension, ...
+    ignored: list[str] = field(default_factory=list)
+    #: What was logged as a warning during the run, one line each.
+    warnings: list[str] = field(default_factory=list)
+    #: Paths named for this run (as given) from which the index now holds nothing.
+    empty_paths: list[str] = field(default_factory=list)
+    #: Number of paths named for this run (0 for a re-scan of the known roots).
+    named_paths: int = 0
     #: Seconds spent on images: "images" (wall time of the image loop), "decode" (reading, hashing
     #: and decoding, summed over the decoders working in parallel with the rest), "wait_decode" (the
     #: loop waiting for decoded images), "embed" (batch stacking, host→device copy, model, copy
@@ -64,7 +78,28 @@ class IndexReport:
             line += f"; {self.texts} texts"
         if self.truncated:
             line += f", {self.truncated} truncated to the model's context"
-        return line
+        if self.kept:
+            line += f"; kept {self.kept} missing"
+        ignored = self.ignored_summary()
+        return f"{line}\n{ignored}" if ignored else line
+
+    def ignored_summary(self) -> str | None:
+        """'ignored 4 files of unsupported types: .heic 2, .cr2 1, (none) 1', or None."""
+        if not self.ignored:
+            return None
+        by_type = type_counts(self.ignored)
+        return (f"ignored {len(self.ignored)} files of unsupported types: "
+                + ", ".join(f"{ext} {n}" for ext, n in by_type.items()))
+
+    @property
+    def nothing_indexed(self) -> bool:
+        """Paths were named and the index holds nothing from any of them (the CLI then exits 1)."""
+        return self.named_paths > 0 and len(self.empty_paths) == self.named_paths
+
+    def warn(self, message: str) -> None:
+        """Log a warning and keep it in the report."""
+        log.warning("%s", message)
+        self.warnings.append(message)
 
 
 @dataclass
@@ -76,12 +111,20 @@ class Plan:
     moved: list[tuple[int, str, int, float]] = field(default_factory=list)
     gone: list[FileRow] = field(default_factory=list)
     unchanged: int = 0
+    #: Folders that could not be listed and files that could not be looked at.
+    unreadable: list[str] = field(default_factory=list)
+    #: The text field of each corpus to read, from its root's options.
+    text_fields: dict[str, str | None] = field(default_factory=dict)
 
 
 def _resolve_roots(collection: Collection, paths: Sequence[str], report: IndexReport) -> list[str]:
     if not paths:
         roots = []
-        for root in collection.reader.roots():
+        known = collection.reader.roots()
+        if not known:
+            raise NothingToIndex(f"index {collection.directory} has no folders to re-scan yet: "
+                                 "run `mmsearch index PATH` first")
+        for root in known:
             if os.path.exists(root) and os.access(root, os.R_OK):
                 roots.append(root)
             else:
@@ -101,25 +144,75 @@ def check_paths(paths: Sequence[str]) -> list[str]:
         if not os.access(root, os.R_OK):
             raise PathNotFound(f"cannot read: {raw}")
         if os.path.isfile(root) and kind_of(Path(root)) is None:
-            raise UnsupportedFile(f"not an image or a text corpus (.txt, .jsonl, .csv): {raw}")
+            raise UnsupportedFile(f"not an image or a text corpus (.txt, .jsonl, .json, .csv): {raw}")
         roots.append(root)
     return roots
 
 
-def plan(collection: Collection, roots: Sequence[str], report: IndexReport) -> Plan:
-    """Compare the files under `roots` with the store: new, changed, moved, gone, unchanged."""
+def root_options(stored: dict[str, RootOptions], roots: Sequence[str], exclude: Sequence[str] | None,
+                 include_hidden: bool | None, text_field: str | None) -> dict[str, RootOptions]:
+    """How to scan each root (sorted, so a nested root comes after the one holding it).
+
+    Each option given replaces the `stored` one (of the root, or for a new root, of the root
+    holding it); an option not given (None) keeps it. Empty patterns and an empty field are dropped.
+    """
+    options = {}
+    for root in sorted(set(roots)):
+        holders = [r for r in stored if is_under(root, r)]
+        base = stored[max(holders, key=len)] if holders else RootOptions()
+        options[root] = RootOptions(
+            base.exclude if exclude is None else tuple(p for p in exclude if p),
+            base.include_hidden if include_hidden is None else include_hidden,
+            base.text_field if text_field is None else (text_field or None),
+        )
+    return options
+
+
+def prune_limits(reader: StoreReader) -> tuple[float, int]:
+    """(share, files) of the prune rule: the index's setting, else env MMSEARCH_PRUNE_MAX_*, else config."""
+    share = reader.setting("prune_max_share") or os.environ.get("MMSEARCH_PRUNE_MAX_SHARE") or PRUNE_MAX_SHARE
+    files = reader.setting("prune_max_files") or os.environ.get("MMSEARCH_PRUNE_MAX_FILES") or PRUNE_MAX_FILES
+    try:
+        return float(share), int(files)
+    except ValueError:
+        raise MMSearchError(f"bad prune setting: share {share!r} (a fraction), files {files!r} (a count)") from None
+
+
+def plan(collection: Collection, options: dict[str, RootOptions], stored: dict[str, RootOptions],
+         report: IndexReport, *, limits: tuple[float, int] | None = None) -> Plan:
+    """Compare the files under the roots with the store: new, changed, moved, gone, unchanged.
+
+    `options` are how to scan each root now, `stored` how each was scanned before (a changed
+    text field re-reads the corpora). Entries under what could not be read are kept; so is a
+    root's share of gone files past the prune rule's `limits` (share, files; None: no limit).
+    Files left out by a root's exclude patterns go.
+    """
     result = Plan()
     found: dict[str, Candidate] = {}
     known: dict[str, FileRow] = {}
-    for root in roots:
-        scanned = scan(root)
+    known_per_root: dict[str, int] = {}
+    reread: set[str] = set()  # corpora to read again: their root's text field changed
+    for root, opts in options.items():
+        scanned = scan(root, opts.exclude, opts.include_hidden)
         report.failures.extend(scanned.failures)
+        report.ignored.extend(scanned.ignored)
+        result.unreadable.extend(scanned.unreadable)
         found.update((c.path, c) for c in scanned.candidates)
-        known.update(collection.reader.files_under(root))
+        for cand in scanned.candidates:
+            if cand.kind == "text":
+                result.text_fields[cand.path] = opts.text_field
+        field_changed = root in stored and stored[root].text_field != opts.text_field
+        if field_changed:
+            reread.update(c.path for c in scanned.candidates if Path(c.path).suffix.lower() != ".txt" and c.kind == "text")
+        under = collection.reader.files_under(root)
+        known_per_root[root] = len(under)
+        known.update(under)
     for path, cand in found.items():
         row = known.get(path)
         if row is None:
             result.new.append(cand)
+        elif path in reread:
+            result.changed.append(cand)
         elif (row.size, row.mtime) == (cand.size, cand.mtime):
             result.unchanged += 1
         elif row.size == cand.size and sha256_file_safe(path) == row.sha256:
@@ -141,8 +234,38 @@ def plan(collection: Collection, roots: Sequence[str], report: IndexReport) -> P
             still_new.append(cand)
     result.new = still_new
     moved_ids = {m[0] for m in result.moved}
-    result.gone = [row for row in gone if row.id not in moved_ids]
+    gone = [row for row in gone if row.id not in moved_ids]
+    report.ignored = list(dict.fromkeys(report.ignored))  # a nested root's files are seen twice
+    result.gone = _apply_prune_rule(gone, options, known_per_root, result.unreadable, report, limits)
     return result
+
+
+def _apply_prune_rule(gone: list[FileRow], options: dict[str, RootOptions], known_per_root: dict[str, int],
+                      unreadable: list[str], report: IndexReport, limits: tuple[float, int] | None) -> list[FileRow]:
+    """The gone files to remove: not those under an unreadable folder, and not those of a root
+    losing more than `limits` allow (the prune rule); files newly excluded always go."""
+    remove: list[FileRow] = []
+    missing: dict[str, list[FileRow]] = {}
+    for row in gone:
+        if any(is_under(row.path, folder) for folder in unreadable):
+            report.kept += 1
+            continue
+        root = max((r for r in options if is_under(row.path, r)), key=len)
+        opts = options[root]
+        if row.path != root and excluded(os.path.relpath(row.path, root), opts.exclude, include_hidden=True):
+            remove.append(row)  # left out by the user's patterns: their explicit choice
+        else:
+            missing.setdefault(root, []).append(row)
+    for root, rows in missing.items():
+        total = known_per_root[root]
+        if limits is not None and len(rows) > limits[0] * total and len(rows) > limits[1]:
+            report.kept += len(rows)
+            report.warn(f"{root}: {len(rows)} of its {total} indexed files ({100 * len(rows) / total:.0f} %) are "
+                        f"missing now (an unmounted drive?): kept; remove them with `mmsearch index --prune` "
+                        "or `mmsearch remove`")
+        else:
+            remove.extend(rows)
+    return remove
 
 
 def sha256_file_safe(path: str) -> str:
@@ -154,26 +277,38 @@ def sha256_file_safe(path: str) -> str:
 
 
 def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str | None = None,
+                exclude: Sequence[str] | None = None, include_hidden: bool | None = None, prune: bool = False,
                 batch_size: int = 64, workers: int | None = None, draft: bool = True,
                 progress: Callable[[int], None] | None = None,
                 on_total: Callable[[int], None] | None = None) -> IndexReport:
     """Index files and folders incrementally; see the module docstring.
 
+    `exclude` (fnmatch patterns on the path below the root, see `scan.excluded`),
+    `include_hidden` and `text_field` are stored per root: None keeps the stored value, a value
+    replaces it for the roots scanned. Hidden files are skipped unless `include_hidden`.
+    `prune` removes gone files even past the prune rule (config.PRUNE_MAX_SHARE/FILES).
     `progress(n)` is called as n more files are done; `on_total(n)` once with the number to embed.
-    Raises PathNotFound/UnsupportedFile for bad paths before changing anything.
+    Raises PathNotFound/UnsupportedFile for bad paths, NothingToIndex for no paths and no
+    known roots, before changing anything.
     """
-    report = IndexReport()
+    report = IndexReport(named_paths=len(paths))
     roots = _resolve_roots(collection, paths, report)
+    stored = collection.reader.root_options()
+    options = root_options(stored, roots, exclude, include_hidden, text_field)
+    limits = None if prune else prune_limits(collection.reader)  # a bad setting fails before anything changes
     encoder = collection.claim_model()
-    work = plan(collection, roots, report)
+    work = plan(collection, options, stored, report, limits=limits)
     report.unchanged = work.unchanged
     report.skipped = len(report.failures)
-    collection.store.add_roots(roots)  # already absolute; known roots are skipped
-    if work.moved or work.gone or report.failures:
-        ids, vecs, gone = collection.store.commit(
-            removed_files=[row.id for row in work.gone], moved=work.moved, failures=report.failures)
+    collection.store.add_roots(roots, options)  # already absolute; known roots keep theirs until the end
+    readable_again = [path for root in options for path, reason in collection.reader.failures(under=root)
+                      if reason.startswith("cannot read folder") and path not in work.unreadable]
+    if work.moved or work.gone or report.failures or readable_again:
+        ids, vecs, gone = collection.store.commit(removed_files=[row.id for row in work.gone], moved=work.moved,
+                                                  failures=report.failures, cleared_failures=readable_again)
         collection.apply(ids, vecs, gone)
         report.removed = len(work.gone)
+    collection.store.replace_ignored(list(options), report.ignored, keep_under=work.unreadable)
     todo = work.new + work.changed
     changed = {c.path for c in work.changed}
     if on_total:
@@ -186,9 +321,12 @@ def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str
         _embed_images(collection, encoder, images, changed, report, batch_size=batch_size, workers=workers,
                       draft=draft, progress=progress)
     for path in texts:
-        _index_corpus(collection, path, text_field, path in changed, report)
+        _index_corpus(collection, path, work.text_fields.get(path), path in changed, report)
         if progress:
             progress(1)
+    # Stored last: a run cut short re-reads, next time, the corpora a changed text field affects.
+    collection.store.set_root_options({root: opts for root, opts in options.items() if stored.get(root) != opts})
+    report.empty_paths = [raw for raw, root in zip(paths, roots) if not collection.reader.has_items(root)]
     return report
 
 
@@ -226,6 +364,7 @@ def remove_paths(collection: Collection, paths: Sequence[str]) -> Removal:
     ids, vecs, gone = collection.store.commit(removed_files=[row.id for row in files.values()],
                                               cleared_failures=failures, forgotten_roots=roots)
     collection.apply(ids, vecs, gone)
+    collection.store.replace_ignored(folders, [])
     kept_roots = collection.reader.roots()
     for folder in folders:
         for root in kept_roots:
@@ -307,15 +446,25 @@ def _embed_images(collection: Collection, encoder: Encoder, images: list[str], c
 
 
 def _index_corpus(collection: Collection, path: str, text_field: str | None, changed: bool, report: IndexReport) -> None:
+    """Read and embed one corpus, replacing what it yielded before; a corpus that cannot be read,
+    or of which every record is skipped, is reported and what it yielded before stays."""
     try:
         st = os.stat(path)
         sha = sha256_file(Path(path))
-        entries, bad = read_corpus(path, text_field)
-    except OSError as exc:
-        bad_file = [(path, f"cannot read: {exc.strerror}")]
+        corpus = read_corpus(path, text_field)
+    except (OSError, UnsupportedFile) as exc:
+        bad_file = [(path, f"cannot read: {exc.strerror}" if isinstance(exc, OSError) else str(exc))]
         collection.store.commit(failures=bad_file)
         report.failures.extend(bad_file)
         report.skipped += 1
+        return
+    entries, bad = corpus.entries, corpus.failures
+    if not entries and bad:
+        seen = f"; fields seen: {', '.join(sorted(corpus.fields_seen))}" if corpus.fields_seen else ""
+        report.warn(f"{path}: all {len(bad)} records skipped ({bad[0][1]}){seen}")
+        collection.store.commit(failures=bad)
+        report.failures.extend(bad)
+        report.skipped += len(bad)
         return
     texts = [e.text for e in entries]
     _commit_texts(collection, NewFile(path, "text", st.st_size, st.st_mtime, sha), [e.line for e in entries], texts, bad, report)
@@ -334,7 +483,9 @@ def _commit_texts(collection: Collection, file: NewFile, lines: list[int], texts
     report.texts += len(texts)
     report.skipped += len(bad)
     report.failures.extend(bad)
-    ids, vecs, gone = collection.store.commit(added=[file], failures=bad, cleared_failures=[file.path])
+    # The records that failed when the corpus was read before (path:line) go with the old version.
+    stale = [p for p, _ in collection.reader.failures(under=os.path.dirname(file.path)) if p.startswith(f"{file.path}:")]
+    ids, vecs, gone = collection.store.commit(added=[file], failures=bad, cleared_failures=[file.path, *stale])
     collection.apply(ids, vecs, gone)
 
 

@@ -20,13 +20,13 @@ import numpy as np
 
 from .config import DB_NAME, KINDS
 from .errors import IndexDamaged, IndexInUse, IndexNotFound, IndexReadOnly, IndexTooNew, MMSearchError
-from .records import FileRow, ItemRow, ModelManifest
+from .records import FileRow, ItemRow, ModelManifest, RootOptions
 
 T = TypeVar("T")
 
 #: Name of the last migration in `store.MIGRATIONS`: an index without it is opened for writing
 #: once (which migrates it) before it is read.
-SCHEMA_VERSION = "0001_initial"
+SCHEMA_VERSION = "0002_root_options_ignored"
 
 #: SQLite limits bound parameters per statement (32,766 by default); lists go in chunks of this size.
 CHUNK = 20000
@@ -48,6 +48,11 @@ def database_error(message: str, directory: Path) -> MMSearchError:
         return IndexDamaged(f"{directory / DB_NAME} is damaged or not a database ({message}): "
                             "move it away (and index again) or use another --index")
     return MMSearchError(f"index at {directory} cannot be used: {message}")
+
+
+def is_under(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (whole path components)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _under(column: str, folder: str) -> tuple[str, list[object]]:
@@ -116,6 +121,16 @@ class StoreReader:
             except sqlite3.Error as exc:
                 raise database_error(str(exc), self.directory) from None
 
+    def _newer(self, sql: str, params: Iterable[object] = ()) -> list[tuple] | None:
+        """Rows of `sql`, which reads a table or column added by a later migration; None on an
+        index too old to have it (one that could not be migrated: a read-only directory)."""
+        try:
+            return self._all(sql, params)
+        except MMSearchError as exc:
+            if "no such table" in str(exc) or "no such column" in str(exc):
+                return None
+            raise
+
     def _meta(self, key: str) -> str | None:
         rows = self._all("SELECT value FROM meta WHERE key = ?", [key])
         return rows[0][0] if rows else None
@@ -158,6 +173,25 @@ class StoreReader:
         """Every root indexed so far (or those at or below the folder `under`)."""
         where, params = _under("path", under) if under else ("1", [])
         return [r[0] for r in self._all(f"SELECT path FROM roots WHERE {where} ORDER BY path", params)]
+
+    def root_options(self) -> dict[str, RootOptions]:
+        """How each root is scanned (defaults for a root indexed before options were stored)."""
+        rows = self._newer("SELECT path, options FROM roots ORDER BY path")
+        if rows is None:
+            return {path: RootOptions() for path in self.roots()}
+        return {path: RootOptions.from_json(raw) for path, raw in rows}
+
+    def ignored(self, under: str | None = None) -> list[str]:
+        """Files skipped for their type at the last scan of their root (or only at or below `under`)."""
+        where, params = _under("path", under) if under else ("1", [])
+        rows = self._newer(f"SELECT path FROM ignored WHERE {where} ORDER BY path", params)
+        return [r[0] for r in rows or []]
+
+    def has_items(self, folder: str) -> bool:
+        """Whether any item comes from `folder` (a file) or a file below it; stops at the first."""
+        where, params = _under("files.path", folder)
+        sql = f"SELECT EXISTS (SELECT 1 FROM items JOIN files ON files.id = items.file_id WHERE {where})"
+        return bool(self._all(sql, params)[0][0])
 
     def failures(self, under: str | None = None) -> list[tuple[str, str]]:
         """(path, reason) of everything skipped and not indexed since (or only at or below `under`)."""

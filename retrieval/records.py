@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -63,3 +64,24 @@ class ItemRow:
     path: str
     line: int
     text: str | None
+
+
+@dataclass(frozen=True)
+class RootOptions:
+    """How a root is scanned, stored with it so a bare re-scan does the same."""
+
+    exclude: tuple[str, ...] = ()
+    include_hidden: bool = False
+    text_field: str | None = None
+
+    def to_json(self) -> str:
+        """The stored form (the `options` column of `roots`)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | None) -> RootOptions:
+        """Options as stored; the defaults for a root indexed before options were stored."""
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        return cls(tuple(data.get("exclude", ())), bool(data.get("include_hidden", False)), data.get("text_field"))

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DEFAULT_TEXT_FIELDS, kind_of
+from .errors import UnsupportedFile
 
 
 @dataclass(frozen=True)
@@ -25,40 +28,86 @@ class Candidate:
 
 @dataclass
 class ScanResult:
-    """Files found under one root, and what could not be looked at (path, reason)."""
+    """Files found under one root, and what could not be looked at (path, reason).
+
+    `unreadable`: folders that could not be listed and files that could not be looked at:
+    what the index holds there must be kept. `ignored`: files skipped for their type.
+    """
 
     candidates: list[Candidate]
     failures: list[tuple[str, str]]
+    unreadable: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
 
-def _candidate(path: str, kind: str, failures: list[tuple[str, str]]) -> Candidate | None:
+def excluded(relative: str, patterns: Sequence[str], include_hidden: bool) -> bool:
+    """Whether a path relative to its root is left out: hidden (a part starts with '.') or matched.
+
+    Each pattern is matched (fnmatch, case-sensitive; `*` also crosses '/', and a leading `**/`
+    also matches no folder at all) against the path and each folder above it, so a pattern
+    naming a folder leaves out everything in it.
+    """
+    parts = relative.split(os.sep)
+    return any(_left_out(os.sep.join(parts[: i + 1]), patterns, include_hidden) for i in range(len(parts)))
+
+
+def _left_out(relative: str, patterns: Sequence[str], include_hidden: bool) -> bool:
+    """Whether this one path is left out, the folders above it being let in."""
+    hidden = not include_hidden and os.path.basename(relative).startswith(".")
+    return hidden or any(_matches(relative, pattern) for pattern in patterns)
+
+
+def type_counts(paths: Iterable[str]) -> dict[str, int]:
+    """Files per extension ('(none)' for none), most first, then by name with '(none)' last."""
+    counts = Counter(Path(p).suffix.lower() or "(none)" for p in paths)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0] == "(none)", kv[0])))
+
+
+def _matches(relative: str, pattern: str) -> bool:
+    if fnmatch.fnmatchcase(relative, pattern):
+        return True
+    return pattern.startswith("**/") and _matches(relative, pattern[3:])
+
+
+def _candidate(path: str, kind: str, result: ScanResult) -> Candidate | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        failures.append((path, "broken symlink" if os.path.islink(path) else "file vanished"))
+        result.failures.append((path, "broken symlink" if os.path.islink(path) else "file vanished"))
         return None
     except OSError as exc:
-        failures.append((path, f"cannot stat: {exc.strerror}"))
+        result.failures.append((path, f"cannot stat: {exc.strerror}"))
+        result.unreadable.append(path)  # there but not readable now (an I/O error): keep what was indexed
         return None
     return Candidate(path, kind, st.st_size, st.st_mtime)
 
 
-def scan(root: str) -> ScanResult:
+def scan(root: str, exclude: Sequence[str] = (), include_hidden: bool = False) -> ScanResult:
     """Every image and text corpus at or under `root` (absolute), recursively.
 
-    Symlinked folders are followed once: a folder already visited (same device and inode)
-    is skipped, so symlink loops end.
+    Below the root, hidden files and folders (unless `include_hidden`) and paths matching an
+    `exclude` pattern (see `excluded`) are left out; other files of no known type are listed
+    as ignored. Symlinked folders are followed once: a folder already visited (same device and
+    inode) is skipped, so symlink loops end. A folder that cannot be listed is a failure and
+    is listed as unreadable.
     """
-    failures: list[tuple[str, str]] = []
+    result = ScanResult([], [])
     if not os.path.isdir(root):
         kind = kind_of(Path(root))
-        found = _candidate(root, kind, failures) if kind else None
-        return ScanResult([found] if found else [], failures)
-    candidates: list[Candidate] = []
+        found = _candidate(root, kind, result) if kind else None
+        result.candidates = [found] if found else []
+        return result
     seen: set[tuple[int, int]] = set()
 
     def on_error(exc: OSError) -> None:
-        failures.append((exc.filename or root, f"cannot read folder: {exc.strerror}"))
+        folder = exc.filename or root
+        result.failures.append((folder, f"cannot read folder: {exc.strerror}"))
+        result.unreadable.append(folder)
+
+    below = len(root.rstrip(os.sep)) + 1  # os.walk's paths all start with the root and a separator
+
+    def skip(path: str) -> bool:
+        return _left_out(path[below:], exclude, include_hidden)  # its folders were let in already
 
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=on_error):
         st = os.stat(folder)
@@ -66,14 +115,17 @@ def scan(root: str) -> ScanResult:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not skip(os.path.join(folder, d)))
         for name in sorted(files):
+            path = os.path.join(folder, name)
+            if skip(path):
+                continue
             kind = kind_of(Path(name))
-            if kind:
-                found = _candidate(os.path.join(folder, name), kind, failures)
-                if found:
-                    candidates.append(found)
-    return ScanResult(candidates, failures)
+            if kind is None:
+                result.ignored.append(path)
+            elif found := _candidate(path, kind, result):
+                result.candidates.append(found)
+    return result
 
 
 @dataclass(frozen=True)
@@ -97,50 +149,79 @@ def _decode_lines(data: bytes, path: str, failures: list[tuple[str, str]]) -> It
             yield number, line
 
 
-def _field(record: dict, fields: Sequence[str]) -> str | None:
+def _texts(record: dict, fields: Sequence[str]) -> list[str]:
+    """The text(s) of a record: the first field holding a non-empty string, or a list with some."""
     for name in fields:
         value = record.get(name)
-        if isinstance(value, str) and value.strip():
-            return value
-    return None
+        values = value if isinstance(value, list) else [value]
+        texts = [v for v in values if isinstance(v, str) and v.strip()]
+        if texts:
+            return texts
+    return []
 
 
-def read_corpus(path: str, text_field: str | None = None) -> tuple[list[TextEntry], list[tuple[str, str]]]:
-    """Entries of a .txt (one per non-empty line), .jsonl or .csv (one per record) file.
+_JSON_TYPES = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
-    Records use `text_field`, or by default the first of 'text', 'caption'. A bad line or
+
+@dataclass
+class Corpus:
+    """What a text corpus yielded: entries to embed, bad lines/records (path:line, reason), and
+    the field names seen in records that had no text (to tell a user which field to ask for)."""
+
+    entries: list[TextEntry] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    fields_seen: set[str] = field(default_factory=set)
+
+
+def read_corpus(path: str, text_field: str | None = None) -> Corpus:
+    """Entries of a .txt (one per non-empty line), .jsonl, .json (an array) or .csv file (records).
+
+    Records use `text_field`, or by default the first of 'text', 'caption'; a field holding a
+    list of strings yields one entry per string, all with the record's number. A bad line or
     record is skipped and returned as (path:line, reason); the rest is read.
-    Raises OSError if the file cannot be read at all.
+    Raises OSError if the file cannot be read at all, UnsupportedFile for a .json file that is
+    not an array of records.
     """
     fields = (text_field,) if text_field else DEFAULT_TEXT_FIELDS
     wanted = " or ".join(repr(f) for f in fields)
-    failures: list[tuple[str, str]] = []
-    entries: list[TextEntry] = []
+    corpus = Corpus()
     data = Path(path).read_bytes()
     ext = Path(path).suffix.lower()
+
+    def add(number: int, record: object) -> None:
+        texts = _texts(record, fields) if isinstance(record, dict) else []
+        if not texts:
+            corpus.failures.append((f"{path}:{number}", f"no text in field {wanted}"))
+            if isinstance(record, dict):
+                corpus.fields_seen.update(str(k) for k in record if k is not None)  # None: CSV's extra cells
+        elif any("\ufffd" in t for t in texts) and ext == ".csv":
+            corpus.failures.append((f"{path}:{number}", "invalid UTF-8"))
+        else:
+            corpus.entries.extend(TextEntry(number, t) for t in texts)
+
     if ext == ".txt":
-        entries = [TextEntry(n, line) for n, line in _decode_lines(data, path, failures)]
+        corpus.entries = [TextEntry(n, line) for n, line in _decode_lines(data, path, corpus.failures)]
     elif ext == ".jsonl":
-        for number, line in _decode_lines(data, path, failures):
+        for number, line in _decode_lines(data, path, corpus.failures):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                failures.append((f"{path}:{number}", f"malformed JSON ({exc.msg})"))
+                corpus.failures.append((f"{path}:{number}", f"malformed JSON ({exc.msg})"))
                 continue
-            text = _field(record, fields) if isinstance(record, dict) else None
-            if text is None:
-                failures.append((f"{path}:{number}", f"no text in field {wanted}"))
-            else:
-                entries.append(TextEntry(number, text))
+            add(number, record)
+    elif ext == ".json":
+        try:
+            records = json.loads(data.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UnsupportedFile(f"not a JSON array of records: {exc}") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            held = "an array of non-objects" if isinstance(records, list) else f"a JSON {_JSON_TYPES[type(records)]}"
+            raise UnsupportedFile(f"not a JSON array of records: it holds {held}")
+        for number, record in enumerate(records, start=1):
+            add(number, record)
     else:
         # Quoted CSV fields may span lines, so decode the whole file; bad bytes mark their record.
         reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig", errors="replace"), newline=""))
         for number, record in enumerate(reader, start=1):
-            text = _field(record, fields)
-            if text is None:
-                failures.append((f"{path}:{number}", f"no text in field {wanted}"))
-            elif "\ufffd" in text:
-                failures.append((f"{path}:{number}", "invalid UTF-8"))
-            else:
-                entries.append(TextEntry(number, text))
-    return entries, failures
+            add(number, record)
+    return corpus

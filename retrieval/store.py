@@ -11,6 +11,7 @@ SQLAlchemy. Knows nothing of torch or FAISS.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -28,8 +29,11 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
@@ -38,8 +42,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .config import DB_NAME
 from .errors import IndexReadOnly, ModelMismatch
-from .reader import SCHEMA_VERSION, chunks, database_error
-from .records import ModelManifest, NewFile
+from .reader import SCHEMA_VERSION, chunks, database_error, is_under
+from .records import ModelManifest, NewFile, RootOptions
 
 
 class Base(DeclarativeBase):
@@ -64,6 +68,8 @@ class Root(Base):
     __tablename__ = "roots"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path: Mapped[str] = mapped_column(String, unique=True)
+    #: `RootOptions` as JSON (exclude patterns, include_hidden, text_field); NULL before 0002.
+    options: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class File(Base):
@@ -101,12 +107,27 @@ class Failure(Base):
     at: Mapped[float] = mapped_column(Float)
 
 
+class Ignored(Base):
+    """A file skipped for its type (.heic, .cr2, no extension): listed by `info`, not a failure."""
+
+    __tablename__ = "ignored"
+    path: Mapped[str] = mapped_column(String, primary_key=True)
+    at: Mapped[float] = mapped_column(Float)
+
+
 def _m0001_initial(conn: Connection) -> None:
     Base.metadata.create_all(conn)
 
 
+def _m0002_root_options_ignored(conn: Connection) -> None:
+    # A new database got both from 0001's create_all (the current models); an older one gets them here.
+    if "options" not in {c["name"] for c in inspect(conn).get_columns("roots")}:
+        conn.execute(text("ALTER TABLE roots ADD COLUMN options TEXT"))
+    Ignored.__table__.create(conn, checkfirst=True)
+
+
 #: Named schema migrations, applied once each, in order; the last is `reader.SCHEMA_VERSION`.
-MIGRATIONS = [("0001_initial", _m0001_initial)]
+MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_root_options_ignored", _m0002_root_options_ignored)]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION, "reader.SCHEMA_VERSION must name the last migration"
 
 
@@ -206,13 +227,43 @@ class Store:
 
     # --- writes -----------------------------------------------------------------------------
 
-    def add_roots(self, paths: Iterable[str]) -> None:
-        """Remember folders/files the user indexed so a bare `index` re-scans them."""
+    def add_roots(self, paths: Iterable[str], options: dict[str, RootOptions] | None = None) -> None:
+        """Remember folders/files the user indexed so a bare `index` re-scans them.
+
+        A new root is stored with its `options` (default: none); a known root keeps its own
+        (see `set_root_options`).
+        """
+        options = options or {}
         with self.engine.begin() as conn:
             known = set(conn.scalars(select(Root.path)))
-            for path in paths:
+            for path in dict.fromkeys(paths):  # a path named twice is one root
                 if path not in known:
-                    conn.execute(insert(Root).values(path=path))
+                    conn.execute(insert(Root).values(path=path, options=options.get(path, RootOptions()).to_json()))
+
+    def set_root_options(self, options: dict[str, RootOptions]) -> None:
+        """Store how each (known) root is scanned from now on."""
+        with self.engine.begin() as conn:
+            for path, opts in options.items():
+                conn.execute(update(Root).where(Root.path == path).values(options=opts.to_json()))
+
+    def replace_ignored(self, roots: Iterable[str], found: Iterable[str], keep_under: Iterable[str] = ()) -> None:
+        """Make `found` the files of unsupported type at or below `roots` (those below the
+        unreadable folders `keep_under` stay as they were)."""
+        keep = list(keep_under)
+        wanted = dict.fromkeys(found)
+        with self.engine.begin() as conn:
+            stored: set[str] = set()
+            for root in roots:
+                prefix = root.rstrip(os.sep) + os.sep
+                stored.update(conn.scalars(select(Ignored.path).where(
+                    (Ignored.path == root) | (func.substr(Ignored.path, 1, len(prefix)) == prefix))))
+            drop = [p for p in stored if p not in wanted and not any(is_under(p, k) for k in keep)]
+            for part in chunks(drop):
+                conn.execute(delete(Ignored).where(Ignored.path.in_(part)))
+            now = time.time()
+            rows = [{"path": p, "at": now} for p in wanted if p not in stored]
+            if rows:  # only what changed is written: a re-scan of an unchanged folder writes nothing
+                conn.execute(insert(Ignored), rows)
 
     def commit(
         self,
