@@ -169,7 +169,7 @@ def root_options(stored: dict[str, RootOptions], roots: Sequence[str], exclude: 
 
 
 def prune_limits(reader: StoreReader) -> tuple[float, int]:
-    """(share, files) of the prune rule: the index's setting, else env MMSEARCH_PRUNE_MAX_*, else config."""
+    """(share, files) of the prune rule: the index's setting, else env MMSEARCH_PRUNE_MAX_SHARE / MMSEARCH_PRUNE_MAX_FILES, else config."""
     share = reader.setting("prune_max_share") or os.environ.get("MMSEARCH_PRUNE_MAX_SHARE") or PRUNE_MAX_SHARE
     files = reader.setting("prune_max_files") or os.environ.get("MMSEARCH_PRUNE_MAX_FILES") or PRUNE_MAX_FILES
     try:
