@@ -1,18 +1,14 @@
-"""An index directory as one object: the metadata store, the vector caches and the model.
+"""An index as one object: its storage (metadata store, vector store, write lock) and its model.
 
-This is the library's entry point (`retrieval.open_index`). The database is the truth:
-reads go through `reader` (stdlib sqlite3), writes through `store` (SQLAlchemy), opened
-only once something is written. Each kind's FAISS file is a cache checked against the
-database's generation when opened, synced by id when behind, and rebuilt when damaged.
+This is the library's entry point (`retrieval.open_index`), and the one place that picks the
+storage back end (`local.LocalStorage`: SQLite + FAISS files in a directory). It hands the
+indexer and search what they need — the storage, the encoder, options — and they never
+call back into it.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import logging
 import os
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -21,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import DB_NAME, KINDS, LOCK_NAME, default_index_dir, default_model
-from .errors import BadQuery, EmptyIndex, IndexInUse, IndexReadOnly, ModelMismatch, ModelUnavailable
-from .reader import StoreReader
+from .config import KINDS, default_index_dir, default_model
+from .errors import ModelMismatch, ModelUnavailable
+from .local import LocalStorage
 from .scan import type_counts
 from .records import ModelManifest
+from .stores import MetadataReader, MetadataWriter, Storage
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,21 +30,18 @@ if TYPE_CHECKING:
     from .encoder import Encoder, ModelSource
     from .indexer import IndexReport, Removal
     from .search import Result
-    from .store import Store
-    from .vectors import VectorIndex
-
-log = logging.getLogger("mmsearch")
+    from .stores import VectorSet
 
 
 class Collection:
     """An open index: add files or texts, search by text, image or vector, embed."""
 
-    def __init__(self, directory: Path, reader: StoreReader | None, model: str | None = None,
+    def __init__(self, directory: Path, storage: Storage, model: str | None = None,
                  pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-                 store: Store | None = None, wait: float = 0.0) -> None:
+                 wait: float = 0.0) -> None:
         self.directory = directory
-        self._reader = reader  # None until a new index is created by its first write
-        self._store = store
+        #: The index's stores and write lock (the back end, chosen in `open`).
+        self.storage = storage
         self.device = device
         #: Seconds a write waits for another process's write to finish before IndexInUse.
         self.wait = wait
@@ -56,8 +50,6 @@ class Collection:
         self._requested = (model, pretrained)
         self._encoder: Encoder | None = None
         self._query_encoder: Encoder | None = None
-        self._vectors: dict[str, VectorIndex] = {}
-        self._dirty: set[str] = set()
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -78,35 +70,21 @@ class Collection:
 
             check_device(device)
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
-        if create and not (path / DB_NAME).exists():
-            return cls(path, None, model, pretrained, device, backend, None, wait)
-        reader = StoreReader.open(path)  # IndexNotFound where there is none
-        store = None
-        if reader.needs_migration() and os.access(path, os.W_OK):
-            store = _open_store(path)  # an index from an older mmsearch: migrate it before reading
-        return cls(path, reader, model, pretrained, device, backend, store, wait)
+        return cls(path, LocalStorage.open(path, create=create), model, pretrained, device, backend, wait)
 
     @property
-    def reader(self) -> StoreReader:
-        """Reads of the database; a new index is created here, on its first use."""
-        if self._reader is None:
-            self.store  # noqa: B018 - creates and migrates the database
-            self._reader = StoreReader.open(self.directory)
-        return self._reader
+    def reader(self) -> MetadataReader:
+        """Reads of the metadata store; a new index is created here, on its first use."""
+        return self.storage.reader
 
     @property
-    def store(self) -> Store:
-        """The database for writing (SQLAlchemy), opened on first use."""
-        if self._store is None:
-            self._store = _open_store(self.directory)
-        return self._store
+    def store(self) -> MetadataWriter:
+        """Writes of the metadata store (SQLAlchemy), opened on first use."""
+        return self.storage.writer
 
     def close(self) -> None:
-        """Release the database; vectors not yet saved are rebuilt from it next time."""
-        if self._reader is not None:
-            self._reader.close()
-        if self._store is not None:
-            self._store.close()
+        """Release the database; vectors not yet saved are synced from it next time."""
+        self.storage.close()
 
     def __enter__(self) -> Collection:
         return self
@@ -119,7 +97,7 @@ class Collection:
     @property
     def manifest(self) -> ModelManifest | None:
         """The model that built this index (None while it is empty and new)."""
-        return self._reader.manifest() if self._reader is not None else None
+        return self.storage.manifest()
 
     def _checked_request(self, manifest: ModelManifest) -> ModelSource | None:
         """Refuse a model asked for that is not the index's; the resolved weights if some were named."""
@@ -182,7 +160,7 @@ class Collection:
         from .query_cache import QueryCache
 
         manifest = self.manifest
-        cache = QueryCache(self.directory / "query-cache", repr(manifest.identity())) if manifest else None
+        cache = QueryCache(self.storage.query_cache_dir, repr(manifest.identity())) if manifest else None
         vector = cache.get(text) if cache else None
         if vector is None:
             if self._query_encoder is None:
@@ -208,54 +186,8 @@ class Collection:
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the index's write lock (waiting up to `self.wait` s for another process) and save on exit."""
-        self.reader  # noqa: B018 - a new index is created by its first write
-        try:
-            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise IndexReadOnly(f"index {self.directory} is read-only ({exc.strerror}): "
-                                "it can be queried but not changed") from None
-        try:
-            self._lock(fd)
-            if not os.access(self.directory, os.W_OK):
-                raise IndexReadOnly(f"index directory {self.directory} is read-only")
-            try:
-                yield
-            finally:
-                self.save()
-        finally:
-            os.close(fd)
-
-    def _lock(self, fd: int) -> None:
-        deadline = time.monotonic() + self.wait
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise IndexInUse(f"index {self.directory} is in use by another `mmsearch index`; "
-                                 "try again when it finishes, or wait for it (--wait SECONDS)")
-            if not waiting:
-                log.warning("index %s is in use by another process; waiting up to %.0f s", self.directory, self.wait)
-                waiting = True
-            time.sleep(min(0.25, left))
-
-    def claim_model(self) -> Encoder:
-        """Load the encoder and record (or check) it as this index's model."""
-        encoder = self.encoder
-        self.store.claim_model(encoder.manifest)
-        self.load_vectors()
-        return encoder
-
-    def load_vectors(self) -> None:
-        """Load every vector cache; done before a commit, so each batch is mirrored into them exactly once."""
-        if self.manifest is not None:
-            for kind in KINDS:
-                self.vectors(kind)
+        with self.storage.writing(self.wait):
+            yield
 
     def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:
         """Index image files/folders and text corpora (incremental); see `indexer.index_paths`.
@@ -268,11 +200,11 @@ class Collection:
         from .indexer import check_paths, index_paths
 
         paths = [str(p) for p in _listed(paths, "add")]
-        if self._reader is None:
+        if not self.storage.exists:
             check_paths(paths)
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
-            return index_paths(self, paths, **options)
+            return index_paths(self.storage, lambda: self.encoder, paths, **options)
 
     def remove(self, paths: Sequence[str | Path]) -> Removal:
         """Take files and folders (and what was indexed from them) out of the index; see `indexer.remove_paths`."""
@@ -280,108 +212,30 @@ class Collection:
 
         paths = [str(p) for p in _listed(paths, "remove")]
         with self.writing():
-            return remove_paths(self, paths)
+            return remove_paths(self.storage, paths)
 
     def add_texts(self, texts: Sequence[str], source: str) -> IndexReport:
         """Index texts that live in no file, under the name `source` (replacing earlier ones)."""
         from .indexer import index_texts
 
         texts = _listed(texts, "add_texts")
-        if self._reader is None:
+        if not self.storage.exists:
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
-            return index_texts(self, texts, source)
-
-    def apply(self, ids: dict[str, np.ndarray], vecs: dict[str, np.ndarray], gone: dict[str, np.ndarray]) -> None:
-        """Mirror one committed store batch into the vector caches."""
-        for kind, removed in gone.items():
-            if len(removed):
-                self.vectors(kind).remove(removed)
-                self._dirty.add(kind)
-        for kind, new in ids.items():
-            self.vectors(kind).add(new, vecs[kind])
-            self._dirty.add(kind)
-
-    def save(self) -> None:
-        """Atomically write every changed vector cache, re-laid out when it outgrew its layout."""
-        generation = self.reader.generation()
-        for kind in sorted(self._dirty):
-            index = self._vectors[kind]
-            forced = self.reader.setting(f"layout:{kind}")
-            if index.needs_rebuild(keep_layout=forced is not None):
-                index = self._vectors[kind] = self._build(kind, forced)
-            index.save(self._vector_path(kind), generation)
-        self._dirty.clear()
+            return index_texts(self.storage, self.encoder, texts, source)
 
     def reindex(self, layout: str | None = None) -> dict[str, str]:
-        """Rebuild every vector cache from the store.
+        """Rebuild every vector set from the metadata store.
 
         A FAISS `layout` given is kept by later runs; None goes back to the automatic choice.
         """
         with self.writing():
-            self.load_vectors()  # refuses vector files of a newer mmsearch instead of rebuilding over them
-            try:
-                built = {kind: self._build(kind, layout) for kind in KINDS}
-            except ValueError as exc:  # an unparsable FAISS factory string
-                raise BadQuery(str(exc).splitlines()[0]) from None
-            for kind, index in built.items():
-                self.store.set_setting(f"layout:{kind}", layout)
-                self._vectors[kind] = index
-                self._dirty.add(kind)
-        return {kind: self._vectors[kind].layout for kind in KINDS}
+            built = self.storage.vectors.rebuild([self.storage.key(kind) for kind in KINDS], layout)
+        return {key.kind: index.layout for key, index in built.items()}
 
-    # --- vector caches ----------------------------------------------------------------------
-
-    def _vector_path(self, kind: str) -> Path:
-        return self.directory / f"vectors-{kind}.faiss"
-
-    def _dim(self) -> int:
-        manifest = self.manifest
-        if manifest is None:
-            raise EmptyIndex(f"index {self.directory} is empty: run `mmsearch index PATH` first")
-        return manifest.dim
-
-    def _build(self, kind: str, layout: str | None = None) -> VectorIndex:
-        from .vectors import VectorIndex  # faiss loads only when vectors are needed
-
-        chunks = list(self.reader.vectors(kind))
-        dim = self._dim()
-        ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
-        vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
-        return VectorIndex.build(ids, vecs, dim, layout)
-
-    def vectors(self, kind: str) -> VectorIndex:
-        """The FAISS cache of one kind, loaded and brought up to date with the store."""
-        if kind in self._vectors:
-            return self._vectors[kind]
-        from .vectors import VectorFileDamaged, VectorIndex
-
-        generation = self.reader.generation()
-        path = self._vector_path(kind)
-        try:
-            index, saved = VectorIndex.load(path, self._dim())
-        except VectorFileDamaged as exc:
-            if path.exists():
-                log.warning("vector file %s is damaged (%s); rebuilding it from the database", path.name, exc)
-            index, saved = self._build(kind, self.reader.setting(f"layout:{kind}")), -1
-            self._dirty.add(kind)
-        if saved != generation and saved != -1:
-            self._sync(kind, index)
-        self._vectors[kind] = index
-        return index
-
-    def _sync(self, kind: str, index: VectorIndex) -> None:
-        """Bring a cache that lags the store (a crash between commit and save) up to date by id."""
-        have, want = index.ids(), self.reader.item_ids(kind)
-        extra = np.setdiff1d(have, want, assume_unique=True)
-        missing = np.setdiff1d(want, have, assume_unique=True)
-        if len(extra):
-            index.remove(extra)
-        for ids, vecs in self.reader.vectors(kind, missing):
-            index.add(ids, vecs)
-        if len(extra) or len(missing):
-            log.info("vector cache %s: %d added, %d removed to match the database", kind, len(missing), len(extra))
-            self._dirty.add(kind)
+    def vectors(self, kind: str) -> VectorSet:
+        """The searchable vectors of one kind, up to date with the metadata store."""
+        return self.storage.vector_set(kind)
 
     # --- searching --------------------------------------------------------------------------
 
@@ -389,7 +243,7 @@ class Collection:
         """Search by text, image (path or PIL image) or vector; see `search.search`."""
         from .search import search
 
-        return search(self, query, **options)
+        return search(self.storage, query, embed_text=self.embed_query_text, embed_images=self.embed_images, **options)
 
     def info(self) -> dict[str, Any]:
         """Index path, model, counts per kind, FAISS layouts, roots and how each is scanned,
@@ -397,14 +251,14 @@ class Collection:
         counts = self.reader.counts()
         ignored = self.reader.ignored()
         manifest = self.manifest
-        size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+        size = self.storage.size_bytes()
         layouts = {}
         if manifest is not None:
             for kind in KINDS:
                 if counts.get(kind):
                     layouts[kind] = self.vectors(kind).layout
         return {
-            "index": str(self.directory),
+            "index": self.storage.location,
             "model": None if manifest is None else {
                 "name": manifest.name, "pretrained": manifest.pretrained,
                 "checkpoint_sha256": manifest.checkpoint_sha256, "dim": manifest.dim,
@@ -442,8 +296,3 @@ def _listed(values: Any, method: str) -> list[Any]:
                         f"pass [{values!r}] for one item")
     return list(values)
 
-
-def _open_store(directory: Path) -> Store:
-    from .store import Store  # SQLAlchemy loads only when something is written
-
-    return Store.open(directory)
