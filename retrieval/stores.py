@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -193,11 +193,11 @@ class Storage(ABC):
         self.writer.claim_model(manifest)
         self.load_vectors()
 
-    def commit(self, **changes: object) -> dict[str, np.ndarray]:
+    def commit(self, **changes: Any) -> dict[str, np.ndarray]:
         """One batch (see `MetadataWriter.commit`) into the metadata store, then mirrored into the
         vector sets; returns the item ids deleted, per kind."""
         self.load_vectors()
-        ids, vecs, gone = self.writer.commit(**changes)  # type: ignore[arg-type]
+        ids, vecs, gone = self.writer.commit(**changes)
         for kind, removed in gone.items():
             if len(removed):
                 self.vectors.remove(self.key(kind), removed)
