@@ -189,6 +189,16 @@ class Collection:
         with self.storage.writing(self.wait):
             yield
 
+    def claim_model(self) -> Encoder:
+        """Load the encoder and record (or check) it as this index's model."""
+        encoder = self.encoder
+        self.storage.claim_model(encoder.manifest)
+        return encoder
+
+    def load_vectors(self) -> None:
+        """Load every vector set (a server warms up with it)."""
+        self.storage.load_vectors()
+
     def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:
         """Index image files/folders and text corpora (incremental); see `indexer.index_paths`.
 
@@ -204,7 +214,7 @@ class Collection:
             check_paths(paths)
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
-            return index_paths(self.storage, lambda: self.encoder, paths, **options)
+            return index_paths(self.storage, self.claim_model, paths, **options)
 
     def remove(self, paths: Sequence[str | Path]) -> Removal:
         """Take files and folders (and what was indexed from them) out of the index; see `indexer.remove_paths`."""
@@ -222,7 +232,7 @@ class Collection:
         if not self.storage.exists:
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
-            return index_texts(self.storage, self.encoder, texts, source)
+            return index_texts(self.storage, self.claim_model, texts, source)
 
     def reindex(self, layout: str | None = None) -> dict[str, str]:
         """Rebuild every vector set from the metadata store.

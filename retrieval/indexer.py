@@ -275,15 +275,15 @@ def sha256_file_safe(path: str) -> str:
         return ""
 
 
-def index_paths(storage: Storage, load_encoder: Callable[[], Encoder], paths: Sequence[str], *, text_field: str | None = None,
+def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Sequence[str], *, text_field: str | None = None,
                 exclude: Sequence[str] | None = None, include_hidden: bool | None = None, prune: bool = False,
                 batch_size: int = 64, workers: int | None = None, draft: bool = True,
                 progress: Callable[[int], None] | None = None,
                 on_total: Callable[[int], None] | None = None) -> IndexReport:
     """Index files and folders into `storage` incrementally; see the module docstring.
 
-    `load_encoder()` gives the index's encoder; it is called (the model loaded) only once the
-    paths and settings are checked.
+    `claim_model()` loads the index's encoder and records it as the index's model (or refuses
+    it); it is called only once the paths and settings are checked.
 
     `exclude` (fnmatch patterns on the path below the root, see `scan.excluded`),
     `include_hidden` and `text_field` are stored per root: None keeps the stored value, a value
@@ -299,8 +299,7 @@ def index_paths(storage: Storage, load_encoder: Callable[[], Encoder], paths: Se
     stored = reader.root_options()
     options = root_options(stored, roots, exclude, include_hidden, text_field)
     limits = None if prune else prune_limits(reader)  # a bad setting fails before anything changes
-    encoder = load_encoder()
-    storage.claim_model(encoder.manifest)
+    encoder = claim_model()
     work = plan(reader, options, stored, report, limits=limits)
     report.unchanged = work.unchanged
     report.skipped = len(report.failures)
@@ -488,10 +487,12 @@ def _commit_texts(storage: Storage, encoder: Encoder, file: NewFile, lines: list
     storage.commit(added=[file], failures=bad, cleared_failures=[file.path, *stale])
 
 
-def index_texts(storage: Storage, encoder: Encoder, texts: list[str], source: str) -> IndexReport:
-    """Index texts given directly (no file), stored under `source`; replaces earlier texts of `source`."""
+def index_texts(storage: Storage, claim_model: Callable[[], Encoder], texts: list[str], source: str) -> IndexReport:
+    """Index texts given directly (no file), stored under `source`; replaces earlier texts of `source`.
+
+    `claim_model()` loads the index's encoder and records it as the index's model."""
     report = IndexReport()
-    storage.claim_model(encoder.manifest)
+    encoder = claim_model()
     sha = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     kept = [(n, t) for n, t in enumerate(texts, start=1) if t.strip()]
     _commit_texts(storage, encoder, NewFile(source, "text", 0, 0.0, sha), [n for n, _ in kept], [t for _, t in kept], [], report)
