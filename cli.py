@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 import retrieval
+from retrieval.calibrate import AUTO_RELEVANCE
 from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, kind_of
 from retrieval.dupes import DEFAULT_THRESHOLD
 from retrieval.search import TARGETS
@@ -212,7 +213,8 @@ Examples:
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Number of results.")
 @click.option("--min-score", type=_MinScore(),
               help="Drop results below this cosine similarity (-1 to 1), or 'auto': keep results whose "
-                   "relevance (standard deviations above the query's mean score over the index) is at least 2.")
+                   f"relevance (standard deviations above the query's mean score over the index) is at least "
+                   f"{AUTO_RELEVANCE:g}.")
 @click.option("--within", type=click.FloatRange(0, 2), metavar="DELTA",
               help="Keep results scoring at most DELTA below the best one (e.g. 0.05).")
 @click.option("--collapse", is_flag=True, help="One result per group of near-duplicates (cosine >= 0.95).")

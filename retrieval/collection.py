@@ -397,11 +397,11 @@ class Collection:
 
         return search(self, query, **options)
 
-    def duplicates(self, threshold: float = 0.95) -> list[Group]:
-        """Groups of near-identical images (cosine ≥ threshold); reports only; see `dupes.find_duplicates`."""
-        from .dupes import find_duplicates
+    def duplicates(self, threshold: float | None = None) -> list[Group]:
+        """Groups of near-identical images (cosine ≥ threshold, default 0.95); reports only; see `dupes`."""
+        from .dupes import DEFAULT_THRESHOLD, find_duplicates
 
-        return find_duplicates(self, threshold)
+        return find_duplicates(self, DEFAULT_THRESHOLD if threshold is None else threshold)
 
     def info(self) -> dict[str, Any]:
         """Index path, model, counts per kind, FAISS layouts, roots and how each is scanned,

@@ -44,13 +44,14 @@ def parse_weight(part: str) -> tuple[str, float]:
     return text, weight
 
 
-def combine(base: np.ndarray, add: Sequence[tuple[np.ndarray, float]] = (),
-            subtract: Sequence[tuple[np.ndarray, float]] = ()) -> np.ndarray:
-    """normalize(base + Σ w·add − Σ w·subtract): the unit query vector (see the module's formula).
+def combine(add: Sequence[tuple[np.ndarray, float]], subtract: Sequence[tuple[np.ndarray, float]] = ()) -> np.ndarray:
+    """normalize(Σ w·add − Σ w·subtract) over (vector, weight) pairs: the unit query vector.
 
     BadQuery when the parts cancel out (a zero vector has no direction to search in).
     """
-    vec = np.asarray(base, dtype=np.float64).copy()
+    if not add:
+        raise BadQuery("a query needs a text or an image to add to")
+    vec = np.zeros(len(add[0][0]), dtype=np.float64)
     for part, weight in add:
         vec += weight * np.asarray(part, dtype=np.float64)
     for part, weight in subtract:
@@ -89,14 +90,11 @@ def query_of(collection: Collection, query: Any, add: Sequence[str] = (),
         raise BadQuery("empty query: give a text, an image or both")
     if len(parts) == 1 and not isinstance(parts[0], str) and not add and not subtract:
         return query_vector(collection, parts[0])  # one image or vector: the plain query
-    texts = [p for p in parts if isinstance(p, str)]
-    images = [query_vector(collection, p) for p in parts if not isinstance(p, str)]
     embed = functools.partial(_text_vector, collection)
-    base = mean_vector([vec for vec, _ in images]) if images else np.zeros(0, np.float32)
-    own = weighted_texts(texts, embed)
-    if not images:
-        base, own = own[0][0] * own[0][1], own[1:]
-    vec = combine(base, [*own, *weighted_texts(add, embed)], weighted_texts(subtract, embed))
+    texts = weighted_texts([p for p in parts if isinstance(p, str)], embed)
+    images = [query_vector(collection, p) for p in parts if not isinstance(p, str)]
+    pictured = [(mean_vector([vec for vec, _ in images]), 1.0)] if images else []
+    vec = combine([*pictured, *texts, *weighted_texts(add, embed)], weighted_texts(subtract, embed))
     return vec, "images" if texts else images[0][1]
 
 
