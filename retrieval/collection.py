@@ -27,6 +27,7 @@ from .stores import MetadataReader, MetadataWriter, Storage
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .dupes import Group
     from .encoder import Encoder, ModelSource
     from .indexer import IndexReport, Removal
     from .search import Result
@@ -160,7 +161,7 @@ class Collection:
         from .query_cache import QueryCache
 
         manifest = self.manifest
-        cache = QueryCache(self.storage.query_cache_dir, repr(manifest.identity())) if manifest else None
+        cache = QueryCache(self.storage.cache_dir / "query-cache", repr(manifest.identity())) if manifest else None
         vector = cache.get(text) if cache else None
         if vector is None:
             if self._query_encoder is None:
@@ -249,11 +250,22 @@ class Collection:
 
     # --- searching --------------------------------------------------------------------------
 
-    def search(self, query: str | Path | Image.Image | np.ndarray, **options: Any) -> list[Result]:
-        """Search by text, image (path or PIL image) or vector; see `search.search`."""
-        from .search import search
+    def search(self, query: str | Path | Image.Image | np.ndarray | Sequence[str | Path | Image.Image],
+               **options: Any) -> list[Result]:
+        """Search by text, image (path or PIL image), vector, or a list of texts and images combined.
 
-        return search(self.storage, query, embed_text=self.embed_query_text, embed_images=self.embed_images, **options)
+        Options include `k`, `target`, `under`, `add`/`subtract` (texts, "text::weight"), `exclude`
+        (texts), `min_score` (a cosine or 'auto'), `within` and `collapse`; see `search.search`.
+        """
+        from .search import Searcher, search
+
+        return search(Searcher(self.storage, self.embed_query_text, self.embed_images), query, **options)
+
+    def duplicates(self, threshold: float | None = None) -> list[Group]:
+        """Groups of near-identical images (cosine ≥ threshold, default 0.95); reports only; see `dupes`."""
+        from .dupes import DEFAULT_THRESHOLD, find_duplicates
+
+        return find_duplicates(self.storage, DEFAULT_THRESHOLD if threshold is None else threshold)
 
     def info(self) -> dict[str, Any]:
         """Index path, model, counts per kind, FAISS layouts, roots and how each is scanned,

@@ -85,9 +85,9 @@ class LocalStorage(Storage):
         return self._vectors
 
     @property
-    def query_cache_dir(self) -> Path:
-        """`query-cache/` in the index directory."""
-        return self.directory / "query-cache"
+    def cache_dir(self) -> Path:
+        """The index directory."""
+        return self.directory
 
     @contextmanager
     def lock(self, wait: float) -> Iterator[None]:

@@ -137,7 +137,7 @@ def test_vector_sets_are_keyed_by_model_and_kind_with_the_old_file_names(tmp_pat
     assert {p.name: p.read_bytes() for p in index.glob("*.faiss")} == before  # opened, not rebuilt
 
 
-@pytest.mark.parametrize("module", ["indexer", "search", "stores", "local", "faiss_store", "store", "reader", "schema"])
+@pytest.mark.parametrize("module", ["indexer", "search", "compose", "dupes", "calibrate", "stores", "local", "faiss_store", "store", "reader", "schema"])
 def test_the_layers_below_the_collection_never_import_it(module: str) -> None:
     """Data flows one way: the indexer, search and the stores are handed what they need."""
     tree = ast.parse((REPO / "retrieval" / f"{module}.py").read_text())
