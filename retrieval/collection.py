@@ -248,6 +248,11 @@ class Collection:
         """The searchable vectors of one kind, up to date with the metadata store."""
         return self.storage.vector_set(kind)
 
+    def refresh(self) -> list[str]:
+        """Take up the vectors another process (`mmsearch index`) saved since they were loaded
+        (see `VectorStore.refresh`); returns the kinds swapped."""
+        return [key.kind for key in self.storage.vectors.refresh()] if self.storage.model() is not None else []
+
     # --- searching --------------------------------------------------------------------------
 
     def search(self, query: str | Path | Image.Image | np.ndarray | Sequence[str | Path | Image.Image],

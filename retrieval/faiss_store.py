@@ -11,6 +11,7 @@ a set is needed.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,10 @@ class FaissVectorStore:
         self._writer = writer
         self._sets: dict[VectorKey, VectorIndex] = {}
         self._dirty: set[VectorKey] = set()
+        #: (inode, mtime, size) of each set's file as loaded or saved, to notice another process's save.
+        self._loaded: dict[VectorKey, tuple[int, int, int]] = {}
+        # Threads of one process (a web server) share this store: each set is loaded once.
+        self._loading = threading.RLock()
 
     def _name(self, key: VectorKey) -> str:
         """The set's name in file and setting names: the kind alone for the index's model, as before."""
@@ -59,12 +64,20 @@ class FaissVectorStore:
 
     def get(self, key: VectorKey) -> VectorIndex:
         """The set of `key`, loaded and brought up to date with the metadata store."""
-        if key in self._sets:
+        index = self._sets.get(key)
+        if index is not None:
+            return index
+        with self._loading:
+            if key not in self._sets:
+                self._sets[key] = self._load(key)
             return self._sets[key]
+
+    def _load(self, key: VectorKey) -> VectorIndex:
         from .vectors import VectorFileDamaged, VectorIndex  # faiss loads only when vectors are needed
 
         generation = self._reader.generation()
         path = self.path(key)
+        stamp = _file_stamp(path)
         try:
             index, saved = VectorIndex.load(path, self._dim)
         except VectorFileDamaged as exc:
@@ -74,8 +87,34 @@ class FaissVectorStore:
             self._dirty.add(key)
         if saved != generation and saved != -1:
             self._sync(key, index)
-        self._sets[key] = index
+        if stamp is not None:
+            self._loaded[key] = stamp
         return index
+
+    def refresh(self) -> list[VectorKey]:
+        """Swap in the files another process (`mmsearch index`) saved since the sets were loaded.
+
+        Each file is a committed state (written whole, then renamed), loaded memory-mapped and
+        used as it is, never copied; a search already running keeps the set it started with.
+        Items committed but not yet saved appear at the writer's next save. Returns the keys swapped.
+        """
+        from .vectors import VectorFileDamaged, VectorIndex
+
+        swapped = []
+        with self._loading:
+            for key in list(self._sets):
+                path = self.path(key)
+                stamp = _file_stamp(path)
+                if stamp is None or stamp == self._loaded.get(key) or key in self._dirty:
+                    continue
+                try:
+                    index, _ = VectorIndex.load(path, self._dim)
+                except VectorFileDamaged:
+                    continue  # keep answering from the one we have
+                self._sets[key] = index
+                self._loaded[key] = stamp
+                swapped.append(key)
+        return swapped
 
     def add(self, key: VectorKey, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add (or replace) vectors by item id."""
@@ -96,6 +135,7 @@ class FaissVectorStore:
             if index.needs_rebuild(keep_layout=forced is not None):
                 index = self._sets[key] = self._build(key, forced)
             index.save(self.path(key), generation)
+            self._loaded[key] = _file_stamp(self.path(key)) or (0, 0, 0)
         self._dirty.clear()
 
     def rebuild(self, keys: Sequence[VectorKey], layout: str | None = None) -> dict[VectorKey, VectorIndex]:
@@ -134,3 +174,12 @@ class FaissVectorStore:
         if len(extra) or len(missing):
             log.info("vector cache %s: %d added, %d removed to match the database", key.kind, len(missing), len(extra))
             self._dirty.add(key)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten (None if it is missing)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,8 @@ class LocalStorage(Storage):
         self._reader = reader
         self._store = store
         self._vectors: FaissVectorStore | None = None
+        # Threads of one process (a web server) share this object: each lazy open happens once.
+        self._opening = threading.RLock()
 
     @classmethod
     def open(cls, directory: Path, *, create: bool = True) -> LocalStorage:
@@ -61,15 +64,19 @@ class LocalStorage(Storage):
     def reader(self) -> StoreReader:
         """Reads of the database; a new index is created here, on its first use."""
         if self._reader is None:
-            self.writer  # noqa: B018 - creates and migrates the database
-            self._reader = StoreReader.open(self.directory)
+            with self._opening:
+                if self._reader is None:
+                    self.writer  # noqa: B018 - creates and migrates the database
+                    self._reader = StoreReader.open(self.directory)
         return self._reader
 
     @property
     def writer(self) -> Store:
         """The database for writing (SQLAlchemy), opened on first use."""
         if self._store is None:
-            self._store = _open_store(self.directory)
+            with self._opening:
+                if self._store is None:
+                    self._store = _open_store(self.directory)
         return self._store
 
     @property
@@ -78,10 +85,13 @@ class LocalStorage(Storage):
         if self._vectors is None:
             from .faiss_store import FaissVectorStore
 
-            manifest, model = self.manifest(), self.model()
-            if manifest is None or model is None:
-                raise EmptyIndex(f"index {self.location} is empty: run `mmsearch index PATH` first")
-            self._vectors = FaissVectorStore(self.directory, self.reader, manifest.dim, model, lambda: self.writer)
+            with self._opening:
+                manifest, model = self.manifest(), self.model()
+                if manifest is None or model is None:
+                    raise EmptyIndex(f"index {self.location} is empty: run `mmsearch index PATH` first")
+                if self._vectors is None:
+                    self._vectors = FaissVectorStore(self.directory, self.reader, manifest.dim, model,
+                                                     lambda: self.writer)
         return self._vectors
 
     @property

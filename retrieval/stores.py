@@ -97,7 +97,8 @@ class VectorStore(Protocol):
     `get` returns a set brought up to date with the metadata store's generation (synced by id
     when behind, rebuilt when damaged or missing); `add`/`remove` mirror a committed batch
     (an id added again replaces its vector); `save` persists every changed set atomically with
-    the generation it reflects; `rebuild` makes sets afresh from the metadata store (a layout
+    the generation it reflects; `refresh` takes up, for the sets loaded, what another process
+    saved since (returning the keys swapped); `rebuild` makes sets afresh from the metadata store (a layout
     given is kept for them), all or none.
     """
 
@@ -105,6 +106,7 @@ class VectorStore(Protocol):
     def add(self, key: VectorKey, ids: np.ndarray, vectors: np.ndarray) -> None: ...
     def remove(self, key: VectorKey, ids: np.ndarray) -> None: ...
     def save(self) -> None: ...
+    def refresh(self) -> list[VectorKey]: ...
     def rebuild(self, keys: Sequence[VectorKey], layout: str | None = None) -> Mapping[VectorKey, VectorSet]: ...
 
 

@@ -69,6 +69,9 @@ class NumpyVectorStore:
     def save(self) -> None:
         pass
 
+    def refresh(self) -> list[VectorKey]:
+        return []  # nothing on disk to take up
+
     def rebuild(self, keys, layout=None):
         for key in keys:
             self.sets.pop(key, None)
@@ -135,6 +138,47 @@ def test_vector_sets_are_keyed_by_model_and_kind_with_the_old_file_names(tmp_pat
         with pytest.raises(ValueError, match="no vectors of model"):
             idx.storage.vectors.get(VectorKey("another-model", "image"))
     assert {p.name: p.read_bytes() for p in index.glob("*.faiss")} == before  # opened, not rebuilt
+
+
+def test_a_reader_takes_up_what_another_writer_saved_and_loads_each_set_once(tmp_path, tiny_model, photos,
+                                                                            monkeypatch) -> None:
+    """A long-lived reader (a web server) sees a later `add` after `refresh`, never a half-state; threads
+    asking for the same set at once load its file once."""
+    import threading
+    import time
+
+    from retrieval import vectors
+
+    index = tmp_path / "idx"
+    extra = photos / "sub" / "img5.gif"
+    moved = tmp_path / "img5.gif"
+    extra.rename(moved)
+    with _open(index, LocalStorage, tiny_model) as writer:
+        writer.add([photos], workers=0)
+    loads = []
+    real_load = vectors.VectorIndex.load.__func__
+
+    def slow_load(cls, *args, **kwargs):
+        loads.append(1)
+        time.sleep(0.2)  # widen the window in which a second thread would load it again
+        return real_load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(vectors.VectorIndex, "load", classmethod(slow_load))
+    with retrieval.open_index(index, create=False) as reader:
+        threads = [threading.Thread(target=reader.vectors, args=("image",)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(loads) == 1
+        held = reader.vectors("image")
+        assert reader.refresh() == []  # nothing saved since
+        moved.rename(extra)
+        with _open(index, LocalStorage, tiny_model) as writer:
+            assert writer.add([photos], workers=0).added == 1
+        assert reader.refresh() == ["image"]
+        assert len(reader.vectors("image")) == len(held) + 1
+        assert reader.search("a red square", k=10, under=photos / "sub")[0].path == str(extra)
 
 
 @pytest.mark.parametrize("module", ["indexer", "search", "compose", "dupes", "calibrate", "stores", "local", "faiss_store", "store", "reader", "schema"])
