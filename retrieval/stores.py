@@ -98,8 +98,8 @@ class VectorStore(Protocol):
     when behind, rebuilt when damaged or missing); `add`/`remove` mirror a committed batch
     (an id added again replaces its vector); `save` persists every changed set atomically with
     the generation it reflects; `refresh` takes up, for the sets loaded, what another process
-    saved since (returning the keys swapped); `rebuild` makes sets afresh from the metadata store (a layout
-    given is kept for them), all or none.
+    saved since (returning the keys swapped); `rebuild` makes sets afresh from the metadata
+    store (a layout given is kept for them), all or none.
     """
 
     def get(self, key: VectorKey) -> VectorSet: ...
