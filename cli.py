@@ -116,16 +116,24 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
 @click.option("--min-score", type=float, help="Drop results below this cosine similarity.")
 @click.option("--under", type=click.Path(path_type=Path), help="Only items whose file lies in this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as a self-contained web page (thumbnails inside) to this file.")
 @_device_option
 @_reports_errors
 def query(text: str | None, image: Path | None, index_dir: Path | None, target: str | None, k: int,
-          min_score: float | None, under: Path | None, as_json: bool, device: str) -> None:
+          min_score: float | None, under: Path | None, as_json: bool, html_file: Path | None, device: str) -> None:
     """Find images for TEXT, or texts (--target images|all) for --image."""
     _setup_logging(False)
     if (text is None) == (image is None):
         raise click.UsageError("give either a TEXT query or --image PATH")
     with retrieval.open_index(index_dir, device=device, create=False) as idx:
         results = idx.search(image if image is not None else text, k=k, target=target, min_score=min_score, under=under)
+        if html_file:
+            from retrieval.gallery import Thumbnails, results_html
+
+            page = results_html(text if image is None else f"like {image.name}", results, Thumbnails(idx))
+            html_file.write_text(page, encoding="utf-8")
+            click.echo(f"wrote {html_file} ({len(results)} results)", err=True)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2))
         return
@@ -189,6 +197,44 @@ def reindex(index_dir: Path | None, layout: str | None, wait: float) -> None:
     with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
         layouts = idx.reindex(layout)
     click.echo(", ".join(f"{kind}: {name}" for kind, name in layouts.items()), err=True)
+
+
+@cli.command()
+@_index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --token (or --no-auth).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--token", envvar="MMSEARCH_TOKEN",
+              help="Secret every API request must carry (env MMSEARCH_TOKEN keeps it out of `ps`).")
+@click.option("--no-auth", is_flag=True, help="Serve a non-loopback address without a token (anyone may search).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Another name clients use for this server (Host header), e.g. a DNS name. Repeatable.")
+@click.option("--max-upload", type=click.FloatRange(0.001), default=20, show_default=True, metavar="MB",
+              help="Largest query image accepted.")
+@_device_option
+@_reports_errors
+def serve(index_dir: Path | None, host: str, port: int, token: str | None, no_auth: bool,
+          allow_hosts: tuple[str, ...], max_upload: float, device: str) -> None:
+    """Serve a web gallery and a JSON API for the index (http://127.0.0.1:8765/)."""
+    try:
+        import uvicorn
+
+        from retrieval import server
+    except ImportError as exc:
+        raise click.ClickException(f"`serve` needs the web extra ({exc.name} is missing): "
+                                   "pip install 'mmsearch[serve]'") from None
+    _setup_logging(False)
+    warning = server.check_bind(host, token, no_auth)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+    with retrieval.open_index(index_dir, device=device, create=False) as idx:
+        app = server.create_app(idx, host=host, token=token, allow_hosts=allow_hosts,
+                                max_upload=int(max_upload * 1024 * 1024))
+        server.warm_up(idx)
+        sock = server.listen(host, port)
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"serving {idx.directory} at http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C stops)", err=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])
 
 
 def main() -> None:
