@@ -7,8 +7,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 import retrieval  # noqa: E402
 from retrieval import server  # noqa: E402
-from conftest import REPO, run_mmsearch, solid_image  # noqa: E402
+from conftest import REPO, run_mmsearch, solid_image, start_server, stop_server  # noqa: E402
 
 DEMO = REPO / "index_data" / "demo"
 LOCAL = "http://127.0.0.1:8765"
@@ -451,35 +449,6 @@ def test_reindex_while_serving_answers_from_the_new_generation(tmp_path: Path, m
 
 
 # --- a live server ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(index: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`mmsearch serve` in a subprocess on a free loopback port; returns it and its base URL once it answers."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--index", str(index), "--port", str(port),
-                             *args], stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    line = proc.stderr.readline()  # "serving ... at http://127.0.0.1:PORT/"
-    if f":{port}/" not in line:
-        proc.kill()
-        raise AssertionError(f"server did not start: {line}{proc.stderr.read()}")
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stderr.close()
 
 
 def test_live_uvicorn_server(demo_index: Path, model_cache: Path) -> None:
