@@ -119,3 +119,25 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
         proc.wait()
     proc.stderr.close()
+
+
+#: A file name that is also HTML: the gallery must show it as text.
+EVIL_NAME = "<img src=x onerror=alert(1)>.png"
+
+
+@pytest.fixture(scope="session")
+def gallery_index(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    """The demo corpus plus an image named like an HTML tag, indexed with shapes-mini once per run."""
+    import shutil
+
+    import retrieval
+
+    root = tmp_path_factory.mktemp("gallery")
+    shutil.copytree(REPO / "index_data" / "demo", root / "demo")
+    solid_image(root / "demo" / EVIL_NAME, (200, 30, 30), (90, 60))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMSEARCH_CACHE", str(model_cache))
+        mp.setenv("MMSEARCH_OFFLINE", "1")
+        with retrieval.open_index(root / "index", model="shapes-mini") as idx:
+            idx.add([root / "demo"])
+    return root / "index"

@@ -6,8 +6,8 @@ Set MMSEARCH_SCREENSHOT=path.png to keep the gallery screenshot (docs/gallery.pn
 
 from __future__ import annotations
 
+import base64
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -17,33 +17,17 @@ import pytest
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install 'mmsearch[serve]'")
 pytest.importorskip("selenium", reason="selenium is not installed: pip install 'mmsearch[test]'")
 
-from conftest import REPO, solid_image, start_server, stop_server  # noqa: E402
+from conftest import EVIL_NAME, REPO, start_server, stop_server  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 DEMO = REPO / "index_data" / "demo"
-EVIL_NAME = "<img src=x onerror=alert(1)>.png"
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
                        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def demo_index(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
-    import retrieval
-
-    root = tmp_path_factory.mktemp("gallery")
-    shutil.copytree(DEMO, root / "demo")
-    solid_image(root / "demo" / EVIL_NAME, (200, 30, 30), (90, 60))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMSEARCH_CACHE", str(model_cache))
-        mp.setenv("MMSEARCH_OFFLINE", "1")
-        with retrieval.open_index(root / "index", model="shapes-mini") as idx:
-            idx.add([root / "demo"])
-    return root / "index"
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +48,8 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def served(demo_index: Path, model_cache: Path) -> Iterator[str]:
-    proc, url = start_server(demo_index, env={"MMSEARCH_CACHE": str(model_cache)})
+def served(gallery_index: Path, model_cache: Path) -> Iterator[str]:
+    proc, url = start_server(gallery_index, env={"MMSEARCH_CACHE": str(model_cache)})
     yield url
     stop_server(proc)
 
@@ -147,7 +131,7 @@ def test_dropped_image_searches(browser, served: str) -> None:
         data.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
         window.dispatchEvent(new DragEvent("dragenter", {dataTransfer: data, bubbles: true}));
         window.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
-    """, __import__("base64").b64encode((DEMO / "green_circle_03.jpg").read_bytes()).decode())
+    """, base64.b64encode((DEMO / "green_circle_03.jpg").read_bytes()).decode())
     _wait(browser, lambda d: "image dropped.jpg" in d.find_element(By.ID, "status").text)
     assert "green circle" in _results(browser)[0].find_element(By.TAG_NAME, "blockquote").text
     assert not browser.find_element(By.ID, "drop").is_displayed()
@@ -220,11 +204,11 @@ def test_file_name_with_html_is_shown_as_text(browser, served: str) -> None:
         browser.switch_to.alert.text  # noqa: B018 - onerror=alert(1) never ran
 
 
-def test_login_form_with_a_token(browser, demo_index: Path, model_cache: Path) -> None:
+def test_login_form_with_a_token(browser, gallery_index: Path, model_cache: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    proc, url = start_server(demo_index, "--token", "browser-secret", env={"MMSEARCH_CACHE": str(model_cache)})
+    proc, url = start_server(gallery_index, "--token", "browser-secret", env={"MMSEARCH_CACHE": str(model_cache)})
     try:
         browser.get(url + "/?q=a+green+star")
         token = _wait(browser, lambda d: d.find_element(By.ID, "token") if d.find_element(By.ID, "token")

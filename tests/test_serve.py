@@ -28,27 +28,11 @@ from conftest import REPO, run_mmsearch, solid_image, start_server, stop_server 
 
 DEMO = REPO / "index_data" / "demo"
 LOCAL = "http://127.0.0.1:8765"
-EVIL_NAME = "<img src=x onerror=alert(1)>.png"
-
-
-@pytest.fixture(scope="module")
-def demo_index(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
-    """The demo corpus (plus one image with HTML in its name) indexed with shapes-mini, once per module."""
-    root = tmp_path_factory.mktemp("serve")
-    photos = root / "demo"
-    shutil.copytree(DEMO, photos)
-    solid_image(photos / EVIL_NAME, (200, 30, 30), (90, 60))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMSEARCH_CACHE", str(model_cache))
-        mp.setenv("MMSEARCH_OFFLINE", "1")
-        with retrieval.open_index(root / "index", model="shapes-mini") as idx:
-            idx.add([photos])
-    return root / "index"
 
 
 @pytest.fixture
-def collection(demo_index: Path) -> Iterator[retrieval.Collection]:
-    with retrieval.open_index(demo_index, create=False) as idx:
+def collection(gallery_index: Path) -> Iterator[retrieval.Collection]:
+    with retrieval.open_index(gallery_index, create=False) as idx:
         yield idx
 
 
@@ -81,13 +65,13 @@ def test_text_search_returns_the_cli_json_fields_with_ids(client: TestClient, co
     assert all(set(r) == {"rank", "score", "kind", "path", "id"} for r in body)
 
 
-def test_search_parameters_target_min_score_and_under(client: TestClient, demo_index: Path) -> None:
+def test_search_parameters_target_min_score_and_under(client: TestClient, gallery_index: Path) -> None:
     texts = client.get("/api/search", params={"q": "a red circle", "target": "texts", "k": 3}).json()
     assert [r["kind"] for r in texts] == ["text"] * 3 and texts[0]["text"] == "a red circle"
     assert texts[0]["line"] == 1
     high = client.get("/api/search", params={"q": "a red circle", "k": 50, "min_score": 0.9}).json()
     assert high and all(r["score"] >= 0.9 for r in high) and len(high) < 50
-    folder = str(demo_index.parent / "demo")
+    folder = str(gallery_index.parent / "demo")
     assert client.get("/api/search", params={"q": "a red circle", "under": folder}).json()
     assert client.get("/api/search", params={"q": "a red circle", "under": "/nowhere"}).json() == []
 
@@ -137,13 +121,13 @@ def test_upload_errors(collection: retrieval.Collection) -> None:
     assert client.post("/api/search/image", files={"other": ("x.png", _png())}).status_code == 400
 
 
-def test_uploads_are_never_written_near_the_index(client: TestClient, demo_index: Path) -> None:
-    before = {p for p in demo_index.parent.rglob("*") if "thumbs" not in p.parts and "query-cache" not in p.parts}
+def test_uploads_are_never_written_near_the_index(client: TestClient, gallery_index: Path) -> None:
+    before = {p for p in gallery_index.parent.rglob("*") if "thumbs" not in p.parts and "query-cache" not in p.parts}
     big = BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (900, 900, 3), dtype=np.uint8)).save(big, "PNG")
     assert len(big.getvalue()) > 1_100_000  # over the 1 MB multipart spool threshold
     assert client.post("/api/search/image", files={"image": ("noise.png", big.getvalue())}).status_code == 200
-    after = {p for p in demo_index.parent.rglob("*") if "thumbs" not in p.parts and "query-cache" not in p.parts}
+    after = {p for p in gallery_index.parent.rglob("*") if "thumbs" not in p.parts and "query-cache" not in p.parts}
     assert after == before
 
 
@@ -167,8 +151,8 @@ def test_similar_uses_the_stored_vector_and_leaves_the_item_out(client: TestClie
     assert client.get("/api/similar/x1").status_code == 400
 
 
-def test_info_is_what_mmsearch_info_json_prints(client: TestClient, demo_index: Path) -> None:
-    cli = run_mmsearch("info", "--json", "--index", demo_index)
+def test_info_is_what_mmsearch_info_json_prints(client: TestClient, gallery_index: Path) -> None:
+    cli = run_mmsearch("info", "--json", "--index", gallery_index)
     assert cli.returncode == 0, cli.stderr
     assert client.get("/api/info").json() == json.loads(cli.stdout)
 
@@ -206,11 +190,11 @@ def test_thumbnail_is_an_upright_jpeg_cached_by_file_hash(tmp_path: Path) -> Non
         assert len(list((tmp_path / "idx" / "thumbs").glob("*.jpg"))) == 2
 
 
-def test_read_only_index_caches_thumbnails_per_user(demo_index: Path, tmp_path: Path, model_cache: Path) -> None:
+def test_read_only_index_caches_thumbnails_per_user(gallery_index: Path, tmp_path: Path, model_cache: Path) -> None:
     if os.geteuid() == 0:
         pytest.skip("root can write a read-only directory")
     copy = tmp_path / "ro-index"
-    shutil.copytree(demo_index, copy)
+    shutil.copytree(gallery_index, copy)
     shutil.rmtree(copy / "thumbs", ignore_errors=True)
     copy.chmod(0o555)
     try:
@@ -341,14 +325,14 @@ def test_foreign_host_headers_are_refused(collection) -> None:
     assert wildcard.get("/api/info", headers={"host": "192.168.1.5:8765", "authorization": "Bearer t"}).status_code == 200
 
 
-def test_non_loopback_bind_needs_a_token(demo_index: Path) -> None:
+def test_non_loopback_bind_needs_a_token(gallery_index: Path) -> None:
     with pytest.raises(server.CannotListen, match="--token"):
         server.check_bind("0.0.0.0", None, False)
     assert server.check_bind("127.0.0.1", None, False) is None
     assert server.check_bind("::1", None, False) is None
     assert server.check_bind("0.0.0.0", "t", False) is None
     assert "without a token" in server.check_bind("192.168.1.5", None, True)
-    refused = run_mmsearch("serve", "--index", demo_index, "--host", "0.0.0.0")
+    refused = run_mmsearch("serve", "--index", gallery_index, "--host", "0.0.0.0")
     assert refused.returncode == 1
     assert "--token" in refused.stderr and "Traceback" not in refused.stderr
 
@@ -373,7 +357,7 @@ def test_page_shell_is_served_with_a_strict_policy(client: TestClient) -> None:
 # --- one process, many threads; a re-index in another process ----------------------------------
 
 
-def test_lazy_loads_happen_once_under_concurrent_requests(demo_index: Path, monkeypatch) -> None:
+def test_lazy_loads_happen_once_under_concurrent_requests(gallery_index: Path, monkeypatch) -> None:
     from retrieval import encoder, vectors
 
     calls = {"export": 0, "vectors": 0}
@@ -391,7 +375,7 @@ def test_lazy_loads_happen_once_under_concurrent_requests(demo_index: Path, monk
 
     monkeypatch.setattr(encoder, "load_export", slow_export)
     monkeypatch.setattr(vectors.VectorIndex, "load", classmethod(slow_load))
-    with retrieval.open_index(demo_index, create=False) as idx:
+    with retrieval.open_index(gallery_index, create=False) as idx:
         client = TestClient(server.create_app(idx), base_url=LOCAL)
         words = ["red", "blue", "green", "yellow", "white", "black", "purple", "orange"]
         answers: dict[str, list] = {}
@@ -451,10 +435,10 @@ def test_reindex_while_serving_answers_from_the_new_generation(tmp_path: Path, m
 # --- a live server ----------------------------------------------------------------------------
 
 
-def test_live_uvicorn_server(demo_index: Path, model_cache: Path) -> None:
+def test_live_uvicorn_server(gallery_index: Path, model_cache: Path) -> None:
     import httpx
 
-    proc, url = start_server(demo_index, "--token", "live-token", env={"MMSEARCH_CACHE": str(model_cache)})
+    proc, url = start_server(gallery_index, "--token", "live-token", env={"MMSEARCH_CACHE": str(model_cache)})
     try:
         auth = {"Authorization": "Bearer live-token"}
         hits = httpx.get(f"{url}/api/search", params={"q": "a red circle", "k": 3}, headers=auth, timeout=30).json()
@@ -478,14 +462,14 @@ def test_live_uvicorn_server(demo_index: Path, model_cache: Path) -> None:
         stop_server(proc)
 
 
-def test_query_html_writes_a_self_contained_escaped_page(demo_index: Path, tmp_path: Path, model_cache: Path) -> None:
+def test_query_html_writes_a_self_contained_escaped_page(gallery_index: Path, tmp_path: Path, model_cache: Path) -> None:
     out = tmp_path / "results.html"
-    done = run_mmsearch("query", "a red circle", "--index", demo_index, "-k", "5", "--html", out,
+    done = run_mmsearch("query", "a red circle", "--index", gallery_index, "-k", "5", "--html", out,
                         env={"MMSEARCH_CACHE": str(model_cache)})
     assert done.returncode == 0, done.stderr
     page = out.read_text()
     assert page.count('<img src="data:image/jpeg;base64,') == 5
-    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page  # the red square named like a tag
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page  # EVIL_NAME, the red square named like a tag
     assert "<img src=x" not in page
     assert not re.search(r"(src|href)=\"(https?:)?//", page)
     assert "red_circle_01.jpg" in page
