@@ -428,6 +428,7 @@ def test_reindex_while_serving_answers_from_the_new_generation(tmp_path: Path, m
         after = client.get("/api/search", params={"q": "a red circle", "k": 2}).json()
         assert sorted(Path(r["path"]).name for r in after) == ["red_circle_01.jpg", "red_circle_02.jpg"]
         assert idx.vectors("image") is not held and len(held) == len(idx.vectors("image")) - 2
+        assert idx.vectors("image")._mmapped  # the saved file, mapped, not a copy in memory
         assert held.search(np.ones(held.dim, np.float32) / np.sqrt(held.dim), 1)[1][0][0] >= 0  # still usable
         assert client.get("/api/info").json()["images"] == len(idx.vectors("image"))
 
