@@ -260,7 +260,7 @@ def create_app(collection: Collection, *, host: str = "127.0.0.1", token: str | 
     async def thumb(request: Request) -> Response:
         item_id = _item_id(request)
         data = await run_in_threadpool(thumbnails.get, item_id)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=60"})
 
     async def original(request: Request) -> Response:
         item_id = _item_id(request)
