@@ -230,7 +230,7 @@ def serve(index_dir: Path | None, host: str, port: int, token: str | None, no_au
     with retrieval.open_index(index_dir, device=device, create=False) as idx:
         app = server.create_app(idx, host=host, token=token, allow_hosts=allow_hosts,
                                 max_upload=int(max_upload * 1024 * 1024))
-        server.warm_up(idx)
+        server.prepare(idx)
         sock = server.listen(host, port)
         shown = f"[{host}]" if ":" in host else host
         click.echo(f"serving {idx.directory} at http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C stops)", err=True)

@@ -61,7 +61,7 @@ def image_rows(collection: Collection, item_id: int) -> tuple[ItemRow, FileRow]:
     item = item_row(collection, item_id)
     if item.kind != "image":
         raise ItemNotFound(f"item {item_id} is a text: it has no image")
-    row = collection.reader.files_under(item.path).get(item.path)
+    row = collection.reader.file(item.path)
     if row is None:
         raise ItemNotFound(f"no item {item_id} in this index")
     return item, row
