@@ -7,7 +7,7 @@ Indexes the demo corpus with shapes-mini, adds synthetic image items up to --ite
 vectors, stored like real ones; see bench_query.py), starts `mmsearch serve` on a free 127.0.0.1
 port and measures, all against 127.0.0.1 only and with a fixed number of requests (it stops by itself):
 
-- warm text queries one at a time: new texts (the ONNX text tower runs) and a repeated text (query cache);
+- warm text queries one at a time: new texts (the ONNX text tower runs) and a repeated text (its vector kept);
 - --clients threads sending --total new-text queries in all, each over a keep-alive connection;
 - the same kind of queries as `mmsearch query` processes (--cli-queries of them, --clients at a time);
 - thumbnails: first request (decode, resize, write the cache) and cached request, for each demo image.
@@ -100,7 +100,7 @@ def main() -> None:
                 for q in texts(20, "warm"):
                     ask(q)
                 table.append(row("HTTP, new text, one at a time", [ask(q) for q in texts(args.queries, "seq")]))
-                table.append(row("HTTP, repeated text (query cache), one at a time",
+                table.append(row("HTTP, repeated text (kept in memory), one at a time",
                                  [ask("a red circle") for _ in range(args.queries)]))
 
                 # Concurrent clients: a bounded number of requests, each thread its own connection.
