@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -59,6 +60,10 @@ class Collection:
         self._query_encoder: Encoder | None = None
         self._vectors: dict[str, VectorIndex] = {}
         self._dirty: set[str] = set()
+        #: (inode, mtime, size) of each vector file as loaded, to notice another process's save.
+        self._loaded: dict[str, tuple[int, int, int]] = {}
+        # Threads of one process (a web server) share this object: the lazy loads happen once.
+        self._loading = threading.RLock()
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -162,16 +167,19 @@ class Collection:
 
         On a CPU, an index whose model was exported to ONNX before loads without torch.
         """
-        if self._encoder is None:
-            from .encoder import gpu_likely, load_export, load_source
-
-            manifest = self.manifest
-            cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
-            if manifest is not None and cpu and self.backend != "torch":
-                self._checked_request(manifest)
-                self._encoder = load_export(manifest)
+        if self._encoder is not None:
+            return self._encoder
+        with self._loading:
             if self._encoder is None:
-                self._encoder = load_source(self._source(), self.device, self.backend)
+                from .encoder import gpu_likely, load_export, load_source
+
+                manifest = self.manifest
+                cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
+                if manifest is not None and cpu and self.backend != "torch":
+                    self._checked_request(manifest)
+                    self._encoder = load_export(manifest)
+                if self._encoder is None:
+                    self._encoder = load_source(self._source(), self.device, self.backend)
         return self._encoder
 
     def embed_query_text(self, text: str) -> np.ndarray:
@@ -186,9 +194,10 @@ class Collection:
         cache = QueryCache(self.directory / "query-cache", repr(manifest.identity())) if manifest else None
         vector = cache.get(text) if cache else None
         if vector is None:
-            if self._query_encoder is None:
-                exported = load_export(manifest) if manifest and self.backend != "torch" else None
-                self._query_encoder = self._encoder or exported or self.encoder
+            with self._loading:
+                if self._query_encoder is None:
+                    exported = load_export(manifest) if manifest and self.backend != "torch" else None
+                    self._query_encoder = self._encoder or exported or self.encoder
             vector = self._query_encoder.embed_texts([text])[0]
             if cache:
                 cache.put(text, vector)
@@ -312,6 +321,7 @@ class Collection:
             if index.needs_rebuild(keep_layout=forced is not None):
                 index = self._vectors[kind] = self._build(kind, forced)
             index.save(self._vector_path(kind), generation)
+            self._loaded[kind] = _file_key(self._vector_path(kind)) or (0, 0, 0)
         self._dirty.clear()
 
     def reindex(self, layout: str | None = None) -> dict[str, str]:
@@ -353,12 +363,20 @@ class Collection:
 
     def vectors(self, kind: str) -> VectorIndex:
         """The FAISS cache of one kind, loaded and brought up to date with the store."""
-        if kind in self._vectors:
+        index = self._vectors.get(kind)
+        if index is not None:
+            return index
+        with self._loading:
+            if kind not in self._vectors:
+                self._vectors[kind] = self._load_vectors(kind)
             return self._vectors[kind]
+
+    def _load_vectors(self, kind: str) -> VectorIndex:
         from .vectors import VectorFileDamaged, VectorIndex
 
         generation = self.reader.generation()
         path = self._vector_path(kind)
+        key = _file_key(path)
         try:
             index, saved = VectorIndex.load(path, self._dim())
         except VectorFileDamaged as exc:
@@ -368,8 +386,33 @@ class Collection:
             self._dirty.add(kind)
         if saved != generation and saved != -1:
             self._sync(kind, index)
-        self._vectors[kind] = index
+        if key is not None:
+            self._loaded[kind] = key
         return index
+
+    def refresh(self) -> list[str]:
+        """Swap in the vector files another process (`mmsearch index`) saved since they were loaded.
+
+        Each file is a committed state (written whole, then renamed), loaded memory-mapped and
+        used as it is, never copied; a search already running keeps the index it started with.
+        Items committed but not yet saved appear at the writer's next save. Returns the kinds swapped.
+        """
+        from .vectors import VectorFileDamaged, VectorIndex
+
+        swapped = []
+        with self._loading:
+            for kind in list(self._vectors):
+                key = _file_key(self._vector_path(kind))
+                if key is None or key == self._loaded.get(kind) or kind in self._dirty:
+                    continue
+                try:
+                    index, _ = VectorIndex.load(self._vector_path(kind), self._dim())
+                except VectorFileDamaged:
+                    continue  # keep answering from the one we have
+                self._vectors[kind] = index
+                self._loaded[kind] = key
+                swapped.append(kind)
+        return swapped
 
     def _sync(self, kind: str, index: VectorIndex) -> None:
         """Bring a cache that lags the store (a crash between commit and save) up to date by id."""
@@ -453,6 +496,15 @@ def _listed(values: Any, method: str) -> list[Any]:
         raise TypeError(f"{method}() takes a list, not a single {type(values).__name__}: "
                         f"pass [{values!r}] for one item")
     return list(values)
+
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten (None if it is missing)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _open_store(directory: Path) -> Store:
