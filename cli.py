@@ -220,12 +220,15 @@ Examples:
 @click.option("--collapse", is_flag=True, help="One result per group of near-duplicates (cosine >= 0.95).")
 @click.option("--under", type=click.Path(path_type=Path), help="Only items whose file lies in this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (with each result's relevance).")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as a self-contained web page (thumbnails inside) to this file.")
 @_device_option
 @_quiet_option
 @_reports_errors
 def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subtract: tuple[str, ...],
           exclude: tuple[str, ...], index_dir: Path | None, target: str | None, k: int, min_score: float | str | None,
-          within: float | None, collapse: bool, under: Path | None, as_json: bool, device: str, quiet: bool) -> None:
+          within: float | None, collapse: bool, under: Path | None, as_json: bool, html_file: Path | None, device: str,
+          quiet: bool) -> None:
     """The `query` command (its help is QUERY_HELP)."""
     _setup_logging(quiet)
     if text is None and not images:
@@ -237,6 +240,12 @@ def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subt
         results = idx.search(parts[0] if len(parts) == 1 else parts, k=k, target=target, min_score=min_score,
                              under=under, add=add, subtract=subtract, exclude=exclude, within=within,
                              collapse=DEFAULT_THRESHOLD if collapse else None)
+        if html_file:
+            from retrieval.gallery import Thumbnails, results_html
+
+            title = text if not images else " + ".join([f"like {p.name}" for p in images] + ([text] if text else []))
+            html_file.write_text(results_html(title, results, Thumbnails(idx)), encoding="utf-8")
+            click.echo(f"wrote {html_file} ({len(results)} results)", err=True)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2))
         return
@@ -375,6 +384,45 @@ def demo(ctx: click.Context, index_dir: Path | None, text: str, k: int, quiet: b
             click.echo(f"{demo_dir}: {report.summary()}", err=True)
             click.echo(f"query: {text!r}", err=True)
         ctx.invoke(query, text=text, index_dir=Path(where), k=k)
+
+
+@_index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --token (or --no-auth).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--token", envvar="MMSEARCH_TOKEN",
+              help="Secret every API request must carry (env MMSEARCH_TOKEN keeps it out of `ps`).")
+@click.option("--no-auth", is_flag=True, help="Serve a non-loopback address without a token (anyone may search).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Another name clients use for this server (Host header), e.g. a DNS name. Repeatable.")
+@click.option("--max-upload", type=click.FloatRange(0.001), default=20, show_default=True, metavar="MB",
+              help="Largest query image accepted.")
+@_device_option
+@_quiet_option
+@_reports_errors
+def serve(index_dir: Path | None, host: str, port: int, token: str | None, no_auth: bool,
+          allow_hosts: tuple[str, ...], max_upload: float, device: str, quiet: bool) -> None:
+    """Serve a web gallery and a JSON API for the index (http://127.0.0.1:8765/)."""
+    try:
+        import uvicorn
+
+        from retrieval import server
+    except ImportError as exc:
+        raise click.ClickException(f"`serve` needs the web extra ({exc.name} is missing): "
+                                   "pip install 'mmsearch[serve]'") from None
+    _setup_logging(quiet)
+    warning = server.check_bind(host, token, no_auth)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
+    with retrieval.open_index(index_dir, device=device, create=False) as idx:
+        app = server.create_app(idx, host=host, token=token, allow_hosts=allow_hosts,
+                                max_upload=int(max_upload * 1024 * 1024))
+        server.prepare(idx)
+        sock = server.listen(host, port)
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"serving {idx.directory} at http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C stops)", err=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ call back into it.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -51,6 +52,8 @@ class Collection:
         self._requested = (model, pretrained)
         self._encoder: Encoder | None = None
         self._query_encoder: Encoder | None = None
+        # Threads of one process (a web server) share this object: the model loads once.
+        self._loading = threading.RLock()
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -140,16 +143,19 @@ class Collection:
 
         On a CPU, an index whose model was exported to ONNX before loads without torch.
         """
-        if self._encoder is None:
-            from .encoder import gpu_likely, load_export, load_source
-
-            manifest = self.manifest
-            cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
-            if manifest is not None and cpu and self.backend != "torch":
-                self._checked_request(manifest)
-                self._encoder = load_export(manifest)
+        if self._encoder is not None:
+            return self._encoder
+        with self._loading:
             if self._encoder is None:
-                self._encoder = load_source(self._source(), self.device, self.backend)
+                from .encoder import gpu_likely, load_export, load_source
+
+                manifest = self.manifest
+                cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
+                if manifest is not None and cpu and self.backend != "torch":
+                    self._checked_request(manifest)
+                    self._encoder = load_export(manifest)
+                if self._encoder is None:
+                    self._encoder = load_source(self._source(), self.device, self.backend)
         return self._encoder
 
     def embed_query_text(self, text: str) -> np.ndarray:
@@ -164,9 +170,10 @@ class Collection:
         cache = QueryCache(self.storage.cache_dir / "query-cache", repr(manifest.identity())) if manifest else None
         vector = cache.get(text) if cache else None
         if vector is None:
-            if self._query_encoder is None:
-                exported = load_export(manifest) if manifest and self.backend != "torch" else None
-                self._query_encoder = self._encoder or exported or self.encoder
+            with self._loading:
+                if self._query_encoder is None:
+                    exported = load_export(manifest) if manifest and self.backend != "torch" else None
+                    self._query_encoder = self._encoder or exported or self.encoder
             vector = self._query_encoder.embed_texts([text])[0]
             if cache:
                 cache.put(text, vector)
