@@ -36,6 +36,7 @@ Environment variables:
   MMSEARCH_CACHE       exported models (default: $XDG_CACHE_HOME/mmsearch, ~/.cache/mmsearch)
   MMSEARCH_BACKEND     auto (onnxruntime on a CPU, torch on CUDA), torch or onnx
   MMSEARCH_OFFLINE     if set, never try to reach the model hub
+  MMSEARCH_TOKEN       the secret of `serve --token`
   MMSEARCH_PRUNE_MAX_SHARE, MMSEARCH_PRUNE_MAX_FILES
                        a re-scan keeps a folder's missing files when more than this
                        share (0.2) and this many (10) are gone, unless --prune
@@ -302,11 +303,10 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
     with retrieval.open_index(index_dir, create=False) as idx:
         data = idx.info()
         failures = idx.failures() if show_failures else []
-        ignored = idx.ignored()
+    ignored = data["ignored_files"]
     if show_failures:
         data["failure_list"] = [{"path": p, "reason": r} for p, r in failures]
     if as_json:
-        data["ignored_files"] = ignored
         click.echo(json.dumps(data, ensure_ascii=False, indent=2))
         return
     model = data["model"]
@@ -386,6 +386,7 @@ def demo(ctx: click.Context, index_dir: Path | None, text: str, k: int, quiet: b
         ctx.invoke(query, text=text, index_dir=Path(where), k=k)
 
 
+@cli.command()
 @_index_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback needs --token (or --no-auth).")

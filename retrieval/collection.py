@@ -473,6 +473,7 @@ class Collection:
             "root_options": {root: asdict(opts) for root, opts in self.reader.root_options().items()},
             "ignored": len(ignored),
             "ignored_types": type_counts(ignored),
+            "ignored_files": ignored,
             "size_bytes": size,
         }
 
