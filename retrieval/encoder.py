@@ -272,7 +272,7 @@ def load_encoder(name: str, pretrained: str | None, device: str = "auto", backen
 
 def load_export(manifest: ModelManifest) -> Encoder | None:
     """The model of an index from its ONNX export, without torch; None when there is no usable export."""
-    from .onnx_backend import OnnxEncoder
+    from .onnx_runtime import OnnxEncoder
 
     folder = export_dir(manifest.name, manifest.checkpoint_sha256 or manifest.pretrained)
     if not (folder / "export.json").exists():
@@ -336,7 +336,8 @@ def load_source(source: ModelSource, device: str = "auto", backend: str = "auto"
 def _export(model: Any, manifest: ModelManifest, geometry: Geometry, cfg: dict[str, Any],
             context_length: int, required: bool) -> Any:
     """The model's ONNX export (made once, cached per model); None (torch is used) if it can't be made."""
-    from .onnx_backend import OnnxEncoder, export_towers
+    from .onnx_export import export_towers
+    from .onnx_runtime import OnnxEncoder
 
     found = load_export(manifest)
     if found is not None:

@@ -24,9 +24,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from retrieval import onnx_backend  # noqa: E402
+from retrieval import onnx_export  # noqa: E402
 from retrieval.errors import ModelUnavailable  # noqa: E402
-from retrieval.onnx_backend import OnnxEncoder, export_towers  # noqa: E402
+from retrieval.onnx_export import export_towers  # noqa: E402
+from retrieval.onnx_runtime import OnnxEncoder  # noqa: E402
 from retrieval.tokenizer import ClipTokenizer, default_vocab_path, load_merges  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,9 +243,9 @@ def test_no_torch_in_a_fresh_process(export_dir):
     code = textwrap.dedent(
         f"""
         import sys
-        import retrieval.tokenizer, retrieval.onnx_backend
+        import retrieval.tokenizer, retrieval.onnx_runtime
         assert "torch" not in sys.modules and "open_clip" not in sys.modules, "imported torch"
-        from retrieval.onnx_backend import OnnxEncoder
+        from retrieval.onnx_runtime import OnnxEncoder
         enc = OnnxEncoder({str(export_dir)!r})
         v = enc.embed_texts(["a photo of a dog"])
         assert v.shape == (1, 32), v.shape
@@ -324,7 +325,7 @@ def test_text_only_export_and_atomic_replace(tiny, export_dir, tmp_path, monkeyp
 
     # an export that fails its check leaves the previous export untouched and no temp folder
     before = sorted((p.name, p.stat().st_size) for p in out.iterdir())
-    monkeypatch.setattr(onnx_backend, "MIN_COSINE", 1.5)
+    monkeypatch.setattr(onnx_export, "MIN_COSINE", 1.5)
     with pytest.raises(ModelUnavailable, match="disagrees with torch"):
         export_towers(tiny, out, context_length=CTX, image_size=SIZE, towers=("text",))
     assert sorted((p.name, p.stat().st_size) for p in out.iterdir()) == before
