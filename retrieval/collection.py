@@ -118,17 +118,21 @@ class Collection:
                                 "use the same model or another --index")
         return source
 
+    def _new_model(self) -> tuple[str, str | None]:
+        """(name, pretrained) of the model for a new index: the one asked for, else the default."""
+        name, pretrained = self._requested
+        if name is None:
+            name, default_pretrained = default_model()
+            pretrained = pretrained or default_pretrained
+        return name, pretrained
+
     def _source(self) -> ModelSource:
         """The model to use: the recorded one (checked against any model asked for), or the one asked for."""
         from .encoder import resolve_model
 
         manifest = self.manifest
-        name, pretrained = self._requested
         if manifest is None:
-            if name is None:
-                name, default_pretrained = default_model()
-                pretrained = pretrained or default_pretrained
-            return resolve_model(name, pretrained)
+            return resolve_model(*self._new_model())
         source = self._checked_request(manifest)
         if source is not None:
             return source
@@ -140,16 +144,18 @@ class Collection:
     def encoder(self) -> Encoder:
         """The encoder of this index's model, loaded on first use.
 
-        On a CPU, an index whose model was exported to ONNX before loads without torch.
+        On a CPU, a model exported to ONNX before loads without torch, for a new index too.
         """
         if self._encoder is None:
-            from .encoder import gpu_likely, load_export, load_source
+            from .encoder import find_export, gpu_likely, load_export, load_source
 
             manifest = self.manifest
             cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
             if manifest is not None and cpu and self.backend != "torch":
                 self._checked_request(manifest)
                 self._encoder = load_export(manifest)
+            elif cpu and self.backend != "torch":
+                self._encoder = find_export(*self._new_model())
             if self._encoder is None:
                 self._encoder = load_source(self._source(), self.device, self.backend)
         return self._encoder

@@ -8,6 +8,7 @@ open_clip model; torch is imported only there. Knows nothing of SQLite, FAISS or
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -54,6 +55,33 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """`sha256_file` of a checkpoint, remembered in the per-user cache by (path, size, mtime, inode).
+
+    A 600 MB checkpoint then costs a stat, not a 1-2 s read, on every run; a file changed in place
+    gets a new mtime and is hashed again.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = [str(path), st.st_size, st.st_mtime_ns, st.st_ino]
+    record = cache_dir() / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(record.read_text())
+        if saved["file"] == stamp and isinstance(saved["sha256"], str):
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256_file(path)
+    try:  # a cache: any failure to write it only means hashing again next time
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"file": stamp, "sha256": digest}))
+        os.replace(tmp, record)
+    except OSError:
+        pass
+    return digest
 
 
 def bundled_models() -> list[str]:
@@ -132,7 +160,7 @@ def resolve_model(name: str, pretrained: str | None) -> ModelSource:
         path = Path(pretrained).expanduser().resolve()
         if not path.is_file():
             raise ModelUnavailable(f"checkpoint not found: {path}")
-        return ModelSource(name, arch, str(path), path, sha256_file(path), config)
+        return ModelSource(name, arch, str(path), path, cached_sha256(path), config)
     import open_clip
 
     hub_cfg = open_clip.get_pretrained_cfg(name, pretrained)
@@ -172,10 +200,25 @@ def pick_device(device: str) -> str:
     return device
 
 
+def export_name(name: str) -> str:
+    """The architecture part of an ONNX export's identity: a model config file (.json) by its content
+    (a copy or a moved file finds the same export), anything else by name.
+
+    A config file that cannot be read keeps its recorded path (exports made before content keys).
+    """
+    if not name.lower().endswith(".json"):
+        return name
+    try:
+        return "config-sha256:" + hashlib.sha256(Path(name).read_bytes()).hexdigest()
+    except OSError:
+        return name
+
+
 def export_dir(name: str, weights: str | None) -> Path:
     """Where the ONNX export of a model lives in the per-user cache, keyed by its identity."""
-    digest = hashlib.sha256(f"{name}\n{weights}".encode()).hexdigest()[:20]
-    return cache_dir() / "onnx" / f"{Path(name).stem}-{digest}"
+    ident = export_name(name)
+    digest = hashlib.sha256(f"{ident}\n{weights}".encode()).hexdigest()[:20]
+    return cache_dir() / "onnx" / f"{'config' if ident != name else Path(name).stem}-{digest}"
 
 
 class Encoder:
@@ -272,22 +315,57 @@ def load_encoder(name: str, pretrained: str | None, device: str = "auto", backen
 
 def load_export(manifest: ModelManifest) -> Encoder | None:
     """The model of an index from its ONNX export, without torch; None when there is no usable export."""
+    return _open_export(manifest.name, manifest.pretrained, manifest.checkpoint_sha256, manifest.dim)
+
+
+def find_export(name: str, pretrained: str | None) -> Encoder | None:
+    """The model asked for, from its cached ONNX export, without importing torch or open_clip.
+
+    For a new index: the export is looked up by the identity `resolve_model` would give (the name,
+    or a config file's content; the tag, or a checkpoint's cached sha256). An export exists only for
+    a model that resolved and loaded before, so finding one settles that the model is valid. None
+    (resolve and load the model as usual) when there is no export, or when telling the weights
+    apart would need open_clip (an architecture without --pretrained).
+    """
+    if name.lower().endswith(".json"):
+        if not Path(model_key(name)).is_file():
+            return None
+    elif pretrained is None and (BUNDLED_DIR / f"{name}.json").exists():
+        pretrained = str(BUNDLED_DIR / f"{name}.pt")
+    if pretrained is None:
+        return None
+    sha256 = None
+    if pretrained.lower() in RANDOM_WEIGHTS:
+        pretrained = "random"
+    elif _looks_like_path(pretrained) or Path(pretrained).exists():
+        path = Path(pretrained).expanduser().resolve()
+        if not path.is_file():
+            return None
+        pretrained, sha256 = str(path), cached_sha256(path)
+    return _open_export(model_key(name), pretrained, sha256, None)
+
+
+def _open_export(name: str, pretrained: str | None, sha256: str | None, dim: int | None) -> Encoder | None:
+    """The export of model `name` with these weights (and `dim`, when known), or None."""
     from .onnx_runtime import OnnxEncoder
 
-    folder = export_dir(manifest.name, manifest.checkpoint_sha256 or manifest.pretrained)
+    weights = sha256 or pretrained
+    folder = export_dir(name, weights)
     if not (folder / "export.json").exists():
         return None
     try:
         onnx = OnnxEncoder(folder)
         meta = onnx.meta["model"]
-        exported = ModelManifest(meta["name"], meta["pretrained"], meta["checkpoint_sha256"], meta["dim"])
+        # exports made before content keys record the model's name and weights only
+        recorded = meta.get("identity") or [meta["name"], meta["checkpoint_sha256"] or meta["pretrained"]]
         geometry = Geometry(onnx.image_size, meta["resize_mode"])
-        mean, std = meta["mean"], meta["std"]
-    except (ModelUnavailable, KeyError, TypeError) as exc:
+        mean, std, exported_dim = meta["mean"], meta["std"], int(meta["dim"])
+    except (ModelUnavailable, KeyError, TypeError, ValueError) as exc:
         log.warning("ignoring the ONNX export at %s (%s)", folder, exc)
         return None
-    if exported.identity() != manifest.identity():
+    if list(recorded) != [export_name(name), weights] or dim not in (None, exported_dim):
         return None
+    manifest = ModelManifest(name, pretrained, sha256, exported_dim)
     return Encoder(manifest, geometry, mean, std, "cpu", onnx=onnx)
 
 
@@ -344,6 +422,7 @@ def _export(model: Any, manifest: ModelManifest, geometry: Geometry, cfg: dict[s
         return found.onnx
     folder = export_dir(manifest.name, manifest.checkpoint_sha256 or manifest.pretrained)
     meta = {"name": manifest.name, "pretrained": manifest.pretrained, "checkpoint_sha256": manifest.checkpoint_sha256,
+            "identity": [export_name(manifest.name), manifest.checkpoint_sha256 or manifest.pretrained],
             "dim": manifest.dim, "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resize_mode": geometry.resize_mode}
     log.info("exporting %s to ONNX for fast CPU inference (once, into %s)", Path(manifest.name).name, folder)
     try:

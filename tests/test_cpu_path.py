@@ -1,0 +1,104 @@
+"""The CPU indexing path: a model exported to ONNX once is found again without torch or open_clip."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG
+from retrieval import encoder as encoder_mod
+from retrieval.config import BUNDLED_DIR
+
+HEAVY = ("torch", "open_clip")
+
+
+def imported_top_modules(stderr: str) -> set[str]:
+    """Top-level packages a `python -X importtime` run imported (from its stderr)."""
+    names = set()
+    for line in stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", line)
+        if match:
+            names.add(match.group(1).split(".")[0])
+    return names
+
+
+def index_process(folder: Path, index: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mmsearch index` in a fresh process, recording its imports."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "cli.py"), "index", str(folder),
+                           "--index", str(index), "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.mark.parametrize("model", ["config", "bundled-checkpoint"])
+def test_second_new_index_imports_neither_torch_nor_open_clip(tmp_path, photos, model) -> None:
+    if model == "config":
+        first_cfg, second_cfg = tmp_path / "a" / "tiny.json", tmp_path / "b" / "copy-of-tiny.json"
+        for cfg in (first_cfg, second_cfg):  # identical content at two paths: one export
+            cfg.parent.mkdir()
+            cfg.write_text(json.dumps(TINY_CONFIG))
+        first, second = ["--model", str(first_cfg), "--pretrained", "random"], ["--model", str(second_cfg),
+                                                                                 "--pretrained", "random"]
+    else:
+        first = second = ["--model", "shapes-mini"]
+    first_run = index_process(photos, tmp_path / "index1", *first)
+    assert HEAVY[0] in imported_top_modules(first_run.stderr)  # the export needed torch, once
+
+    other = tmp_path / "other-photos"
+    shutil.copytree(photos, other)
+    run = index_process(other, tmp_path / "index2", *second)
+    imported = imported_top_modules(run.stderr)
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert "onnxruntime" in imported and "added 6," in run.stderr
+    info = subprocess.run([sys.executable, str(REPO / "cli.py"), "info", "--index", str(tmp_path / "index2"),
+                           "--json"], capture_output=True, text=True, timeout=120)
+    recorded = json.loads(info.stdout)["model"]
+    expected = str(second_cfg.resolve()) if model == "config" else "shapes-mini"
+    assert recorded["name"] == expected and recorded["dim"] > 0
+    if model == "bundled-checkpoint":
+        assert recorded["checkpoint_sha256"] == encoder_mod.sha256_file(BUNDLED_DIR / "shapes-mini.pt")
+
+
+def test_same_export_serves_both_processes(tmp_path, photos, tiny_model) -> None:
+    """The vectors of the torch-free process equal those of the process that exported."""
+    import retrieval
+
+    with retrieval.open_index(tmp_path / "i1", model=tiny_model, pretrained="random", device="cpu") as idx:
+        idx.add([photos])
+        first = idx.embed_images(sorted(str(p) for p in photos.glob("*.jpg")))
+    with retrieval.open_index(tmp_path / "i2", model=tiny_model, pretrained="random", device="cpu") as idx:
+        enc = idx.encoder
+        assert enc.backend == "onnxruntime" and enc.model is None
+        assert (idx.embed_images(sorted(str(p) for p in photos.glob("*.jpg"))) == first).all()
+
+
+def test_changed_config_content_is_a_new_model(tmp_path, tiny_model) -> None:
+    cfg = tmp_path / "m.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    before = encoder_mod.export_dir(str(cfg), "random")
+    assert before == encoder_mod.export_dir(tiny_model, "random")  # same content, other path
+    changed = json.loads(json.dumps(TINY_CONFIG))
+    changed["embed_dim"] = 16
+    cfg.write_text(json.dumps(changed))
+    assert encoder_mod.export_dir(str(cfg), "random") != before
+
+
+def test_checkpoint_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch) -> None:
+    ckpt = tmp_path / "weights.pt"
+    ckpt.write_bytes(b"x" * 1000)
+    calls = []
+    real = encoder_mod.sha256_file
+    monkeypatch.setattr(encoder_mod, "sha256_file", lambda p: calls.append(p) or real(p))
+    first = encoder_mod.cached_sha256(ckpt)
+    assert encoder_mod.cached_sha256(ckpt) == first == real(ckpt) and len(calls) == 1
+    ckpt.write_bytes(b"y" * 1000)  # same size, new content and mtime
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    assert encoder_mod.cached_sha256(ckpt) == real(ckpt) != first and len(calls) == 2
