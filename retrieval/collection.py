@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import time
@@ -36,13 +37,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mmsearch")
 
+#: Setting (Store.set_setting) holding the image tower's precision: requested, used, int8 gate.
+PRECISION_SETTING = "encoder:precision"
+
 
 class Collection:
     """An open index: add files or texts, search by text, image or vector, embed."""
 
     def __init__(self, directory: Path, reader: StoreReader, model: str | None = None,
                  pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-                 store: Store | None = None, wait: float = 0.0) -> None:
+                 store: Store | None = None, wait: float = 0.0, precision: str | None = None) -> None:
         self.directory = directory
         self.reader = reader
         self._store = store
@@ -52,6 +56,8 @@ class Collection:
         #: 'auto' (onnxruntime on CPU, torch on CUDA), 'torch' or 'onnx'; env MMSEARCH_BACKEND.
         self.backend = backend or os.environ.get("MMSEARCH_BACKEND", "auto")
         self._requested = (model, pretrained)
+        #: Image tower precision asked for (auto|fp32|int8); None: the index's recorded choice, else auto.
+        self.precision = precision
         self._encoder: Encoder | None = None
         self._query_encoder: Encoder | None = None
         self._vectors: dict[str, VectorIndex] = {}
@@ -62,19 +68,21 @@ class Collection:
     @classmethod
     def open(cls, directory: str | Path | None = None, *, model: str | None = None,
              pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-             create: bool = True, wait: float = 0.0) -> Collection:
+             create: bool = True, wait: float = 0.0, precision: str | None = None) -> Collection:
         """Open the index at `directory` (default: MMSEARCH_INDEX or the per-user data dir).
 
         `model`/`pretrained` name the model for a new index; on an existing one they must
         match the recorded model (ModelMismatch) or may be left out. `wait`: seconds a write
-        (add, reindex) waits for another process's write to finish before IndexInUse.
+        (add, reindex) waits for another process's write to finish before IndexInUse. `precision`: of the
+        image tower, auto (int8 on CPU where the model's int8 gate passed, fp16 on CUDA), fp32 or int8;
+        kept with the index for later runs.
         """
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
         store = _open_store(path) if create and not (path / DB_NAME).exists() else None
         reader = StoreReader.open(path)  # IndexNotFound where there is none
         if store is None and reader.needs_migration() and os.access(path, os.W_OK):
             store = _open_store(path)  # an index from an older mmsearch: migrate it before reading
-        return cls(path, reader, model, pretrained, device, backend, store, wait)
+        return cls(path, reader, model, pretrained, device, backend, store, wait, precision)
 
     @property
     def store(self) -> Store:
@@ -151,14 +159,26 @@ class Collection:
 
             manifest = self.manifest
             cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
+            encoder = None
             if manifest is not None and cpu and self.backend != "torch":
                 self._checked_request(manifest)
-                self._encoder = load_export(manifest)
+                encoder = load_export(manifest)
             elif cpu and self.backend != "torch":
-                self._encoder = find_export(*self._new_model())
-            if self._encoder is None:
-                self._encoder = load_source(self._source(), self.device, self.backend)
+                encoder = find_export(*self._new_model())
+            if encoder is None:
+                encoder = load_source(self._source(), self.device, self.backend)
+            encoder.set_precision(self.precision or self.precision_setting().get("requested") or "auto")
+            self._encoder = encoder
         return self._encoder
+
+    def precision_setting(self) -> dict[str, Any]:
+        """The precision recorded by the last `add`: requested, used, and the int8 gate's outcome."""
+        raw = self.reader.setting(PRECISION_SETTING)
+        try:
+            value = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
     def embed_query_text(self, text: str) -> np.ndarray:
         """The unit vector of one query text: from the query cache, else the fastest encoder at hand.
@@ -232,6 +252,10 @@ class Collection:
         """Load the encoder and record (or check) it as this index's model."""
         encoder = self.encoder
         self.store.claim_model(encoder.manifest)
+        setting = {"requested": self.precision or self.precision_setting().get("requested") or "auto",
+                   "used": encoder.precision, "int8_gate": encoder.int8_gate}
+        if setting != self.precision_setting():
+            self.store.set_setting(PRECISION_SETTING, json.dumps(setting, sort_keys=True))
         self.load_vectors()
         return encoder
 
@@ -384,6 +408,7 @@ class Collection:
             "files": counts["files"],
             "failures": counts["failures"],
             "layouts": layouts,
+            "precision": self.precision_setting() or None,
             "roots": self.reader.roots(),
             "size_bytes": size,
         }

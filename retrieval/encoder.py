@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mmsearch")
 
+#: Image tower precisions to ask for: auto = int8 on CPU where its gate passed (else fp32), fp16 on CUDA.
+PRECISIONS = ("auto", "fp32", "int8")
 #: Values of --pretrained that mean "no weights": a seeded random init, for benchmarks.
 RANDOM_WEIGHTS = ("random", "none")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -237,6 +239,9 @@ class Encoder:
         self.tokenizer = tokenizer
         self.onnx = onnx
         self.context_length: int = int(onnx.context_length if onnx is not None else tokenizer.context_length)
+        #: Image tower precision: 'fp32' or 'int8' (onnxruntime on CPU), 'fp16' (autocast on CUDA) or 'fp32'.
+        self.precision = "fp16" if device.startswith("cuda") else "fp32"
+        self._norm = (list(mean), list(std))
         self._mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1) * 255.0
         self._std = np.asarray(std, np.float32).reshape(1, 3, 1, 1) * 255.0
         self._torch_norm: tuple[Any, Any] | None = None
@@ -251,10 +256,48 @@ class Encoder:
         """'onnxruntime' or 'torch'."""
         return "onnxruntime" if self.onnx is not None else "torch"
 
+    @property
+    def int8_gate(self) -> dict | None:
+        """The outcome of the int8 gate of this model's ONNX export (None: no export, or never run)."""
+        return self.onnx.int8_gate if self.onnx is not None else None
+
+    def set_precision(self, requested: str) -> None:
+        """Pick the image tower's precision: 'auto' (int8 where its gate passed on CPU, fp16 on CUDA),
+        'fp32' or 'int8'. A forced int8 that the gate refused raises ModelUnavailable with the measure.
+
+        An ONNX export made before int8 towers is given one now (no torch needed).
+        """
+        if requested not in PRECISIONS:
+            raise ModelUnavailable(f"unknown precision {requested!r}: use {', '.join(PRECISIONS)}")
+        if self.onnx is None:
+            if requested == "int8":
+                raise ModelUnavailable("--precision int8 runs on the CPU through the model's ONNX export, "
+                                       f"which is not in use here ({self.backend} on {self.device})")
+            self.precision = "fp32" if requested == "fp32" or not self.device.startswith("cuda") else "fp16"
+            return
+        if requested != "fp32" and self.onnx.int8_gate is None:
+            self._add_int8()
+        if requested == "auto":
+            requested = "int8" if (self.onnx.int8_gate or {}).get("kept") else "fp32"
+        self.onnx.set_precision(requested)  # ModelUnavailable, with the gate's measure, for a refused int8
+        self.precision = requested
+
+    def _add_int8(self) -> None:
+        from .onnx_export import add_int8
+        from .onnx_runtime import OnnxEncoder
+
+        folder = self.onnx.export_dir
+        log.info("adding an int8 image tower to the ONNX export in %s (once)", folder)
+        try:
+            add_int8(folder, *self._norm)
+            self.onnx = OnnxEncoder(folder, self.onnx.threads)
+        except (OSError, ValueError, KeyError, ModelUnavailable) as exc:
+            log.warning("cannot add an int8 image tower to %s (%s): using fp32", folder, exc)
+
     def _autocast(self) -> Any:
         import torch
 
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda") and self.precision == "fp16":
             return torch.autocast("cuda", dtype=torch.float16)
         return torch.autocast("cpu", enabled=False)
 
@@ -427,7 +470,8 @@ def _export(model: Any, manifest: ModelManifest, geometry: Geometry, cfg: dict[s
     log.info("exporting %s to ONNX for fast CPU inference (once, into %s)", Path(manifest.name).name, folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        export_towers(model, folder, context_length=context_length, image_size=geometry.size, meta=meta)
+        export_towers(model, folder, context_length=context_length, image_size=geometry.size, meta=meta,
+                      mean=cfg["mean"], std=cfg["std"])
         return OnnxEncoder(folder)
     except (ModelUnavailable, OSError) as exc:
         if required:

@@ -11,6 +11,7 @@ torch and onnx (which torch's exporter needs) are imported inside the functions 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,14 +23,19 @@ import numpy as np
 
 from .errors import ModelUnavailable
 from .onnx_runtime import (
-    _FILES, _INPUTS, _OUTPUT, FORMAT, META_FILE, OPSET, TOWERS, _load_options, _row_cosine,
+    _FILES, _INPUTS, _OUTPUT, FORMAT, INT8_TOWER, META_FILE, OPSET, TOWERS, _load_options, _row_cosine,
     _session_options, _trim_tokens,
 )
 from .tokenizer import VOCAB_FILENAME, ClipTokenizer, default_vocab_path
 
-__all__ = ["export_towers", "MIN_COSINE"]
+__all__ = ["export_towers", "add_int8", "probe_pixels", "MIN_COSINE", "INT8_MIN_COSINE"]
 
 MIN_COSINE = 0.999  # export is refused when any checked row is less similar to the torch output
+#: int8 visual tower kept only when every probe image's embedding is at least this close to fp32's
+INT8_MIN_COSINE = 0.995
+INT8_PROBES = 32
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN / _STD
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def export_towers(
@@ -40,6 +46,9 @@ def export_towers(
     image_size: int,
     towers: Sequence[str] = ("text", "visual"),
     meta: dict | None = None,
+    int8: bool = True,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
 ) -> None:
     """Export ``model.encode_text`` / ``model.encode_image`` (un-normalized) to ONNX in ``out_dir``.
 
@@ -48,6 +57,8 @@ def export_towers(
     ``towers``: any non-empty subset of ("text", "visual").
     ``meta``: optional JSON-serializable description of the model (e.g. arch, pretrained tag,
     checkpoint hash), stored as ``export.json["model"]`` so a caller can tell a stale export.
+    ``int8``: also write a gated int8 copy of the visual tower (see ``add_int8``), whose probe images
+    are normalized with the model's ``mean``/``std``.
 
     The folder is built next to ``out_dir`` and renamed into place, so ``out_dir`` holds either the
     previous complete export or the new one. Each tower is run by onnxruntime on sample inputs and
@@ -144,16 +155,7 @@ def export_towers(
             # weights instead of parsing them out of the protobuf and skips the optimizer
             # (ViT-B-32 text session start: 0.95 s inline/optimizing -> ~0.05 s).
             final = tmp / _FILES[tower]
-            opts = _session_options(ort, level="extended", threads=None, prepack=True)
-            opts.optimized_model_filepath = str(final)
-            opts.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", final.name + ".data"
-            )
-            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            try:
-                ort.InferenceSession(str(raw), opts, providers=["CPUExecutionProvider"])
-            except Exception as exc:
-                raise ModelUnavailable(f"onnxruntime cannot load the exported {tower} tower: {exc}") from exc
+            _save_optimized(ort, raw, final, f"the exported {tower} tower")
             shutil.rmtree(raw_dir)
             export_s = time.perf_counter() - t0
 
@@ -204,6 +206,7 @@ def export_towers(
                 info[tower]["dynamic_length"] = dynamic_length
 
         shutil.copyfile(vocab_src, tmp / VOCAB_FILENAME)
+        int8_gate = _quantize_visual(tmp, info, image_size, mean, std) if int8 and "visual" in info else None
         metadata = {
             "format": FORMAT,
             "context_length": context_length,
@@ -221,6 +224,8 @@ def export_towers(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": meta or {},
         }
+        if int8_gate is not None:
+            metadata["int8"] = int8_gate
         (tmp / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         _fix_modes(tmp)
         _fsync_tree(tmp)
@@ -231,6 +236,146 @@ def export_towers(
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         src.train(was_training)
+
+
+def _save_optimized(ort, raw: Path, final: Path, what: str) -> None:
+    """Save ``raw`` as onnxruntime's EXTENDED-optimized graph ``final`` + one external weights file.
+
+    A later session then maps the weights instead of parsing them out of the protobuf and can skip
+    the hardware-independent fusions (ViT-B-32 text session start: 0.95 s inline/optimizing -> ~0.05 s).
+    """
+    opts = _session_options(ort, level="extended", threads=None, prepack=True)
+    opts.optimized_model_filepath = str(final)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", final.name + ".data")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(raw), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelUnavailable(f"onnxruntime cannot load {what}: {exc}") from exc
+
+
+def probe_pixels(size: int, mean: Sequence[float], std: Sequence[float], n: int = INT8_PROBES) -> np.ndarray:
+    """``n`` fixed images [n, 3, size, size], normalized: the int8 gate's test set.
+
+    Deterministic, and varied the way quantization errors show: flat shapes on plain grounds (like
+    the bundled shapes-mini's data), smooth gradients, fine noise, and the three mixed.
+    """
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(20261129)
+    out = np.empty((n, size, size, 3), np.float32)
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    for i in range(n):
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        angle = rng.uniform(0, 2 * np.pi)
+        t = np.clip(np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None], 0, 1)[..., None]
+        kind = i % 4
+        ground = a + (b - a) * t if kind in (1, 3) else np.broadcast_to(a, (size, size, 3))
+        img = Image.fromarray(np.clip(ground, 0, 255).astype(np.uint8))
+        if kind in (0, 3):
+            draw = ImageDraw.Draw(img)
+            for _ in range(int(rng.integers(1, 4))):
+                x, y = rng.uniform(0, size, 2)
+                r = rng.uniform(size / 8, size / 2.5)
+                color = tuple(int(c) for c in rng.integers(0, 256, 3))
+                shape = int(rng.integers(0, 3))
+                if shape == 0:
+                    draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
+                elif shape == 1:
+                    draw.rectangle((x - r, y - r, x + r, y + r), fill=color)
+                else:
+                    draw.regular_polygon((x, y, r), int(rng.integers(3, 7)), fill=color)
+            img = img.filter(ImageFilter.GaussianBlur(0.5))
+        arr = np.asarray(img, np.float32)
+        if kind in (2, 3):
+            arr = arr + rng.normal(0, 40 if kind == 2 else 12, arr.shape)
+        out[i] = np.clip(arr, 0, 255)
+    x = (out / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def add_int8(folder: Path, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> dict:
+    """Give an export made without one a gated int8 visual tower (no torch needed); returns the gate.
+
+    The new files are renamed into ``folder`` under names nothing reads yet, then ``export.json`` is
+    replaced atomically, so a process reading the folder meanwhile sees the old or the new export.
+    """
+    meta_path = Path(folder) / META_FILE
+    meta = json.loads(meta_path.read_text())
+    gate = _quantize_visual(Path(folder), meta["towers"], int(meta["image_size"]), mean, std)
+    meta["int8"] = gate
+    tmp = meta_path.with_name(f".{META_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.chmod(tmp, 0o644)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, meta_path)
+    return gate
+
+
+def _quantize_visual(folder: Path, towers: dict, image_size: int, mean: Sequence[float],
+                     std: Sequence[float]) -> dict:
+    """Quantize the visual tower in ``folder`` (onnxruntime dynamic int8: QInt8 weights of MatMul/Gemm)
+    and gate it on ``probe_pixels``: kept (files in ``folder``, ``towers[INT8_TOWER]`` added) only
+    when every probe's cosine to the fp32 tower is >= ``INT8_MIN_COSINE``. Returns the gate record.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t0 = time.perf_counter()
+    gate: dict[str, Any] = {"threshold": INT8_MIN_COSINE, "probes": INT8_PROBES, "kept": False}
+    work = Path(tempfile.mkdtemp(prefix=".int8-", dir=folder))
+    try:
+        raw = work / "quantized.onnx"
+        try:
+            # the saved graph holds onnxruntime contrib ops, whose output types the quantizer cannot
+            # infer: treat unknown tensors as float (shapes-mini's conv tower needs this)
+            logging.disable(logging.WARNING)  # the quantizer's advice goes to the root logger
+            quantize_dynamic(folder / towers["visual"]["file"], raw, weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            built = work / _FILES[INT8_TOWER]
+            _save_optimized(ort, raw, built, "the int8 visual tower")
+        except Exception as exc:  # quantizer errors: keep fp32, say why
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            gate["reason"] = f"quantization failed: {first}"
+            return gate
+        finally:
+            logging.disable(logging.NOTSET)
+        pixels = probe_pixels(image_size, mean, std)
+        outputs = []
+        for path, chunk in ((folder / towers["visual"]["file"], len(pixels)), (built, 1)):  # int8: as OnnxEncoder runs it
+            sess = ort.InferenceSession(str(path), _load_options(ort, "visual", optimized_by=None, threads=None,
+                                                                 prepack=True), providers=["CPUExecutionProvider"])
+            outputs.append(np.concatenate([sess.run([_OUTPUT], {_INPUTS["visual"]: pixels[i : i + chunk]})[0]
+                                           for i in range(0, len(pixels), chunk)]))
+            del sess
+        worst = float(_row_cosine(*outputs).min())
+        gate["min_cosine"] = round(worst, 6)
+        gate["seconds"] = round(time.perf_counter() - t0, 2)
+        if not worst >= INT8_MIN_COSINE:
+            gate["reason"] = (f"min cosine {worst:.4f} to fp32 on {INT8_PROBES} probe images is below "
+                              f"{INT8_MIN_COSINE}")
+            return gate
+        names = [built.name, built.name + ".data"]
+        for name in names:
+            os.chmod(work / name, 0o644)
+            with open(work / name, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(work / name, folder / name)
+        gate["kept"] = True
+        towers[INT8_TOWER] = {
+            "file": built.name,
+            "data": built.name + ".data",
+            "bytes": {name: (folder / name).stat().st_size for name in names},
+            "input": _INPUTS["visual"],
+            "output": _OUTPUT,
+            "min_cosine_vs_fp32": gate["min_cosine"],
+            "optimized_by": {"onnxruntime": ort.__version__, "level": "extended"},
+        }
+        return gate
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _text_vocab_size(model) -> int | None:

@@ -47,7 +47,9 @@ FORMAT = 1
 OPSET = 17
 META_FILE = "export.json"
 TOWERS = ("text", "visual")
-_FILES = {"text": "text.onnx", "visual": "visual.onnx"}
+INT8_TOWER = "visual-int8"  # the visual tower with int8 weights, where its gate passed (see onnx_export)
+PRECISIONS = ("fp32", "int8")
+_FILES = {"text": "text.onnx", "visual": "visual.onnx", INT8_TOWER: "visual-int8.onnx"}
 _INPUTS = {"text": "tokens", "visual": "pixels"}
 _OUTPUT = "embedding"
 _TEXT_CHUNK = 64  # texts per onnxruntime call
@@ -83,7 +85,6 @@ def _load_options(ort, tower: str, *, optimized_by: str | None, threads: int | N
     return _session_options(ort, level=level, threads=threads, prepack=prepack)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # inference (torch-free)
 # ----------------------------------------------------------------------------------------------
@@ -114,9 +115,12 @@ class OnnxEncoder:
 
     >>> enc = OnnxEncoder(Path("~/.cache/mmsearch/onnx/ViT-B-32-openai").expanduser())
     >>> enc.embed_texts(["a dog on a beach"]).shape   # (1, enc.dim), rows L2-normalized
+
+    ``precision``: "fp32", or "int8" for the export's int8 visual tower (text stays fp32), which
+    exists only where its gate passed: otherwise ModelUnavailable says what the gate measured.
     """
 
-    def __init__(self, export_dir: Path, threads: int | None = None):
+    def __init__(self, export_dir: Path, threads: int | None = None, precision: str = "fp32"):
         self.export_dir = Path(export_dir)
         self.threads = threads
         meta_path = self.export_dir / META_FILE
@@ -146,7 +150,7 @@ class OnnxEncoder:
         self.meta: dict = meta
         self._towers: dict[str, dict] = {}
         for tower, info in towers.items():
-            if tower not in TOWERS:
+            if tower not in _FILES:
                 continue
             try:
                 sizes = {str(k): int(v) for k, v in dict(info["bytes"]).items()}
@@ -169,6 +173,8 @@ class OnnxEncoder:
         self._vocab_path = self.export_dir / vocab_name
         if "text" in self._towers and not self._vocab_path.is_file():
             raise ModelUnavailable(f"damaged ONNX export: {self._vocab_path} is missing")
+        self.precision = "fp32"
+        self.set_precision(precision)
         self._sessions: dict[str, Any] = {}
         self._prepacked: dict[str, bool] = {}
         self._tokenizer: ClipTokenizer | None = None
@@ -177,6 +183,27 @@ class OnnxEncoder:
     @property
     def towers(self) -> tuple[str, ...]:
         return tuple(t for t in TOWERS if t in self._towers)
+
+    @property
+    def int8_gate(self) -> dict | None:
+        """The int8 gate's outcome recorded at export (min_cosine, threshold, probes, kept, reason)."""
+        gate = self.meta.get("int8")
+        return gate if isinstance(gate, dict) else None
+
+    def set_precision(self, precision: str) -> None:
+        """Run images through the fp32 or the int8 visual tower from now on (ModelUnavailable: no int8 one)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "int8" and INT8_TOWER not in self._towers:
+            raise ModelUnavailable(f"no int8 image tower for this model: {self.int8_refusal()}")
+        self.precision = precision
+
+    def int8_refusal(self) -> str:
+        """Why this export has no int8 visual tower, in words."""
+        gate = self.int8_gate
+        if gate is None:
+            return "its export predates int8 towers"
+        return str(gate.get("reason") or "its int8 tower is missing")
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -262,10 +289,14 @@ class OnnxEncoder:
         if pixels.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        sess = self._session("visual")
+        int8 = self.precision == "int8"
+        sess = self._session(INT8_TOWER if int8 else "visual")
+        # Dynamic int8 quantizes each MatMul's input with one scale for the whole call: one image per
+        # call, so that an image's vector does not depend on the images beside it in a batch.
+        chunk = 1 if int8 else _PIXEL_CHUNK
         parts = [
-            sess.run([_OUTPUT], {_INPUTS["visual"]: pixels[i : i + _PIXEL_CHUNK]})[0]
-            for i in range(0, pixels.shape[0], _PIXEL_CHUNK)
+            sess.run([_OUTPUT], {_INPUTS["visual"]: pixels[i : i + chunk]})[0]
+            for i in range(0, pixels.shape[0], chunk)
         ]
         return _l2_normalize(np.concatenate(parts) if len(parts) > 1 else parts[0])
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG
+from cli import cli
+from conftest import REPO, TINY_CONFIG, invoke
 from retrieval import encoder as encoder_mod
+from retrieval import onnx_export
 from retrieval.config import BUNDLED_DIR
 
 HEAVY = ("torch", "open_clip")
@@ -102,3 +104,34 @@ def test_checkpoint_hash_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch)
     ckpt.write_bytes(b"y" * 1000)  # same size, new content and mtime
     os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
     assert encoder_mod.cached_sha256(ckpt) == real(ckpt) != first and len(calls) == 2
+
+
+def test_forced_int8_refused_when_the_gate_fails_and_auto_falls_back(runner, tmp_path, photos, tiny_model,
+                                                                      monkeypatch) -> None:
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "strict-cache"))  # a fresh export, gated strictly
+    monkeypatch.setattr(onnx_export, "INT8_MIN_COSINE", 1.5)
+    model = ["--model", tiny_model, "--pretrained", "random", "--device", "cpu"]
+    refused = runner.invoke(cli, ["index", str(photos), "--index", str(tmp_path / "i"), *model,
+                                                    "--precision", "int8"])
+    assert refused.exit_code == 1 and "int8" in refused.output and "min cosine" in refused.output, refused.output
+    assert invoke(runner, "index", photos, "--index", tmp_path / "i", *model).exit_code == 0
+    data = json.loads(invoke(runner, "info", "--index", tmp_path / "i", "--json").output)
+    assert data["images"] == 6
+    assert data["precision"]["used"] == "fp32" and data["precision"]["requested"] == "auto"
+    assert not data["precision"]["int8_gate"]["kept"]
+    text = invoke(runner, "info", "--index", tmp_path / "i").output
+    assert "precision: fp32" in text and "not kept" in text
+
+
+def test_precision_is_kept_with_the_index(runner, tmp_path, photos, tiny_model) -> None:
+    model = ["--model", tiny_model, "--pretrained", "random", "--device", "cpu"]
+
+    def used() -> str:
+        return json.loads(invoke(runner, "info", "--index", tmp_path / "i", "--json").output)["precision"]["used"]
+
+    assert invoke(runner, "index", photos / "sub", "--index", tmp_path / "i", *model, "--precision", "fp32").exit_code == 0
+    assert used() == "fp32"
+    assert invoke(runner, "index", photos, "--index", tmp_path / "i").exit_code == 0  # no flag: the index's choice
+    assert used() == "fp32"
+    assert invoke(runner, "index", photos, "--index", tmp_path / "i", "--precision", "auto").exit_code == 0
+    assert used() == "int8"  # the tiny model passes its int8 gate
