@@ -178,7 +178,7 @@ def _describe_precision(setting: dict[str, Any] | None) -> str:
     gate = setting.get("int8_gate")
     if gate and "min_cosine" in gate:
         outcome = "kept" if gate.get("kept") else "not kept"
-        text += (f"; int8 check: min cosine {gate['min_cosine']:.4f} vs {gate['threshold']} on {gate['probes']} "
+        text += (f"; int8 check: min cosine {gate['min_cosine']:.6f} vs {gate['threshold']} on {gate['probes']} "
                  f"probe images, {outcome}")
     elif gate:
         text += f"; int8 not kept: {gate.get('reason')}"

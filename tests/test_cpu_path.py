@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+import retrieval
 from cli import cli
 from conftest import REPO, TINY_CONFIG, invoke
 from retrieval import encoder as encoder_mod
 from retrieval import onnx_export
 from retrieval.config import BUNDLED_DIR
+from retrieval.errors import ModelUnavailable
 
 HEAVY = ("torch", "open_clip")
 
@@ -71,8 +73,6 @@ def test_second_new_index_imports_neither_torch_nor_open_clip(tmp_path, photos, 
 
 def test_same_export_serves_both_processes(tmp_path, photos, tiny_model) -> None:
     """The vectors of the torch-free process equal those of the process that exported."""
-    import retrieval
-
     with retrieval.open_index(tmp_path / "i1", model=tiny_model, pretrained="random", device="cpu") as idx:
         idx.add([photos])
         first = idx.embed_images(sorted(str(p) for p in photos.glob("*.jpg")))
@@ -135,3 +135,31 @@ def test_precision_is_kept_with_the_index(runner, tmp_path, photos, tiny_model) 
     assert used() == "fp32"
     assert invoke(runner, "index", photos, "--index", tmp_path / "i", "--precision", "auto").exit_code == 0
     assert used() == "int8"  # the tiny model passes its int8 gate
+
+
+def test_an_export_made_before_int8_gets_its_int8_tower_on_first_use(tmp_path, photos, monkeypatch) -> None:
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "m.json"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    with retrieval.open_index(tmp_path / "i1", model=str(cfg), pretrained="random", device="cpu") as idx:
+        folder = idx.encoder.onnx.export_dir
+    meta = json.loads((folder / "export.json").read_text())
+    del meta["int8"], meta["towers"]["visual-int8"]  # as an export from before int8 towers
+    (folder / "export.json").write_text(json.dumps(meta))
+    for f in folder.glob("visual-int8*"):
+        f.unlink()
+    with retrieval.open_index(tmp_path / "i2", model=str(cfg), pretrained="random", device="cpu") as idx:
+        idx.add([photos])
+        assert idx.encoder.precision == "int8" and idx.info()["precision"]["int8_gate"]["kept"]
+    assert json.loads((folder / "export.json").read_text())["int8"]["kept"]
+    assert (folder / "visual-int8.onnx").is_file()
+
+
+def test_int8_needs_the_onnx_path(tmp_path, tiny_model) -> None:
+    with retrieval.open_index(tmp_path / "i", model=tiny_model, pretrained="random", device="cpu",
+                              backend="torch", precision="int8") as idx:
+        with pytest.raises(ModelUnavailable, match="int8 runs on the CPU through the model's ONNX export"):
+            idx.encoder
+    with retrieval.open_index(tmp_path / "j", model=tiny_model, pretrained="random", device="cpu",
+                              backend="torch") as idx:
+        assert idx.encoder.precision == "fp32" and idx.encoder.backend == "torch"
