@@ -171,7 +171,7 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool) -> None:
 
 
 def _describe_precision(setting: dict[str, Any] | None) -> str:
-    """'int8 (asked: auto; int8 check: min cosine 0.9981 >= 0.995 on 32 probes, kept)' for `info`."""
+    """'int8 (asked: auto; int8 check: min cosine 0.999818 vs 0.995 on 32 probe images, kept, 1.3x fp32's speed)'."""
     if not setting:
         return "-"
     text = f"{setting.get('used')} (asked: {setting.get('requested')}"
@@ -180,6 +180,8 @@ def _describe_precision(setting: dict[str, Any] | None) -> str:
         outcome = "kept" if gate.get("kept") else "not kept"
         text += (f"; int8 check: min cosine {gate['min_cosine']:.6f} vs {gate['threshold']} on {gate['probes']} "
                  f"probe images, {outcome}")
+        if gate.get("kept") and "speedup" in gate:
+            text += f", {gate['speedup']}x fp32's speed"
     elif gate:
         text += f"; int8 not kept: {gate.get('reason')}"
     return text + ")"

@@ -23,6 +23,11 @@ from retrieval.errors import ModelUnavailable
 HEAVY = ("torch", "open_clip")
 
 
+def auto_choice(gate: dict) -> str:
+    """What --precision auto must pick for an export with this int8 gate: int8 only if faithful and faster."""
+    return "int8" if gate["kept"] and gate["speedup"] >= 1 else "fp32"
+
+
 def imported_top_modules(stderr: str) -> set[str]:
     """Top-level packages a `python -X importtime` run imported (from its stderr)."""
     names = set()
@@ -134,7 +139,10 @@ def test_precision_is_kept_with_the_index(runner, tmp_path, photos, tiny_model) 
     assert invoke(runner, "index", photos, "--index", tmp_path / "i").exit_code == 0  # no flag: the index's choice
     assert used() == "fp32"
     assert invoke(runner, "index", photos, "--index", tmp_path / "i", "--precision", "auto").exit_code == 0
-    assert used() == "int8"  # the tiny model passes its int8 gate
+    gate = json.loads(invoke(runner, "info", "--index", tmp_path / "i", "--json").output)["precision"]["int8_gate"]
+    assert gate["kept"] and used() == auto_choice(gate)  # the tiny model passes its int8 gate
+    assert invoke(runner, "index", photos, "--index", tmp_path / "i", "--precision", "int8").exit_code == 0
+    assert used() == "int8"
 
 
 def test_an_export_made_before_int8_gets_its_int8_tower_on_first_use(tmp_path, photos, monkeypatch) -> None:
@@ -150,7 +158,8 @@ def test_an_export_made_before_int8_gets_its_int8_tower_on_first_use(tmp_path, p
         f.unlink()
     with retrieval.open_index(tmp_path / "i2", model=str(cfg), pretrained="random", device="cpu") as idx:
         idx.add([photos])
-        assert idx.encoder.precision == "int8" and idx.info()["precision"]["int8_gate"]["kept"]
+        gate = idx.info()["precision"]["int8_gate"]
+        assert gate["kept"] and idx.encoder.precision == auto_choice(gate)
     assert json.loads((folder / "export.json").read_text())["int8"]["kept"]
     assert (folder / "visual-int8.onnx").is_file()
 
@@ -163,3 +172,13 @@ def test_int8_needs_the_onnx_path(tmp_path, tiny_model) -> None:
     with retrieval.open_index(tmp_path / "j", model=tiny_model, pretrained="random", device="cpu",
                               backend="torch") as idx:
         assert idx.encoder.precision == "fp32" and idx.encoder.backend == "torch"
+
+
+@pytest.mark.parametrize("speedup, expected", [(0.6, "fp32"), (1.4, "int8")])
+def test_auto_takes_int8_only_where_it_ran_faster(tiny_model, speedup, expected) -> None:
+    encoder = encoder_mod.load_encoder(tiny_model, "random", "cpu")
+    encoder.onnx.meta["int8"] = dict(encoder.int8_gate, speedup=speedup)
+    encoder.set_precision("auto")
+    assert encoder.precision == expected
+    encoder.set_precision("int8")  # forced: allowed, the gate passed
+    assert encoder.precision == "int8"

@@ -351,7 +351,7 @@ def test_export_rejects_bad_towers(tiny, tmp_path):
 def test_export_has_a_gated_int8_visual_tower(export_dir, encoder):
     meta = json.loads((export_dir / "export.json").read_text())
     gate = meta["int8"]
-    assert gate["kept"] and gate["probes"] == 32 and 0.995 <= gate["min_cosine"] < 1.0
+    assert gate["kept"] and gate["probes"] == 32 and 0.995 <= gate["min_cosine"] < 1.0 and gate["speedup"] > 0
     tower = meta["towers"]["visual-int8"]
     assert tower["bytes"]["visual-int8.onnx.data"] < meta["towers"]["visual"]["bytes"]["visual.onnx.data"]
     pixels = onnx_export.probe_pixels(SIZE, onnx_export.CLIP_MEAN, onnx_export.CLIP_STD)
