@@ -48,7 +48,8 @@ def index_process(folder: Path, index: Path, *args: str) -> subprocess.Completed
 
 
 @pytest.mark.parametrize("model", ["config", "bundled-checkpoint"])
-def test_second_new_index_imports_neither_torch_nor_open_clip(tmp_path, photos, model) -> None:
+def test_second_new_index_imports_neither_torch_nor_open_clip(tmp_path, photos, model, monkeypatch) -> None:
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))  # no export yet
     if model == "config":
         first_cfg, second_cfg = tmp_path / "a" / "tiny.json", tmp_path / "b" / "copy-of-tiny.json"
         for cfg in (first_cfg, second_cfg):  # identical content at two paths: one export
