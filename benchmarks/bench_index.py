@@ -18,7 +18,7 @@ Contenders, for each --model, in turn (--repeat rounds, alternating; medians rep
            so the ratio measures the ingest pipeline, not the precision).
   mmsearch retrieval.open_index(tmpdir, model=..., pretrained="random", device=..., backend=...)
            .add([folder], workers=..., batch_size=...), i.e. `mmsearch index`, once per --workers value
-           and --backend (auto: onnxruntime on cpu, torch fp16 on cuda). The model is loaded (on cpu,
+           and --backend (auto: onnxruntime on cpu, torch fp16 on cuda) and --precision. The model is loaded (on cpu,
            exported to ONNX once, into the user cache) before the clock starts, as for naive; the scan,
            decoder start, database and vector cache are timed. Breakdown from IndexReport.timings.
   rclip    (--rclip BIN, optional) a fresh rclip index of the same folder (its own ViT-B-32-256 via
@@ -205,11 +205,12 @@ def run_naive(model, preprocess, files: list[str], device: str, batch_size: int)
 
 
 def run_mmsearch(model_name: str, folder: Path, device: str, batch_size: int, workers: int | None, n: int,
-                 backend: str) -> dict:
+                 backend: str, precision: str = "auto") -> dict:
     import retrieval
 
     with tempfile.TemporaryDirectory(prefix="mmsearch-bench-index-") as tmp:
-        with retrieval.open_index(tmp, model=model_name, pretrained="random", device=device, backend=backend) as idx:
+        with retrieval.open_index(tmp, model=model_name, pretrained="random", device=device, backend=backend,
+                                  precision=precision) as idx:
             encoder = idx.encoder  # loaded (and on CPU exported to ONNX, once) before the clock starts, as for naive
             start = time.perf_counter()
             report = idx.add([folder], workers=workers, batch_size=batch_size)
@@ -408,7 +409,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--whole-process", action="store_true",
                     help="time whole `mmsearch index` and `rclip` processes, start to exit (see above)")
-    ap.add_argument("--precision", default="auto", help="--whole-process: comma-separated mmsearch precisions")
+    ap.add_argument("--precision", default="auto", help="comma-separated mmsearch precisions (auto, fp32, int8)")
     ap.add_argument("--model-cache", type=Path, default=Path(tempfile.gettempdir()) / "mmsearch-bench-model-cache",
                     help="--whole-process: MMSEARCH_CACHE of the mmsearch processes (their ONNX exports)")
     args = ap.parse_args()
@@ -433,6 +434,7 @@ def main() -> None:
     workers_list = parse_workers(args.workers)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     env = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}"
                    f", {torch.get_num_threads()} torch threads",
@@ -455,11 +457,12 @@ def main() -> None:
         contenders = []  # (name, run()) in the order of even rounds; odd rounds run them reversed
         if naive:
             contenders.append(("naive", lambda: run_naive(*naive, files, device, args.batch_size)))
-        for bi, backend in enumerate(backends):
-            for w in workers_list if bi == 0 else workers_list[:1]:  # other backends: first --workers only
-                name = f"mmsearch[{backend}] workers={'auto=' + str(default_workers()) if w is None else w}"
-                contenders.append((name, lambda w=w, backend=backend: run_mmsearch(
-                    model_name, folder, device, args.batch_size, w, args.n, backend)))
+        combos = [(b, p) for b in backends for p in precisions]
+        for ci, (backend, precision) in enumerate(combos):
+            for w in workers_list if ci == 0 else workers_list[:1]:  # other combinations: first --workers only
+                name = f"mmsearch[{backend}-{precision}] workers={'auto=' + str(default_workers()) if w is None else w}"
+                contenders.append((name, lambda w=w, backend=backend, precision=precision: run_mmsearch(
+                    model_name, folder, device, args.batch_size, w, args.n, backend, precision)))
         if args.rclip and model_name == "ViT-B-32-256":
             contenders.append(("rclip", lambda: run_rclip(args.rclip, rclip_data, folder, args.n)))
         for r in range(args.repeat):
@@ -467,8 +470,9 @@ def main() -> None:
                 res = run()
                 encoder = res.pop("encoder", None)
                 if encoder is not None:
-                    name = f"mmsearch[{encoder.backend}{name[name.index(']'):]}"  # auto -> what it picked
-                    encoders[encoder.backend] = encoder
+                    picked = f"{encoder.backend}-{encoder.precision}"  # auto -> what it picked
+                    name = f"mmsearch[{picked}{name[name.index(']'):]}"
+                    encoders[picked] = encoder
                 res["round"], res["load"] = r, loadavg()
                 runs.setdefault(name, []).append(res)
                 log(f"  [{r}] {name:34s} {res['ips']:7.1f} img/s  (load {res['load']})")
