@@ -74,8 +74,8 @@ class Collection:
         `model`/`pretrained` name the model for a new index; on an existing one they must
         match the recorded model (ModelMismatch) or may be left out. `wait`: seconds a write
         (add, reindex) waits for another process's write to finish before IndexInUse. `precision`: of the
-        image tower, auto (int8 on CPU where the model's int8 gate passed, fp16 on CUDA), fp32 or int8;
-        kept with the index for later runs.
+        image tower, auto (on CPU int8 where the model's int8 gate passed and int8 ran faster, else fp32;
+        fp16 on CUDA), fp32 or int8; kept with the index for later runs.
         """
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
         store = _open_store(path) if create and not (path / DB_NAME).exists() else None

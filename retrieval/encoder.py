@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mmsearch")
 
-#: Image tower precisions to ask for: auto = int8 on CPU where its gate passed (else fp32), fp16 on CUDA.
+#: Image tower precisions to ask for: auto = int8 on CPU where it passed its gate and ran faster, fp16 on CUDA.
 PRECISIONS = ("auto", "fp32", "int8")
 #: Values of --pretrained that mean "no weights": a seeded random init, for benchmarks.
 RANDOM_WEIGHTS = ("random", "none")

@@ -10,6 +10,7 @@ Export folder layout (``FORMAT`` 1)::
       export.json                   context_length, image_size, embed_dim, opset, towers, versions
       text.onnx   text.onnx.data    graph + weights in one external file
       visual.onnx visual.onnx.data
+      visual-int8.onnx visual-int8.onnx.data   int8 weights, only where its gate passed (export.json "int8")
       bpe_simple_vocab_16e6.txt.gz  the tokenizer vocabulary
 
 Start-up of a query process is what this is for, so the graphs are stored the way onnxruntime
