@@ -39,6 +39,8 @@ log = logging.getLogger("mmsearch")
 
 #: Setting (Store.set_setting) holding the image tower's precision: requested, used, int8 gate.
 PRECISION_SETTING = "encoder:precision"
+#: Setting holding a config-file model's content key (`encoder.export_name`): its export is found by it.
+CONFIG_SETTING = "model:config"
 
 
 class Collection:
@@ -162,7 +164,7 @@ class Collection:
             encoder = None
             if manifest is not None and cpu and self.backend != "torch":
                 self._checked_request(manifest)
-                encoder = load_export(manifest)
+                encoder = load_export(manifest, self.reader.setting(CONFIG_SETTING))
             elif cpu and self.backend != "torch":
                 encoder = find_export(*self._new_model())
             if encoder is None:
@@ -193,7 +195,8 @@ class Collection:
         vector = cache.get(text) if cache else None
         if vector is None:
             if self._query_encoder is None:
-                exported = load_export(manifest) if manifest and self.backend != "torch" else None
+                exported = (load_export(manifest, self.reader.setting(CONFIG_SETTING))
+                            if manifest and self.backend != "torch" else None)
                 self._query_encoder = self._encoder or exported or self.encoder
             vector = self._query_encoder.embed_texts([text])[0]
             if cache:
@@ -250,8 +253,13 @@ class Collection:
 
     def claim_model(self) -> Encoder:
         """Load the encoder and record (or check) it as this index's model."""
+        from .encoder import export_name
+
         encoder = self.encoder
         self.store.claim_model(encoder.manifest)
+        name = encoder.manifest.name
+        if name.lower().endswith(".json") and self.reader.setting(CONFIG_SETTING) is None:
+            self.store.set_setting(CONFIG_SETTING, export_name(name))  # the config's content, as built
         setting = {"requested": self.precision or self.precision_setting().get("requested") or "auto",
                    "used": encoder.precision, "int8_gate": encoder.int8_gate}
         if setting != self.precision_setting():

@@ -202,23 +202,27 @@ def pick_device(device: str) -> str:
     return device
 
 
-def export_name(name: str) -> str:
+def export_name(name: str, recorded: str | None = None) -> str:
     """The architecture part of an ONNX export's identity: a model config file (.json) by its content
     (a copy or a moved file finds the same export), anything else by name.
 
-    A config file that cannot be read keeps its recorded path (exports made before content keys).
+    `recorded`: the key an index recorded when it was built (`Collection.claim_model`), used as is, so
+    the index keeps its model when its config file is moved or edited. A config file that cannot be
+    read, with nothing recorded, keeps its path (exports made before content keys).
     """
     if not name.lower().endswith(".json"):
         return name
+    if recorded:
+        return recorded
     try:
         return "config-sha256:" + hashlib.sha256(Path(name).read_bytes()).hexdigest()
     except OSError:
         return name
 
 
-def export_dir(name: str, weights: str | None) -> Path:
+def export_dir(name: str, weights: str | None, recorded: str | None = None) -> Path:
     """Where the ONNX export of a model lives in the per-user cache, keyed by its identity."""
-    ident = export_name(name)
+    ident = export_name(name, recorded)
     digest = hashlib.sha256(f"{ident}\n{weights}".encode()).hexdigest()[:20]
     return cache_dir() / "onnx" / f"{'config' if ident != name else Path(name).stem}-{digest}"
 
@@ -358,9 +362,12 @@ def load_encoder(name: str, pretrained: str | None, device: str = "auto", backen
     return load_source(resolve_model(name, pretrained), device, backend)
 
 
-def load_export(manifest: ModelManifest) -> Encoder | None:
-    """The model of an index from its ONNX export, without torch; None when there is no usable export."""
-    return _open_export(manifest.name, manifest.pretrained, manifest.checkpoint_sha256, manifest.dim)
+def load_export(manifest: ModelManifest, config_key: str | None = None) -> Encoder | None:
+    """The model of an index from its ONNX export, without torch; None when there is no usable export.
+
+    `config_key`: the `export_name` the index recorded for a config-file model.
+    """
+    return _open_export(manifest.name, manifest.pretrained, manifest.checkpoint_sha256, manifest.dim, config_key)
 
 
 def find_export(name: str, pretrained: str | None) -> Encoder | None:
@@ -390,12 +397,14 @@ def find_export(name: str, pretrained: str | None) -> Encoder | None:
     return _open_export(model_key(name), pretrained, sha256, None)
 
 
-def _open_export(name: str, pretrained: str | None, sha256: str | None, dim: int | None) -> Encoder | None:
+def _open_export(name: str, pretrained: str | None, sha256: str | None, dim: int | None,
+                 config_key: str | None = None) -> Encoder | None:
     """The export of model `name` with these weights (and `dim`, when known), or None."""
     from .onnx_runtime import OnnxEncoder
 
     weights = sha256 or pretrained
-    folder = export_dir(name, weights)
+    ident = export_name(name, config_key)
+    folder = export_dir(name, weights, ident)
     if not (folder / "export.json").exists():
         return None
     try:
@@ -408,7 +417,7 @@ def _open_export(name: str, pretrained: str | None, sha256: str | None, dim: int
     except (ModelUnavailable, KeyError, TypeError, ValueError) as exc:
         log.warning("ignoring the ONNX export at %s (%s)", folder, exc)
         return None
-    if list(recorded) != [export_name(name), weights] or dim not in (None, exported_dim):
+    if list(recorded) != [ident, weights] or dim not in (None, exported_dim):
         return None
     manifest = ModelManifest(name, pretrained, sha256, exported_dim)
     return Encoder(manifest, geometry, mean, std, "cpu", onnx=onnx)

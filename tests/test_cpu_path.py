@@ -18,7 +18,7 @@ from conftest import REPO, TINY_CONFIG, invoke
 from retrieval import encoder as encoder_mod
 from retrieval import onnx_export
 from retrieval.config import BUNDLED_DIR
-from retrieval.errors import ModelUnavailable
+from retrieval.errors import ModelMismatch, ModelUnavailable
 
 HEAVY = ("torch", "open_clip")
 
@@ -183,3 +183,22 @@ def test_auto_takes_int8_only_where_it_ran_faster(tiny_model, speedup, expected)
     assert encoder.precision == expected
     encoder.set_precision("int8")  # forced: allowed, the gate passed
     assert encoder.precision == "int8"
+
+
+def test_moved_config_file_keeps_its_index_working_without_torch(tmp_path, photos, monkeypatch) -> None:
+    monkeypatch.setenv("MMSEARCH_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "models" / "m.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    with retrieval.open_index(tmp_path / "i", model=str(cfg), pretrained="random", device="cpu") as idx:
+        idx.add([photos / "sub"])
+        before = idx.search("a red square", k=1)[0].score
+    cfg.rename(tmp_path / "moved.json")
+    run = index_process(photos, tmp_path / "i")  # the index's own model, config file gone
+    assert not imported_top_modules(run.stderr) & set(HEAVY) and "added 5," in run.stderr
+    with retrieval.open_index(tmp_path / "i", create=False, device="cpu") as idx:
+        assert idx.manifest.name == str(cfg) and idx.info()["images"] == 6
+        assert idx.search("a red square", k=6)[0].score >= before - 1e-6
+    with pytest.raises(ModelMismatch):  # the moved file is another path: still refused by name
+        with retrieval.open_index(tmp_path / "i", model=str(tmp_path / "moved.json"), device="cpu") as idx:
+            idx.add([photos])
