@@ -119,6 +119,9 @@ def cli() -> None:
                    f"architecture's usual weights ({DEFAULT_MODEL}: {DEFAULT_PRETRAINED}); other architectures and "
                    f".json configs need it.")
 @_device_option
+@click.option("--precision", type=click.Choice(["auto", "fp32", "int8"]),
+              help="Image tower precision: auto = int8 on CPU where the model passes its int8 check (else fp32), "
+                   "fp16 on CUDA. Default: the index's last choice, else auto.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
               help="Images embedded (and committed) together.")
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="Image decode processes (default: 0 = one decode thread on 2 cores or fewer, else cores - 1).")
@@ -138,7 +141,7 @@ def cli() -> None:
 @_quiet_option
 @_reports_errors
 def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, device: str,
-          batch_size: int, workers: int | None, text_field: str | None, exclude: tuple[str, ...],
+          precision: str | None, batch_size: int, workers: int | None, text_field: str | None, exclude: tuple[str, ...],
           include_hidden: bool | None, prune: bool, failures_file: Path | None, wait: float, quiet: bool) -> None:
     """Index image folders and text corpora (.txt, .jsonl, .json, .csv), incrementally.
 
@@ -150,7 +153,7 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
     bar = tqdm(total=0, unit="file", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), desc="embedding")
     # A re-scan (no PATHS) needs an index to exist already: it creates none.
     with retrieval.open_index(index_dir, model=model, pretrained=pretrained, device=device, wait=wait,
-                              create=bool(paths)) as idx:
+                              precision=precision, create=bool(paths)) as idx:
         report = idx.add(list(paths), text_field=text_field, exclude=list(exclude) if exclude else None,
                          include_hidden=include_hidden, prune=prune, batch_size=batch_size, workers=workers,
                          progress=bar.update, on_total=lambda n: bar.reset(total=n))
@@ -317,6 +320,7 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
     click.echo(f"files:    {data['files']}")
     click.echo(f"skipped:  {data['failures']}")
     click.echo(f"layout:   {', '.join(f'{k}: {v}' for k, v in data['layouts'].items()) or '-'}")
+    click.echo(f"precision: {_describe_precision(data['precision'])}")
     click.echo(f"size:     {data['size_bytes'] / 1e6:.1f} MB")
     for root, opts in data["root_options"].items():
         shown = [f"exclude {' '.join(opts['exclude'])}"] if opts["exclude"] else []
@@ -332,6 +336,23 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
             click.echo(f"... and {len(ignored) - 20} more (`mmsearch info --json` lists them all)")
     for p, r in failures:
         click.echo(f"skipped {_shown(p)}: {_shown(r)}")
+
+
+def _describe_precision(setting: dict[str, Any] | None) -> str:
+    """'int8 (asked: auto; int8 check: min cosine 0.999818 vs 0.995 on 32 probe images, kept, 1.3x fp32's speed)'."""
+    if not setting:
+        return "-"
+    text = f"{setting.get('used')} (asked: {setting.get('requested')}"
+    gate = setting.get("int8_gate")
+    if gate and "min_cosine" in gate:
+        outcome = "kept" if gate.get("kept") else "not kept"
+        text += (f"; int8 check: min cosine {gate['min_cosine']:.6f} vs {gate['threshold']} on {gate['probes']} "
+                 f"probe images, {outcome}")
+        if gate.get("kept") and "speedup" in gate:
+            text += f", {gate['speedup']}x fp32's speed"
+    elif gate:
+        text += f"; int8 not kept: {gate.get('reason')}"
+    return text + ")"
 
 
 @cli.command()

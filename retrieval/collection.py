@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -40,13 +41,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mmsearch")
 
+#: Setting (Store.set_setting) holding the image tower's precision: requested, used, int8 gate.
+PRECISION_SETTING = "encoder:precision"
+#: Setting holding a config-file model's content key (`encoder.export_name`): its export is found by it.
+CONFIG_SETTING = "model:config"
+
 
 class Collection:
     """An open index: add files or texts, search by text, image or vector, embed."""
 
     def __init__(self, directory: Path, reader: StoreReader | None, model: str | None = None,
                  pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-                 store: Store | None = None, wait: float = 0.0) -> None:
+                 store: Store | None = None, wait: float = 0.0, precision: str | None = None) -> None:
         self.directory = directory
         self._reader = reader  # None until a new index is created by its first write
         self._store = store
@@ -56,6 +62,8 @@ class Collection:
         #: 'auto' (onnxruntime on CPU, torch on CUDA), 'torch' or 'onnx'; env MMSEARCH_BACKEND.
         self.backend = backend or os.environ.get("MMSEARCH_BACKEND", "auto")
         self._requested = (model, pretrained)
+        #: Image tower precision asked for (auto|fp32|int8); None: the index's recorded choice, else auto.
+        self.precision = precision
         self._encoder: Encoder | None = None
         self._query_encoder: Encoder | None = None
         self._vectors: dict[str, VectorIndex] = {}
@@ -70,13 +78,16 @@ class Collection:
     @classmethod
     def open(cls, directory: str | Path | None = None, *, model: str | None = None,
              pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-             create: bool = True, wait: float = 0.0) -> Collection:
+             create: bool = True, wait: float = 0.0, precision: str | None = None) -> Collection:
         """Open the index at `directory` (default: MMSEARCH_INDEX or the per-user data dir).
 
         `model`/`pretrained` name the model for a new index; on an existing one they must
         match the recorded model (ModelMismatch) or may be left out. `wait`: seconds a write
         (add, reindex) waits for another process's write to finish before IndexInUse.
         `device`: 'auto', 'cpu', 'cuda' or 'cuda:N' (DeviceUnavailable otherwise, or without a GPU).
+        `precision`: of the
+        image tower, auto (on CPU int8 where the model's int8 gate passed and int8 ran faster, else fp32;
+        fp16 on CUDA), fp32 or int8; kept with the index for later runs.
         A new index (`create`) is created on disk by its first write, once its inputs are checked.
         """
         if device not in ("auto", "cpu"):  # the usual two need no check (nor the encoder module)
@@ -85,12 +96,12 @@ class Collection:
             check_device(device)
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
         if create and not (path / DB_NAME).exists():
-            return cls(path, None, model, pretrained, device, backend, None, wait)
+            return cls(path, None, model, pretrained, device, backend, None, wait, precision)
         reader = StoreReader.open(path)  # IndexNotFound where there is none
         store = None
         if reader.needs_migration() and os.access(path, os.W_OK):
             store = _open_store(path)  # an index from an older mmsearch: migrate it before reading
-        return cls(path, reader, model, pretrained, device, backend, store, wait)
+        return cls(path, reader, model, pretrained, device, backend, store, wait, precision)
 
     @property
     def reader(self) -> StoreReader:
@@ -143,17 +154,21 @@ class Collection:
                                 "use the same model or another --index")
         return source
 
+    def _new_model(self) -> tuple[str, str | None]:
+        """(name, pretrained) of the model for a new index: the one asked for, else the default."""
+        name, pretrained = self._requested
+        if name is None:
+            name, default_pretrained = default_model()
+            pretrained = pretrained or default_pretrained
+        return name, pretrained
+
     def _source(self) -> ModelSource:
         """The model to use: the recorded one (checked against any model asked for), or the one asked for."""
         from .encoder import resolve_model
 
         manifest = self.manifest
-        name, pretrained = self._requested
         if manifest is None:
-            if name is None:
-                name, default_pretrained = default_model()
-                pretrained = pretrained or default_pretrained
-            return resolve_model(name, pretrained)
+            return resolve_model(*self._new_model())
         source = self._checked_request(manifest)
         if source is not None:
             return source
@@ -165,22 +180,36 @@ class Collection:
     def encoder(self) -> Encoder:
         """The encoder of this index's model, loaded on first use.
 
-        On a CPU, an index whose model was exported to ONNX before loads without torch.
+        On a CPU, a model exported to ONNX before loads without torch, for a new index too.
         """
         if self._encoder is not None:
             return self._encoder
         with self._loading:
             if self._encoder is None:
-                from .encoder import gpu_likely, load_export, load_source
+                from .encoder import find_export, gpu_likely, load_export, load_source
 
                 manifest = self.manifest
                 cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
+                encoder = None
                 if manifest is not None and cpu and self.backend != "torch":
                     self._checked_request(manifest)
-                    self._encoder = load_export(manifest)
-                if self._encoder is None:
-                    self._encoder = load_source(self._source(), self.device, self.backend)
+                    encoder = load_export(manifest, self.reader.setting(CONFIG_SETTING))
+                elif cpu and self.backend != "torch":
+                    encoder = find_export(*self._new_model())
+                if encoder is None:
+                    encoder = load_source(self._source(), self.device, self.backend)
+                encoder.set_precision(self.precision or self.precision_setting().get("requested") or "auto")
+                self._encoder = encoder
         return self._encoder
+
+    def precision_setting(self) -> dict[str, Any]:
+        """The precision recorded by the last `add`: requested, used, and the int8 gate's outcome."""
+        raw = self.reader.setting(PRECISION_SETTING)
+        try:
+            value = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
     def embed_query_text(self, text: str) -> np.ndarray:
         """The unit vector of one query text: from the query cache, else the fastest encoder at hand.
@@ -196,7 +225,8 @@ class Collection:
         if vector is None:
             with self._loading:
                 if self._query_encoder is None:
-                    exported = load_export(manifest) if manifest and self.backend != "torch" else None
+                    exported = (load_export(manifest, self.reader.setting(CONFIG_SETTING))
+                                if manifest and self.backend != "torch" else None)
                     self._query_encoder = self._encoder or exported or self.encoder
             vector = self._query_encoder.embed_texts([text])[0]
             if cache:
@@ -256,8 +286,17 @@ class Collection:
 
     def claim_model(self) -> Encoder:
         """Load the encoder and record (or check) it as this index's model."""
+        from .encoder import export_name
+
         encoder = self.encoder
         self.store.claim_model(encoder.manifest)
+        name = encoder.manifest.name
+        if name.lower().endswith(".json") and self.reader.setting(CONFIG_SETTING) is None:
+            self.store.set_setting(CONFIG_SETTING, export_name(name))  # the config's content, as built
+        setting = {"requested": self.precision or self.precision_setting().get("requested") or "auto",
+                   "used": encoder.precision, "int8_gate": encoder.int8_gate}
+        if setting != self.precision_setting():
+            self.store.set_setting(PRECISION_SETTING, json.dumps(setting, sort_keys=True))
         self.load_vectors()
         return encoder
 
@@ -469,6 +508,7 @@ class Collection:
             "files": counts["files"],
             "failures": counts["failures"],
             "layouts": layouts,
+            "precision": self.precision_setting() or None,
             "roots": self.reader.roots(),
             "root_options": {root: asdict(opts) for root, opts in self.reader.root_options().items()},
             "ignored": len(ignored),
