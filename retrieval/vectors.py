@@ -175,7 +175,10 @@ def compressed_layouts(n: int, dim: int) -> list[str]:
     codes, with an OPQ rotation once codes get short (it spreads the variance that PQ's
     sub-vectors would otherwise split unevenly). Results are re-ranked from exact vectors
     kept outside the index (the database) when the caller supplies them."""
-    nlist = ivf_nlist(n)
+    if n < 4 * IVF_MIN_PER_LIST:
+        return []
+    # Small collections get fewer lists, so that each still trains on enough points.
+    nlist = min(ivf_nlist(n), 2 ** int(math.log2(n / IVF_MIN_PER_LIST)))
     out = []
     for m in (dim // 2, dim // 4, dim // 8, dim // 16, dim // 32):
         if m < 4 or dim % m:
@@ -210,14 +213,17 @@ def choose_layout(n: int, dim: int, max_memory: int | None = None,
         options.append(IVF_REFINE_LAYOUT.format(nlist=nlist, m=dim // 4))
     if max_memory is None:
         return options[0]
-    if ivf_ok:
-        options += compressed_layouts(n, dim)
+    options += compressed_layouts(n, dim)
     for layout in options:
         if layout_bytes(layout, n, dim) <= max_memory:
             return layout
     smallest = min(options, key=lambda lay: layout_bytes(lay, n, dim))
-    raise ValueError(f"no layout fits {n:,} vectors of dim {dim} in {max_memory / 1e6:,.0f} MB "
-                     f"(the smallest, {smallest}, needs ~{layout_bytes(smallest, n, dim) / 1e6:,.0f} MB)")
+    raise ValueError(f"no layout fits {n:,} vectors of dim {dim} in {_megabytes(max_memory)} "
+                     f"(the smallest, {smallest}, needs ~{_megabytes(layout_bytes(smallest, n, dim))})")
+
+
+def _megabytes(size: float) -> str:
+    return f"{size / 1e6:,.{0 if size >= 1e7 else 2}f} MB"
 
 
 def _is_exact(layout: str) -> bool:
