@@ -169,8 +169,9 @@ def test_allowed_restricts_and_fills_k(layout: str, path: str, monkeypatch) -> N
     q = x[side > 0][:5] + 0.01  # queries sit in the +e0 cluster
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     far = ids[side < 0]
+    exact = lambda want: x[want - 10_000]  # noqa: E731 - the database (compressed codes re-rank)
     for allowed in (far[:15], far[::3], ids[::2]):  # tiny far set, large far set, broad set
-        scores, got = index.search(q, 10, allowed=allowed)
+        scores, got = index.search(q, 10, allowed=allowed, exact=exact)
         assert np.isin(got, allowed).all(), layout  # -1 would fail too: k results wanted
         # the best allowed item is found (exact path or widened beam)
         best = exact_topk(x[np.isin(ids, allowed)], ids[np.isin(ids, allowed)], q, 1)[1][:, 0]
