@@ -304,6 +304,9 @@ def test_max_memory_picks_a_compressed_layout_and_reports_its_recall(runner, tmp
     assert len(query_json(runner, index, *query, "--under", str(corpus.parent))) == 10
     invoke(runner, *index_args(index, tiny_model, photos))  # a later run keeps the budget
     assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["max_memory"] == 60_000
+    assert invoke(runner, *index_args(index, tiny_model, photos), "--max-memory", "0.05MB").exit_code == 0
+    info = json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)  # index sets it too
+    assert info["max_memory"] == 50_000 and (index / "vectors-text.faiss").stat().st_size <= 50_000
 
     assert invoke(runner, "reindex", "--index", str(index), "--max-memory", "0").exit_code == 0
     info = json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)
