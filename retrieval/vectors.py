@@ -10,6 +10,12 @@ Design notes
   mechanism serve every layout: exact layouts compact on ``remove``; graph/IVF layouts,
   which FAISS cannot (HNSW) or should not renumber, mark slots dead (tombstones) and filter
   them at search time with an ``IDSelectorBitmap``.
+* Layouts are tuned to the data at build time, like autofaiss: the smallest efSearch /
+  nprobe (and re-rank depth) reaching a recall@10 target on held-out stored vectors and
+  other-modality queries is saved with the file (``params``, ``tuning``). Large collections
+  whose HNSW build would exceed a CPU budget get IVF over fast-scan PQ codes with a float16
+  refine copy; a memory budget picks compressed IVF-PQ / OPQ layouts whose candidates the
+  caller re-ranks with the exact vectors from SQLite (``search(..., exact=...)``).
 * File = ``[faiss index][metadata][64-byte footer]``. FAISS stops reading at the end of its
   own data, so the file can be memory-mapped with ``IO_FLAG_MMAP_IFC`` and a query process
   does not copy the vectors into private memory.
@@ -104,8 +110,9 @@ _ADD_CHUNK = 100_000
 
 
 #: Build-time tuning (like autofaiss): recall@10 the automatic layouts aim for, measured
-#: at build time with a sample of the stored vectors as queries (each one's own id excluded)
-#: plus vectors of the other modality, against exact search.
+#: at build time against exact search, with a sample of the stored vectors as queries (held
+#: out of the index while it is tuned, so never their own result) plus vectors of the other
+#: modality.
 TARGET_RECALL = 0.95
 TUNE_K = 10
 #: Stored vectors used as tuning queries; other-modality queries are capped likewise.
@@ -334,10 +341,11 @@ class VectorIndex:
 
         ``layout=None`` picks :func:`choose_layout` for the collection size and the memory
         budget ``max_memory`` (bytes). Layouts that need training (SQ, IVF, PQ) are trained
-        on a fixed-seed sample of ``vectors``. Approximate layouts are then tuned
-        (:meth:`tune`): the smallest efSearch / nprobe reaching ``target_recall``
-        (default :data:`TARGET_RECALL`) on a sample of ``vectors`` and on ``cross_queries``
-        (vectors of the other modality, which search across the modality gap).
+        on a fixed-seed sample of ``vectors``. Approximate layouts are then tuned: the
+        smallest efSearch / nprobe (and re-rank depth) reaching ``target_recall`` (default
+        :data:`TARGET_RECALL`) for a sample of ``vectors`` held out of the index until the
+        tuning is done, and for ``cross_queries`` (vectors of the other modality, which
+        search across the modality gap); see :attr:`tuning`.
         """
         ids, vectors = _check_batch(ids, vectors, dim)
         if len(np.unique(ids)) != len(ids):
