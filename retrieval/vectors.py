@@ -574,7 +574,7 @@ class VectorIndex:
             if len(slots) <= ALLOWED_GATHER_MAX:
                 slots = np.unique(slots)
                 m = len(slots)
-                gather = self._kind == "hnsw" or fetch is not None
+                gather = self._kind == "hnsw" or fetch is not None or self._refined()
             if len(slots) == 0:
                 return scores, labels
             if not gather:
@@ -665,10 +665,13 @@ class VectorIndex:
                   ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of a few slots: decode (or ``fetch``) just those rows instead of
         scanning them all."""
+        index = faiss.downcast_index(self._index)
         if fetch is not None:
             vecs = fetch(slots)
+        elif isinstance(index, faiss.IndexRefine):  # its float16 copy
+            vecs = faiss.downcast_index(index.refine_index).reconstruct_batch(slots)
         else:
-            vecs = faiss.downcast_index(faiss.downcast_index(self._index).storage).reconstruct_batch(slots)
+            vecs = faiss.downcast_index(index.storage).reconstruct_batch(slots)
         scores = q @ vecs.T
         kk = min(k, len(slots))
         top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
