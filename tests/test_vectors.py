@@ -162,6 +162,8 @@ def test_allowed_restricts_and_fills_k(layout: str, path: str, monkeypatch) -> N
         monkeypatch.setattr(vx, "ALLOWED_GATHER_MAX", 0)
     monkeypatch.setattr(vx, "EXACT_PREFERENCE", {"default": vx.EXACT_PREFERENCE,
                                                   "scan": float("inf"), "beam": 0.0}[path])
+    monkeypatch.setattr(vx, "IVF_EXACT_SCAN_NS", {"default": vx.IVF_EXACT_SCAN_NS,
+                                                   "scan": float("inf"), "beam": -1.0}[path])
     rng = np.random.default_rng(11)
     x, side = two_clusters(rng, 1000, 16)
     ids = np.arange(10_000, 11_000, dtype=np.int64)
