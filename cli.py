@@ -66,6 +66,29 @@ def _wait_option(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="If another `mmsearch index` is writing this index, wait this long for it.")(func)
 
 
+class MemorySize(click.ParamType):
+    """A byte count like 300MB, 2GB, 1.5G (K/M/G = 1024-based as in autofaiss; KB/MB/GB
+    1000-based); 0 clears a stored budget."""
+
+    name = "SIZE"
+    _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match and self._UNITS.get(match[2].lower())
+        if not unit:
+            self.fail(f"{value!r} is not a memory size like 300MB or 2GB", param, ctx)
+        return int(float(match[1]) * unit)
+
+
+def _max_memory_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--max-memory", type=MemorySize(), metavar="SIZE",
+                        help="Memory budget of the vector index (e.g. 300MB); the automatic layout picks one "
+                             "that fits (compressed, re-ranked from the database) and reports its recall. "
+                             "Kept by later runs; 0 clears it.")(func)
+
+
 def _quiet_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings or hints (errors still show).")(func)
 
@@ -137,12 +160,14 @@ def cli() -> None:
                    "than 10) are gone at once, which is otherwise kept as a likely unmounted drive.")
 @click.option("--failures", "failures_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every skipped file and its reason to this file (tab-separated).")
+@_max_memory_option
 @_wait_option
 @_quiet_option
 @_reports_errors
 def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, device: str,
           precision: str | None, batch_size: int, workers: int | None, text_field: str | None, exclude: tuple[str, ...],
-          include_hidden: bool | None, prune: bool, failures_file: Path | None, wait: float, quiet: bool) -> None:
+          include_hidden: bool | None, prune: bool, failures_file: Path | None, max_memory: int | None,
+          wait: float, quiet: bool) -> None:
     """Index image folders and text corpora (.txt, .jsonl, .json, .csv), incrementally.
 
     With no PATHS, re-scans every folder indexed before, each with its stored options.
@@ -156,7 +181,7 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
                               precision=precision, create=bool(paths)) as idx:
         report = idx.add(list(paths), text_field=text_field, exclude=list(exclude) if exclude else None,
                          include_hidden=include_hidden, prune=prune, batch_size=batch_size, workers=workers,
-                         progress=bar.update, on_total=lambda n: bar.reset(total=n))
+                         progress=bar.update, on_total=lambda n: bar.reset(total=n), max_memory=max_memory)
     bar.close()
     if failures_file:
         failures_file.write_text("".join(f"{path}\t{reason}\n" for path, reason in report.failures), encoding="utf-8")
@@ -321,6 +346,11 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
     click.echo(f"skipped:  {data['failures']}")
     click.echo(f"layout:   {', '.join(f'{k}: {v}' for k, v in data['layouts'].items()) or '-'}")
     click.echo(f"precision: {_describe_precision(data['precision'])}")
+    for kind, vec in data["vector_index"].items():
+        if vec["tuning"]:
+            click.echo(f"tuned:    {kind}: {_tuning_line(vec)}")
+    if data["max_memory"]:
+        click.echo(f"budget:   {data['max_memory'] / 1e6:,.0f} MB for each vector index")
     click.echo(f"size:     {data['size_bytes'] / 1e6:.1f} MB")
     for root, opts in data["root_options"].items():
         shown = [f"exclude {' '.join(opts['exclude'])}"] if opts["exclude"] else []
@@ -369,18 +399,31 @@ def remove(paths: tuple[Path, ...], index_dir: Path | None, wait: float, quiet: 
     click.echo(_shown(removal.summary()), err=True)
 
 
+def _tuning_line(vec: dict[str, Any]) -> str:
+    """'nprobe 96, rerank 8 -> recall@10 0.962 (target 0.95; 300 + 50 queries)'."""
+    t = vec["tuning"]
+    params = ", ".join(f"{k} {v}" for k, v in vec["params"].items())
+    return (f"{params} -> recall@10 {t['recall']:.3f} (target {t['target_recall']:g}; "
+            f"{t['queries']} + {t['cross_queries']} cross-modal queries, {t['seconds']:g} s)")
+
+
 @cli.command()
 @_index_option
 @click.option("--faiss", "layout", help="FAISS index factory string to force (e.g. Flat, HNSW32); default: automatic.")
+@_max_memory_option
 @_wait_option
 @_quiet_option
 @_reports_errors
-def reindex(index_dir: Path | None, layout: str | None, wait: float, quiet: bool) -> None:
-    """Rebuild the vector caches from the database."""
+def reindex(index_dir: Path | None, layout: str | None, max_memory: int | None, wait: float, quiet: bool) -> None:
+    """Rebuild the vector caches from the database, re-tuning their search parameters."""
     _setup_logging(quiet)
     with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
-        layouts = idx.reindex(layout)
+        layouts = idx.reindex(layout, max_memory=max_memory)
+        tuned = idx.info()["vector_index"]
     click.echo(", ".join(f"{kind}: {name}" for kind, name in layouts.items()), err=True)
+    for kind, vec in tuned.items():
+        if vec["tuning"]:
+            click.echo(f"{kind}: {_tuning_line(vec)}", err=True)
 
 
 @cli.command()

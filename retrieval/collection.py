@@ -72,6 +72,7 @@ class Collection:
         self._loaded: dict[str, tuple[int, int, int]] = {}
         # Threads of one process (a web server) share this object: the lazy loads happen once.
         self._loading = threading.RLock()
+        self._relayout: set[str] = set()  # caches to rebuild on save (a new memory budget)
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -317,10 +318,13 @@ class Collection:
         from .indexer import check_paths, index_paths
 
         paths = [str(p) for p in _listed(paths, "add")]
+        max_memory = options.pop("max_memory", None)
         if self._reader is None:
             check_paths(paths)
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
+            if max_memory is not None:
+                self._set_max_memory(max_memory)
             return index_paths(self, paths, **options)
 
     def remove(self, paths: Sequence[str | Path]) -> Removal:
@@ -357,23 +361,29 @@ class Collection:
         for kind in sorted(self._dirty):
             index = self._vectors[kind]
             forced = self.reader.setting(f"layout:{kind}")
-            if index.needs_rebuild(keep_layout=forced is not None):
+            if index.needs_rebuild(keep_layout=forced is not None) or kind in self._relayout:
                 index = self._vectors[kind] = self._build(kind, forced)
             index.save(self._vector_path(kind), generation)
             self._loaded[kind] = _file_key(self._vector_path(kind)) or (0, 0, 0)
         self._dirty.clear()
+        self._relayout.clear()
 
-    def reindex(self, layout: str | None = None) -> dict[str, str]:
-        """Rebuild every vector cache from the store.
+    def reindex(self, layout: str | None = None, max_memory: int | None = None) -> dict[str, str]:
+        """Rebuild (and re-tune) every vector cache from the store.
 
         A FAISS `layout` given is kept by later runs; None goes back to the automatic choice.
+        `max_memory` (bytes, kept by later runs; 0 clears it; None keeps the stored one) has
+        the automatic choice pick a layout that fits, compressed if need be.
         """
         with self.writing():
             self.load_vectors()  # refuses vector files of a newer mmsearch instead of rebuilding over them
+            if max_memory is not None:
+                self._set_max_memory(max_memory)
             try:
                 built = {kind: self._build(kind, layout) for kind in KINDS}
             except ValueError as exc:  # an unparsable FAISS factory string
                 raise BadQuery(str(exc).splitlines()[0]) from None
+            self._relayout.clear()  # just built with the budget
             for kind, index in built.items():
                 self.store.set_setting(f"layout:{kind}", layout)
                 self._vectors[kind] = index
@@ -391,6 +401,15 @@ class Collection:
             raise EmptyIndex(f"index {self.directory} is empty: run `mmsearch index PATH` first")
         return manifest.dim
 
+    def _set_max_memory(self, max_memory: int) -> None:
+        """Store the vector memory budget (0 clears it); caches are re-laid out on save."""
+        value = str(int(max_memory)) if max_memory else None
+        if value != self.reader.setting("max_memory"):
+            self.store.set_setting("max_memory", value)
+            self.load_vectors()
+            self._relayout.update(self._vectors)
+            self._dirty.update(self._vectors)
+
     def _build(self, kind: str, layout: str | None = None) -> VectorIndex:
         from .vectors import VectorIndex  # faiss loads only when vectors are needed
 
@@ -398,7 +417,17 @@ class Collection:
         dim = self._dim()
         ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
         vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
-        return VectorIndex.build(ids, vecs, dim, layout)
+        # The other modality's vectors also tune the layout: they query across the gap.
+        other = next(self.reader.vectors("text" if kind == "image" else "image"), (None, None))[1]
+        budget = self.reader.setting("max_memory")
+        try:
+            return VectorIndex.build(ids, vecs, dim, layout, cross_queries=other,
+                                     max_memory=int(budget) if budget and not layout else None)
+        except ValueError as exc:
+            if not budget or layout or "no layout fits" not in str(exc):
+                raise
+            log.warning("%s; using the automatic layout for the %s vectors", exc, kind)
+            return VectorIndex.build(ids, vecs, dim, cross_queries=other)
 
     def vectors(self, kind: str) -> VectorIndex:
         """The FAISS cache of one kind, loaded and brought up to date with the store."""
@@ -492,11 +521,12 @@ class Collection:
         ignored = self.reader.ignored()
         manifest = self.manifest
         size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
-        layouts = {}
+        layouts, vectors = {}, {}
         if manifest is not None:
             for kind in KINDS:
                 if counts.get(kind):
                     layouts[kind] = self.vectors(kind).layout
+                    vectors[kind] = self.vectors(kind).describe()
         return {
             "index": str(self.directory),
             "model": None if manifest is None else {
@@ -509,6 +539,8 @@ class Collection:
             "failures": counts["failures"],
             "layouts": layouts,
             "precision": self.precision_setting() or None,
+            "vector_index": vectors,
+            "max_memory": int(self.reader.setting("max_memory") or 0) or None,
             "roots": self.reader.roots(),
             "root_options": {root: asdict(opts) for root, opts in self.reader.root_options().items()},
             "ignored": len(ignored),
