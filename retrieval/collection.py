@@ -8,6 +8,7 @@ call back into it.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ from .errors import ModelMismatch, ModelUnavailable
 from .local import LocalStorage
 from .scan import type_counts
 from .records import ModelManifest
-from .stores import MetadataReader, MetadataWriter, Storage
+from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, Storage
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -34,13 +35,18 @@ if TYPE_CHECKING:
     from .search import Result
     from .stores import VectorSet
 
+#: Setting (Store.set_setting) holding the image tower's precision: requested, used, int8 gate.
+PRECISION_SETTING = "encoder:precision"
+#: Setting holding a config-file model's content key (`encoder.export_name`): its export is found by it.
+CONFIG_SETTING = "model:config"
+
 
 class Collection:
     """An open index: add files or texts, search by text, image or vector, embed."""
 
     def __init__(self, directory: Path, storage: Storage, model: str | None = None,
                  pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-                 wait: float = 0.0) -> None:
+                 wait: float = 0.0, precision: str | None = None) -> None:
         self.directory = directory
         #: The index's stores and write lock (the back end, chosen in `open`).
         self.storage = storage
@@ -50,6 +56,8 @@ class Collection:
         #: 'auto' (onnxruntime on CPU, torch on CUDA), 'torch' or 'onnx'; env MMSEARCH_BACKEND.
         self.backend = backend or os.environ.get("MMSEARCH_BACKEND", "auto")
         self._requested = (model, pretrained)
+        #: Image tower precision asked for (auto|fp32|int8); None: the index's recorded choice, else auto.
+        self.precision = precision
         self._encoder: Encoder | None = None
         self._query_encoder: Encoder | None = None
         # Threads of one process (a web server) share this object: the model loads once.
@@ -60,13 +68,16 @@ class Collection:
     @classmethod
     def open(cls, directory: str | Path | None = None, *, model: str | None = None,
              pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-             create: bool = True, wait: float = 0.0) -> Collection:
+             create: bool = True, wait: float = 0.0, precision: str | None = None) -> Collection:
         """Open the index at `directory` (default: MMSEARCH_INDEX or the per-user data dir).
 
         `model`/`pretrained` name the model for a new index; on an existing one they must
         match the recorded model (ModelMismatch) or may be left out. `wait`: seconds a write
         (add, reindex) waits for another process's write to finish before IndexInUse.
         `device`: 'auto', 'cpu', 'cuda' or 'cuda:N' (DeviceUnavailable otherwise, or without a GPU).
+        `precision`: of the
+        image tower, auto (on CPU int8 where the model's int8 gate passed and int8 ran faster, else fp32;
+        fp16 on CUDA), fp32 or int8; kept with the index for later runs.
         A new index (`create`) is created on disk by its first write, once its inputs are checked.
         """
         if device not in ("auto", "cpu"):  # the usual two need no check (nor the encoder module)
@@ -74,7 +85,7 @@ class Collection:
 
             check_device(device)
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
-        return cls(path, LocalStorage.open(path, create=create), model, pretrained, device, backend, wait)
+        return cls(path, LocalStorage.open(path, create=create), model, pretrained, device, backend, wait, precision)
 
     @property
     def reader(self) -> MetadataReader:
@@ -119,17 +130,21 @@ class Collection:
                                 "use the same model or another --index")
         return source
 
+    def _new_model(self) -> tuple[str, str | None]:
+        """(name, pretrained) of the model for a new index: the one asked for, else the default."""
+        name, pretrained = self._requested
+        if name is None:
+            name, default_pretrained = default_model()
+            pretrained = pretrained or default_pretrained
+        return name, pretrained
+
     def _source(self) -> ModelSource:
         """The model to use: the recorded one (checked against any model asked for), or the one asked for."""
         from .encoder import resolve_model
 
         manifest = self.manifest
-        name, pretrained = self._requested
         if manifest is None:
-            if name is None:
-                name, default_pretrained = default_model()
-                pretrained = pretrained or default_pretrained
-            return resolve_model(name, pretrained)
+            return resolve_model(*self._new_model())
         source = self._checked_request(manifest)
         if source is not None:
             return source
@@ -141,22 +156,36 @@ class Collection:
     def encoder(self) -> Encoder:
         """The encoder of this index's model, loaded on first use.
 
-        On a CPU, an index whose model was exported to ONNX before loads without torch.
+        On a CPU, a model exported to ONNX before loads without torch, for a new index too.
         """
         if self._encoder is not None:
             return self._encoder
         with self._loading:
             if self._encoder is None:
-                from .encoder import gpu_likely, load_export, load_source
+                from .encoder import find_export, gpu_likely, load_export, load_source
 
                 manifest = self.manifest
                 cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
+                encoder = None
                 if manifest is not None and cpu and self.backend != "torch":
                     self._checked_request(manifest)
-                    self._encoder = load_export(manifest)
-                if self._encoder is None:
-                    self._encoder = load_source(self._source(), self.device, self.backend)
+                    encoder = load_export(manifest, self.reader.setting(CONFIG_SETTING))
+                elif cpu and self.backend != "torch":
+                    encoder = find_export(*self._new_model())
+                if encoder is None:
+                    encoder = load_source(self._source(), self.device, self.backend)
+                encoder.set_precision(self.precision or self.precision_setting().get("requested") or "auto")
+                self._encoder = encoder
         return self._encoder
+
+    def precision_setting(self) -> dict[str, Any]:
+        """The precision recorded by the last `add`: requested, used, and the int8 gate's outcome."""
+        raw = self.reader.setting(PRECISION_SETTING)
+        try:
+            value = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
     def embed_query_text(self, text: str) -> np.ndarray:
         """The unit vector of one query text: from the query cache, else the fastest encoder at hand.
@@ -172,7 +201,8 @@ class Collection:
         if vector is None:
             with self._loading:
                 if self._query_encoder is None:
-                    exported = load_export(manifest) if manifest and self.backend != "torch" else None
+                    exported = (load_export(manifest, self.reader.setting(CONFIG_SETTING))
+                                if manifest and self.backend != "torch" else None)
                     self._query_encoder = self._encoder or exported or self.encoder
             vector = self._query_encoder.embed_texts([text])[0]
             if cache:
@@ -199,8 +229,17 @@ class Collection:
 
     def claim_model(self) -> Encoder:
         """Load the encoder and record (or check) it as this index's model."""
+        from .encoder import export_name
+
         encoder = self.encoder
         self.storage.claim_model(encoder.manifest)
+        name = encoder.manifest.name
+        if name.lower().endswith(".json") and self.reader.setting(CONFIG_SETTING) is None:
+            self.store.set_setting(CONFIG_SETTING, export_name(name))  # the config's content, as built
+        setting = {"requested": self.precision or self.precision_setting().get("requested") or "auto",
+                   "used": encoder.precision, "int8_gate": encoder.int8_gate}
+        if setting != self.precision_setting():
+            self.store.set_setting(PRECISION_SETTING, json.dumps(setting, sort_keys=True))
         return encoder
 
     def load_vectors(self) -> None:
@@ -218,10 +257,13 @@ class Collection:
         from .indexer import check_paths, index_paths
 
         paths = [str(p) for p in _listed(paths, "add")]
+        max_memory = options.pop("max_memory", None)
         if not self.storage.exists:
             check_paths(paths)
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
+            if max_memory is not None:
+                self.storage.set_memory_budget(max_memory)
             return index_paths(self.storage, self.claim_model, paths, **options)
 
     def remove(self, paths: Sequence[str | Path]) -> Removal:
@@ -242,12 +284,16 @@ class Collection:
         with self.writing():
             return index_texts(self.storage, self.claim_model, texts, source)
 
-    def reindex(self, layout: str | None = None) -> dict[str, str]:
-        """Rebuild every vector set from the metadata store.
+    def reindex(self, layout: str | None = None, max_memory: int | None = None) -> dict[str, str]:
+        """Rebuild (and re-tune) every vector set from the metadata store.
 
         A FAISS `layout` given is kept by later runs; None goes back to the automatic choice.
+        `max_memory` (bytes, kept by later runs; 0 clears it; None keeps the stored one) has
+        the automatic choice pick a layout that fits, compressed if need be.
         """
         with self.writing():
+            if max_memory is not None:
+                self.storage.set_memory_budget(max_memory)
             built = self.storage.vectors.rebuild([self.storage.key(kind) for kind in KINDS], layout)
         return {key.kind: index.layout for key, index in built.items()}
 
@@ -286,11 +332,12 @@ class Collection:
         ignored = self.reader.ignored()
         manifest = self.manifest
         size = self.storage.size_bytes()
-        layouts = {}
+        layouts, vectors = {}, {}
         if manifest is not None:
             for kind in KINDS:
                 if counts.get(kind):
                     layouts[kind] = self.vectors(kind).layout
+                    vectors[kind] = self.vectors(kind).describe()
         return {
             "index": self.storage.location,
             "model": None if manifest is None else {
@@ -302,10 +349,14 @@ class Collection:
             "files": counts["files"],
             "failures": counts["failures"],
             "layouts": layouts,
+            "precision": self.precision_setting() or None,
+            "vector_index": vectors,
+            "max_memory": int(self.reader.setting(MAX_MEMORY_SETTING) or 0) or None,
             "roots": self.reader.roots(),
             "root_options": {root: asdict(opts) for root, opts in self.reader.root_options().items()},
             "ignored": len(ignored),
             "ignored_types": type_counts(ignored),
+            "ignored_files": ignored,
             "size_bytes": size,
         }
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import BadQuery
-from .stores import MetadataReader, MetadataWriter, VectorKey
+from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, VectorKey
 
 if TYPE_CHECKING:
     from .vectors import VectorIndex
@@ -43,6 +43,7 @@ class FaissVectorStore:
         self._writer = writer
         self._sets: dict[VectorKey, VectorIndex] = {}
         self._dirty: set[VectorKey] = set()
+        self._relayout: set[VectorKey] = set()  # sets to rebuild on save (a new memory budget)
         #: (inode, mtime, size) of each set's file as loaded or saved, to notice another process's save.
         self._loaded: dict[VectorKey, tuple[int, int, int]] = {}
         # Threads of one process (a web server) share this store: each set is loaded once.
@@ -132,11 +133,19 @@ class FaissVectorStore:
         for key in sorted(self._dirty):
             index = self._sets[key]
             forced = self._reader.setting(self._layout_setting(key))
-            if index.needs_rebuild(keep_layout=forced is not None):
+            if index.needs_rebuild(keep_layout=forced is not None) or key in self._relayout:
                 index = self._sets[key] = self._build(key, forced)
             index.save(self.path(key), generation)
             self._loaded[key] = _file_stamp(self.path(key)) or (0, 0, 0)
         self._dirty.clear()
+        self._relayout.clear()
+
+    def relayout(self, keys: Sequence[VectorKey]) -> None:
+        """Rebuild these sets at the next save (the memory budget changed)."""
+        for key in keys:
+            self.get(key)
+            self._relayout.add(key)
+            self._dirty.add(key)
 
     def rebuild(self, keys: Sequence[VectorKey], layout: str | None = None) -> dict[VectorKey, VectorIndex]:
         """Build the sets afresh from the metadata store, all or (BadQuery: a `layout` FAISS cannot
@@ -152,6 +161,7 @@ class FaissVectorStore:
             self._writer().set_setting(self._layout_setting(key), layout)
             self._sets[key] = index
             self._dirty.add(key)
+            self._relayout.discard(key)  # just built with the budget
         return built
 
     def _build(self, key: VectorKey, layout: str | None = None) -> VectorIndex:
@@ -160,7 +170,17 @@ class FaissVectorStore:
         chunks = list(self._reader.vectors(key.kind))
         ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
         vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, self._dim), np.float32)
-        return VectorIndex.build(ids, vecs, self._dim, layout)
+        # The other modality's vectors also tune the layout: they query across the gap.
+        other = next(self._reader.vectors("text" if key.kind == "image" else "image"), (None, None))[1]
+        budget = self._reader.setting(MAX_MEMORY_SETTING)
+        try:
+            return VectorIndex.build(ids, vecs, self._dim, layout, cross_queries=other,
+                                     max_memory=int(budget) if budget and not layout else None)
+        except ValueError as exc:
+            if not budget or layout or "no layout fits" not in str(exc):
+                raise
+            log.warning("%s; using the automatic layout for the %s vectors", exc, key.kind)
+            return VectorIndex.build(ids, vecs, self._dim, cross_queries=other)
 
     def _sync(self, key: VectorKey, index: VectorIndex) -> None:
         """Bring a set that lags the metadata store (a crash between commit and save) up to date by id."""

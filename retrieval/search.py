@@ -153,6 +153,17 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
     return results
 
 
+def _stored(storage: Storage, kind: str, ids: np.ndarray) -> np.ndarray:
+    """Exact vectors of `ids` from the metadata store, in that order (zeros for ids it lacks), for
+    layouts that re-rank compressed candidates with them."""
+    manifest = storage.manifest()
+    out = np.zeros((len(ids), manifest.dim if manifest else 0), dtype=np.float32)
+    order = np.argsort(ids)
+    for got, vecs in storage.reader.vectors(kind, ids):
+        out[order[np.searchsorted(ids, got, sorter=order)]] = vecs
+    return out
+
+
 def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: str | None,
                  keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
                  ) -> list[tuple[float, Any]]:
@@ -162,7 +173,8 @@ def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: s
         return []
     fetch = k
     while True:
-        scores, ids = index.search(vec[None, :], fetch, allowed)
+        scores, ids = index.search(vec[None, :], fetch, allowed,
+                                    exact=lambda want: _stored(storage, kind, want))
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         rows = storage.reader.items(i for _, i in pairs)
         # The store is the truth: an id the cache still holds but the store dropped is skipped.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -24,6 +24,10 @@ import numpy as np
 from .config import KINDS
 from .errors import EmptyIndex
 from .records import FileRow, ItemRow, ModelManifest, NewFile, RootOptions
+
+
+#: Setting (`MetadataWriter.set_setting`) holding the memory budget of the automatic vector layouts, in bytes.
+MAX_MEMORY_SETTING = "max_memory"
 
 
 class MetadataReader(Protocol):
@@ -82,14 +86,19 @@ def model_key(manifest: ModelManifest) -> str:
 
 
 class VectorSet(Protocol):
-    """One searchable set of unit vectors keyed by item id (inner product == cosine)."""
+    """One searchable set of unit vectors keyed by item id (inner product == cosine).
+
+    `search` takes the ids `allowed` (None: all) and `exact`, which gives the stored vectors of
+    ids, for layouts that re-rank compressed candidates; `describe` is layout and tuning for `info`.
+    """
 
     layout: str
 
     def __len__(self) -> int: ...
     def ids(self) -> np.ndarray: ...
-    def search(self, queries: np.ndarray, k: int,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+    def describe(self) -> dict[str, Any]: ...
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
+               exact: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class VectorStore(Protocol):
@@ -99,8 +108,9 @@ class VectorStore(Protocol):
     when behind, rebuilt when damaged or missing); `add`/`remove` mirror a committed batch
     (an id added again replaces its vector); `save` persists every changed set atomically with
     the generation it reflects; `refresh` takes up, for the sets loaded, what another process
-    saved since (returning the keys swapped); `rebuild` makes sets afresh from the metadata
-    store (a layout given is kept for them), all or none.
+    saved since (returning the keys swapped); `relayout` has sets rebuilt at the next save (a
+    new memory budget); `rebuild` makes sets afresh from the metadata store (a layout given is
+    kept for them), all or none.
     """
 
     def get(self, key: VectorKey) -> VectorSet: ...
@@ -108,6 +118,7 @@ class VectorStore(Protocol):
     def remove(self, key: VectorKey, ids: np.ndarray) -> None: ...
     def save(self) -> None: ...
     def refresh(self) -> list[VectorKey]: ...
+    def relayout(self, keys: Sequence[VectorKey]) -> None: ...
     def rebuild(self, keys: Sequence[VectorKey], layout: str | None = None) -> Mapping[VectorKey, VectorSet]: ...
 
 
@@ -191,6 +202,15 @@ class Storage(ABC):
         if self.model() is not None:
             for kind in KINDS:
                 self.vector_set(kind)
+
+    def set_memory_budget(self, max_memory: int) -> None:
+        """Keep a memory budget (bytes; 0 clears it) for the automatic vector layouts; the vector
+        sets are re-laid out to it when next saved."""
+        value = str(int(max_memory)) if max_memory else None
+        if value != self.reader.setting(MAX_MEMORY_SETTING):
+            self.writer.set_setting(MAX_MEMORY_SETTING, value)
+            if self.model() is not None:
+                self.vectors.relayout([self.key(kind) for kind in KINDS])
 
     def claim_model(self, manifest: ModelManifest) -> None:
         """Record (or check: ModelMismatch) the index's model, then load its vector sets."""

@@ -63,7 +63,7 @@ def test_text_search_returns_the_cli_json_fields_with_ids(client: TestClient, co
     assert Path(body[0]["path"]).name.startswith("red_circle_")
     expected = [r.to_dict() for r in collection.search("a red circle", k=5)]
     assert [{**r, "score": pytest.approx(r["score"], abs=1e-5)} for r in body] == expected
-    assert all(set(r) == {"rank", "score", "kind", "path", "id"} for r in body)
+    assert all(set(r) == {"rank", "score", "relevance", "kind", "path", "id"} for r in body)
 
 
 def test_search_parameters_target_min_score_and_under(client: TestClient, gallery_index: Path) -> None:

@@ -35,7 +35,11 @@ class NumpyVectorSet:
     def ids(self) -> np.ndarray:
         return np.array(sorted(self.vecs), dtype=np.int64)
 
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def describe(self) -> dict:
+        return {"layout": self.layout, "params": {}, "tuning": {}, "vectors": len(self), "tombstones": 0}
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+               exact: object = None) -> tuple[np.ndarray, np.ndarray]:
         ids = [i for i in self.vecs if allowed is None or i in set(allowed.tolist())]
         scores = np.array([float(self.vecs[i] @ queries[0]) for i in ids])
         order = np.argsort(-scores)[:k]
@@ -71,6 +75,9 @@ class NumpyVectorStore:
 
     def refresh(self) -> list[VectorKey]:
         return []  # nothing on disk to take up
+
+    def relayout(self, keys) -> None:
+        pass  # exact search: no layout to fit a memory budget
 
     def rebuild(self, keys, layout=None):
         for key in keys:
@@ -112,6 +119,7 @@ def test_another_vector_store_plugs_in_where_the_index_is_opened(tmp_path, tiny_
         assert idx.remove([photos / "sub"]).items == 1
         assert str(sub) not in {h.path for h in idx.search("a red square", k=10)}
         assert isinstance(idx.storage.vectors, NumpyVectorStore)
+        assert idx.info()["vector_index"]["image"]["layout"] == "numpy"
     assert (index / "vectors-image.faiss").read_bytes() == faiss_file  # untouched by the other store
     with retrieval.open_index(index, create=False) as idx:  # the FAISS file lags one generation behind
         assert isinstance(idx.storage.vectors, FaissVectorStore)
