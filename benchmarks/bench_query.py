@@ -51,12 +51,11 @@ def add_synthetic(index: Path, n: int, chunk: int = 20000) -> None:
 
     with retrieval.open_index(index, create=False) as idx, idx.writing():
         dim = idx.manifest.dim
-        idx.load_vectors()  # before the commits, which they then mirror
         for start in range(0, n, chunk):
             vecs = generate("clustered", min(chunk, n - start), dim, seed=0, stream=10 + start // chunk)
             files = [NewFile(f"/synthetic/{start + i:07d}.jpg", "image", 1, 0.0, "0" * 64, [0], [None], v[None])
                      for i, v in enumerate(vecs)]
-            idx.apply(*idx.store.commit(added=files))
+            idx.storage.commit(added=files)  # into the database, then mirrored into the vector files
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .reader import StoreReader
+    from .stores import MetadataReader
 
 #: Vectors per kind in the calibration sample.
 SAMPLE_SIZE = 2000
@@ -47,7 +47,7 @@ def sample_ids(ids: np.ndarray, size: int = SAMPLE_SIZE) -> np.ndarray:
     return np.sort(ids[np.argpartition(keys, size - 1)[:size]])
 
 
-def load_sample(reader: StoreReader, directory: Path, kind: str) -> np.ndarray:
+def load_sample(reader: MetadataReader, directory: Path, kind: str) -> np.ndarray:
     """The calibration sample of one kind ([n, dim] float32), from its cache file or the database."""
     path = directory / f"sample-{kind}.npz"
     generation = reader.generation()

@@ -1,20 +1,16 @@
-"""An index directory as one object: the metadata store, the vector caches and the model.
+"""An index as one object: its storage (metadata store, vector store, write lock) and its model.
 
-This is the library's entry point (`retrieval.open_index`). The database is the truth:
-reads go through `reader` (stdlib sqlite3), writes through `store` (SQLAlchemy), opened
-only once something is written. Each kind's FAISS file is a cache checked against the
-database's generation when opened, synced by id when behind, and rebuilt when damaged.
+This is the library's entry point (`retrieval.open_index`), and the one place that picks the
+storage back end (`local.LocalStorage`: SQLite + FAISS files in a directory). It hands the
+indexer and search what they need — the storage, the encoder, options — and they never
+call back into it.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
-import logging
 import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -23,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import DB_NAME, KINDS, LOCK_NAME, default_index_dir, default_model
-from .errors import BadQuery, EmptyIndex, IndexInUse, IndexReadOnly, ModelMismatch, ModelUnavailable
-from .reader import StoreReader
+from .config import KINDS, default_index_dir, default_model
+from .errors import ModelMismatch, ModelUnavailable
+from .local import LocalStorage
 from .scan import type_counts
 from .records import ModelManifest
+from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, Storage
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,10 +33,7 @@ if TYPE_CHECKING:
     from .encoder import Encoder, ModelSource
     from .indexer import IndexReport, Removal
     from .search import Result
-    from .store import Store
-    from .vectors import VectorIndex
-
-log = logging.getLogger("mmsearch")
+    from .stores import VectorSet
 
 #: Setting (Store.set_setting) holding the image tower's precision: requested, used, int8 gate.
 PRECISION_SETTING = "encoder:precision"
@@ -50,12 +44,12 @@ CONFIG_SETTING = "model:config"
 class Collection:
     """An open index: add files or texts, search by text, image or vector, embed."""
 
-    def __init__(self, directory: Path, reader: StoreReader | None, model: str | None = None,
+    def __init__(self, directory: Path, storage: Storage, model: str | None = None,
                  pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-                 store: Store | None = None, wait: float = 0.0, precision: str | None = None) -> None:
+                 wait: float = 0.0, precision: str | None = None) -> None:
         self.directory = directory
-        self._reader = reader  # None until a new index is created by its first write
-        self._store = store
+        #: The index's stores and write lock (the back end, chosen in `open`).
+        self.storage = storage
         self.device = device
         #: Seconds a write waits for another process's write to finish before IndexInUse.
         self.wait = wait
@@ -66,13 +60,8 @@ class Collection:
         self.precision = precision
         self._encoder: Encoder | None = None
         self._query_encoder: Encoder | None = None
-        self._vectors: dict[str, VectorIndex] = {}
-        self._dirty: set[str] = set()
-        #: (inode, mtime, size) of each vector file as loaded, to notice another process's save.
-        self._loaded: dict[str, tuple[int, int, int]] = {}
-        # Threads of one process (a web server) share this object: the lazy loads happen once.
+        # Threads of one process (a web server) share this object: the model loads once.
         self._loading = threading.RLock()
-        self._relayout: set[str] = set()  # caches to rebuild on save (a new memory budget)
 
     # --- opening ----------------------------------------------------------------------------
 
@@ -96,35 +85,21 @@ class Collection:
 
             check_device(device)
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
-        if create and not (path / DB_NAME).exists():
-            return cls(path, None, model, pretrained, device, backend, None, wait, precision)
-        reader = StoreReader.open(path)  # IndexNotFound where there is none
-        store = None
-        if reader.needs_migration() and os.access(path, os.W_OK):
-            store = _open_store(path)  # an index from an older mmsearch: migrate it before reading
-        return cls(path, reader, model, pretrained, device, backend, store, wait, precision)
+        return cls(path, LocalStorage.open(path, create=create), model, pretrained, device, backend, wait, precision)
 
     @property
-    def reader(self) -> StoreReader:
-        """Reads of the database; a new index is created here, on its first use."""
-        if self._reader is None:
-            self.store  # noqa: B018 - creates and migrates the database
-            self._reader = StoreReader.open(self.directory)
-        return self._reader
+    def reader(self) -> MetadataReader:
+        """Reads of the metadata store; a new index is created here, on its first use."""
+        return self.storage.reader
 
     @property
-    def store(self) -> Store:
-        """The database for writing (SQLAlchemy), opened on first use."""
-        if self._store is None:
-            self._store = _open_store(self.directory)
-        return self._store
+    def store(self) -> MetadataWriter:
+        """Writes of the metadata store (SQLAlchemy), opened on first use."""
+        return self.storage.writer
 
     def close(self) -> None:
-        """Release the database; vectors not yet saved are rebuilt from it next time."""
-        if self._reader is not None:
-            self._reader.close()
-        if self._store is not None:
-            self._store.close()
+        """Release the database; vectors not yet saved are synced from it next time."""
+        self.storage.close()
 
     def __enter__(self) -> Collection:
         return self
@@ -137,7 +112,7 @@ class Collection:
     @property
     def manifest(self) -> ModelManifest | None:
         """The model that built this index (None while it is empty and new)."""
-        return self._reader.manifest() if self._reader is not None else None
+        return self.storage.manifest()
 
     def _checked_request(self, manifest: ModelManifest) -> ModelSource | None:
         """Refuse a model asked for that is not the index's; the resolved weights if some were named."""
@@ -221,7 +196,7 @@ class Collection:
         from .query_cache import QueryCache
 
         manifest = self.manifest
-        cache = QueryCache(self.directory / "query-cache", repr(manifest.identity())) if manifest else None
+        cache = QueryCache(self.storage.cache_dir / "query-cache", repr(manifest.identity())) if manifest else None
         vector = cache.get(text) if cache else None
         if vector is None:
             with self._loading:
@@ -249,48 +224,15 @@ class Collection:
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the index's write lock (waiting up to `self.wait` s for another process) and save on exit."""
-        self.reader  # noqa: B018 - a new index is created by its first write
-        try:
-            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise IndexReadOnly(f"index {self.directory} is read-only ({exc.strerror}): "
-                                "it can be queried but not changed") from None
-        try:
-            self._lock(fd)
-            if not os.access(self.directory, os.W_OK):
-                raise IndexReadOnly(f"index directory {self.directory} is read-only")
-            try:
-                yield
-            finally:
-                self.save()
-        finally:
-            os.close(fd)
-
-    def _lock(self, fd: int) -> None:
-        deadline = time.monotonic() + self.wait
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise IndexInUse(f"index {self.directory} is in use by another `mmsearch index`; "
-                                 "try again when it finishes, or wait for it (--wait SECONDS)")
-            if not waiting:
-                log.warning("index %s is in use by another process; waiting up to %.0f s", self.directory, self.wait)
-                waiting = True
-            time.sleep(min(0.25, left))
+        with self.storage.writing(self.wait):
+            yield
 
     def claim_model(self) -> Encoder:
         """Load the encoder and record (or check) it as this index's model."""
         from .encoder import export_name
 
         encoder = self.encoder
-        self.store.claim_model(encoder.manifest)
+        self.storage.claim_model(encoder.manifest)
         name = encoder.manifest.name
         if name.lower().endswith(".json") and self.reader.setting(CONFIG_SETTING) is None:
             self.store.set_setting(CONFIG_SETTING, export_name(name))  # the config's content, as built
@@ -298,14 +240,11 @@ class Collection:
                    "used": encoder.precision, "int8_gate": encoder.int8_gate}
         if setting != self.precision_setting():
             self.store.set_setting(PRECISION_SETTING, json.dumps(setting, sort_keys=True))
-        self.load_vectors()
         return encoder
 
     def load_vectors(self) -> None:
-        """Load every vector cache; done before a commit, so each batch is mirrored into them exactly once."""
-        if self.manifest is not None:
-            for kind in KINDS:
-                self.vectors(kind)
+        """Load every vector set (a server warms up with it)."""
+        self.storage.load_vectors()
 
     def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:
         """Index image files/folders and text corpora (incremental); see `indexer.index_paths`.
@@ -319,13 +258,13 @@ class Collection:
 
         paths = [str(p) for p in _listed(paths, "add")]
         max_memory = options.pop("max_memory", None)
-        if self._reader is None:
+        if not self.storage.exists:
             check_paths(paths)
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
             if max_memory is not None:
-                self._set_max_memory(max_memory)
-            return index_paths(self, paths, **options)
+                self.storage.set_memory_budget(max_memory)
+            return index_paths(self.storage, self.claim_model, paths, **options)
 
     def remove(self, paths: Sequence[str | Path]) -> Removal:
         """Take files and folders (and what was indexed from them) out of the index; see `indexer.remove_paths`."""
@@ -333,167 +272,39 @@ class Collection:
 
         paths = [str(p) for p in _listed(paths, "remove")]
         with self.writing():
-            return remove_paths(self, paths)
+            return remove_paths(self.storage, paths)
 
     def add_texts(self, texts: Sequence[str], source: str) -> IndexReport:
         """Index texts that live in no file, under the name `source` (replacing earlier ones)."""
         from .indexer import index_texts
 
         texts = _listed(texts, "add_texts")
-        if self._reader is None:
+        if not self.storage.exists:
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
-            return index_texts(self, texts, source)
-
-    def apply(self, ids: dict[str, np.ndarray], vecs: dict[str, np.ndarray], gone: dict[str, np.ndarray]) -> None:
-        """Mirror one committed store batch into the vector caches."""
-        for kind, removed in gone.items():
-            if len(removed):
-                self.vectors(kind).remove(removed)
-                self._dirty.add(kind)
-        for kind, new in ids.items():
-            self.vectors(kind).add(new, vecs[kind])
-            self._dirty.add(kind)
-
-    def save(self) -> None:
-        """Atomically write every changed vector cache, re-laid out when it outgrew its layout."""
-        generation = self.reader.generation()
-        for kind in sorted(self._dirty):
-            index = self._vectors[kind]
-            forced = self.reader.setting(f"layout:{kind}")
-            if index.needs_rebuild(keep_layout=forced is not None) or kind in self._relayout:
-                index = self._vectors[kind] = self._build(kind, forced)
-            index.save(self._vector_path(kind), generation)
-            self._loaded[kind] = _file_key(self._vector_path(kind)) or (0, 0, 0)
-        self._dirty.clear()
-        self._relayout.clear()
+            return index_texts(self.storage, self.claim_model, texts, source)
 
     def reindex(self, layout: str | None = None, max_memory: int | None = None) -> dict[str, str]:
-        """Rebuild (and re-tune) every vector cache from the store.
+        """Rebuild (and re-tune) every vector set from the metadata store.
 
         A FAISS `layout` given is kept by later runs; None goes back to the automatic choice.
         `max_memory` (bytes, kept by later runs; 0 clears it; None keeps the stored one) has
         the automatic choice pick a layout that fits, compressed if need be.
         """
         with self.writing():
-            self.load_vectors()  # refuses vector files of a newer mmsearch instead of rebuilding over them
             if max_memory is not None:
-                self._set_max_memory(max_memory)
-            try:
-                built = {kind: self._build(kind, layout) for kind in KINDS}
-            except ValueError as exc:  # an unparsable FAISS factory string
-                raise BadQuery(str(exc).splitlines()[0]) from None
-            self._relayout.clear()  # just built with the budget
-            for kind, index in built.items():
-                self.store.set_setting(f"layout:{kind}", layout)
-                self._vectors[kind] = index
-                self._dirty.add(kind)
-        return {kind: self._vectors[kind].layout for kind in KINDS}
+                self.storage.set_memory_budget(max_memory)
+            built = self.storage.vectors.rebuild([self.storage.key(kind) for kind in KINDS], layout)
+        return {key.kind: index.layout for key, index in built.items()}
 
-    # --- vector caches ----------------------------------------------------------------------
-
-    def _vector_path(self, kind: str) -> Path:
-        return self.directory / f"vectors-{kind}.faiss"
-
-    def _dim(self) -> int:
-        manifest = self.manifest
-        if manifest is None:
-            raise EmptyIndex(f"index {self.directory} is empty: run `mmsearch index PATH` first")
-        return manifest.dim
-
-    def _set_max_memory(self, max_memory: int) -> None:
-        """Store the vector memory budget (0 clears it); caches are re-laid out on save."""
-        value = str(int(max_memory)) if max_memory else None
-        if value != self.reader.setting("max_memory"):
-            self.store.set_setting("max_memory", value)
-            self.load_vectors()
-            self._relayout.update(self._vectors)
-            self._dirty.update(self._vectors)
-
-    def _build(self, kind: str, layout: str | None = None) -> VectorIndex:
-        from .vectors import VectorIndex  # faiss loads only when vectors are needed
-
-        chunks = list(self.reader.vectors(kind))
-        dim = self._dim()
-        ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
-        vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
-        # The other modality's vectors also tune the layout: they query across the gap.
-        other = next(self.reader.vectors("text" if kind == "image" else "image"), (None, None))[1]
-        budget = self.reader.setting("max_memory")
-        try:
-            return VectorIndex.build(ids, vecs, dim, layout, cross_queries=other,
-                                     max_memory=int(budget) if budget and not layout else None)
-        except ValueError as exc:
-            if not budget or layout or "no layout fits" not in str(exc):
-                raise
-            log.warning("%s; using the automatic layout for the %s vectors", exc, kind)
-            return VectorIndex.build(ids, vecs, dim, cross_queries=other)
-
-    def vectors(self, kind: str) -> VectorIndex:
-        """The FAISS cache of one kind, loaded and brought up to date with the store."""
-        index = self._vectors.get(kind)
-        if index is not None:
-            return index
-        with self._loading:
-            if kind not in self._vectors:
-                self._vectors[kind] = self._load_vectors(kind)
-            return self._vectors[kind]
-
-    def _load_vectors(self, kind: str) -> VectorIndex:
-        from .vectors import VectorFileDamaged, VectorIndex
-
-        generation = self.reader.generation()
-        path = self._vector_path(kind)
-        key = _file_key(path)
-        try:
-            index, saved = VectorIndex.load(path, self._dim())
-        except VectorFileDamaged as exc:
-            if path.exists():
-                log.warning("vector file %s is damaged (%s); rebuilding it from the database", path.name, exc)
-            index, saved = self._build(kind, self.reader.setting(f"layout:{kind}")), -1
-            self._dirty.add(kind)
-        if saved != generation and saved != -1:
-            self._sync(kind, index)
-        if key is not None:
-            self._loaded[kind] = key
-        return index
+    def vectors(self, kind: str) -> VectorSet:
+        """The searchable vectors of one kind, up to date with the metadata store."""
+        return self.storage.vector_set(kind)
 
     def refresh(self) -> list[str]:
-        """Swap in the vector files another process (`mmsearch index`) saved since they were loaded.
-
-        Each file is a committed state (written whole, then renamed), loaded memory-mapped and
-        used as it is, never copied; a search already running keeps the index it started with.
-        Items committed but not yet saved appear at the writer's next save. Returns the kinds swapped.
-        """
-        from .vectors import VectorFileDamaged, VectorIndex
-
-        swapped = []
-        with self._loading:
-            for kind in list(self._vectors):
-                key = _file_key(self._vector_path(kind))
-                if key is None or key == self._loaded.get(kind) or kind in self._dirty:
-                    continue
-                try:
-                    index, _ = VectorIndex.load(self._vector_path(kind), self._dim())
-                except VectorFileDamaged:
-                    continue  # keep answering from the one we have
-                self._vectors[kind] = index
-                self._loaded[kind] = key
-                swapped.append(kind)
-        return swapped
-
-    def _sync(self, kind: str, index: VectorIndex) -> None:
-        """Bring a cache that lags the store (a crash between commit and save) up to date by id."""
-        have, want = index.ids(), self.reader.item_ids(kind)
-        extra = np.setdiff1d(have, want, assume_unique=True)
-        missing = np.setdiff1d(want, have, assume_unique=True)
-        if len(extra):
-            index.remove(extra)
-        for ids, vecs in self.reader.vectors(kind, missing):
-            index.add(ids, vecs)
-        if len(extra) or len(missing):
-            log.info("vector cache %s: %d added, %d removed to match the database", kind, len(missing), len(extra))
-            self._dirty.add(kind)
+        """Take up the vectors another process (`mmsearch index`) saved since they were loaded
+        (see `VectorStore.refresh`); returns the kinds swapped."""
+        return [key.kind for key in self.storage.vectors.refresh()] if self.storage.model() is not None else []
 
     # --- searching --------------------------------------------------------------------------
 
@@ -504,15 +315,15 @@ class Collection:
         Options include `k`, `target`, `under`, `add`/`subtract` (texts, "text::weight"), `exclude`
         (texts), `min_score` (a cosine or 'auto'), `within` and `collapse`; see `search.search`.
         """
-        from .search import search
+        from .search import Searcher, search
 
-        return search(self, query, **options)
+        return search(Searcher(self.storage, self.embed_query_text, self.embed_images), query, **options)
 
     def duplicates(self, threshold: float | None = None) -> list[Group]:
         """Groups of near-identical images (cosine ≥ threshold, default 0.95); reports only; see `dupes`."""
         from .dupes import DEFAULT_THRESHOLD, find_duplicates
 
-        return find_duplicates(self, DEFAULT_THRESHOLD if threshold is None else threshold)
+        return find_duplicates(self.storage, DEFAULT_THRESHOLD if threshold is None else threshold)
 
     def info(self) -> dict[str, Any]:
         """Index path, model, counts per kind, FAISS layouts, roots and how each is scanned,
@@ -520,7 +331,7 @@ class Collection:
         counts = self.reader.counts()
         ignored = self.reader.ignored()
         manifest = self.manifest
-        size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+        size = self.storage.size_bytes()
         layouts, vectors = {}, {}
         if manifest is not None:
             for kind in KINDS:
@@ -528,7 +339,7 @@ class Collection:
                     layouts[kind] = self.vectors(kind).layout
                     vectors[kind] = self.vectors(kind).describe()
         return {
-            "index": str(self.directory),
+            "index": self.storage.location,
             "model": None if manifest is None else {
                 "name": manifest.name, "pretrained": manifest.pretrained,
                 "checkpoint_sha256": manifest.checkpoint_sha256, "dim": manifest.dim,
@@ -540,7 +351,7 @@ class Collection:
             "layouts": layouts,
             "precision": self.precision_setting() or None,
             "vector_index": vectors,
-            "max_memory": int(self.reader.setting("max_memory") or 0) or None,
+            "max_memory": int(self.reader.setting(MAX_MEMORY_SETTING) or 0) or None,
             "roots": self.reader.roots(),
             "root_options": {root: asdict(opts) for root, opts in self.reader.root_options().items()},
             "ignored": len(ignored),
@@ -570,17 +381,3 @@ def _listed(values: Any, method: str) -> list[Any]:
                         f"pass [{values!r}] for one item")
     return list(values)
 
-
-def _file_key(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is replaced or rewritten (None if it is missing)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _open_store(directory: Path) -> Store:
-    from .store import Store  # SQLAlchemy loads only when something is written
-
-    return Store.open(directory)

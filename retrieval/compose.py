@@ -24,7 +24,8 @@ import numpy as np
 from .errors import BadQuery
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from .search import Searcher
+    from .stores import MetadataReader
 
 #: "text::number" at the end of a query part; the number is any float literal.
 _WEIGHTED = re.compile(r"^(?P<text>.*?)::(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*$", re.DOTALL)
@@ -76,7 +77,7 @@ def mean_vector(vectors: Sequence[np.ndarray]) -> np.ndarray:
     return np.mean(np.stack([np.asarray(v, dtype=np.float32) for v in vectors]), axis=0)
 
 
-def query_of(collection: Collection, query: Any, add: Sequence[str] = (),
+def query_of(searcher: Searcher, query: Any, add: Sequence[str] = (),
              subtract: Sequence[str] = ()) -> tuple[np.ndarray, str]:
     """The unit query vector of a query (a text, image, vector, or a list of texts and images combined
     with `add`/`subtract` by the module's formula), and its default target.
@@ -89,22 +90,22 @@ def query_of(collection: Collection, query: Any, add: Sequence[str] = (),
     if not parts:
         raise BadQuery("empty query: give a text, an image or both")
     if len(parts) == 1 and not isinstance(parts[0], str) and not add and not subtract:
-        return query_vector(collection, parts[0])  # one image or vector: the plain query
-    embed = functools.partial(_text_vector, collection)
+        return query_vector(searcher, parts[0])  # one image or vector: the plain query
+    embed = functools.partial(_text_vector, searcher)
     texts = weighted_texts([p for p in parts if isinstance(p, str)], embed)
-    images = [query_vector(collection, p) for p in parts if not isinstance(p, str)]
+    images = [query_vector(searcher, p) for p in parts if not isinstance(p, str)]
     pictured = [(mean_vector([vec for vec, _ in images]), 1.0)] if images else []
     vec = combine([*pictured, *texts, *weighted_texts(add, embed)], weighted_texts(subtract, embed))
     return vec, "images" if texts else images[0][1]
 
 
-def _text_vector(collection: Collection, text: str) -> np.ndarray:
+def _text_vector(searcher: Searcher, text: str) -> np.ndarray:
     from .search import query_vector
 
-    return query_vector(collection, text)[0]
+    return query_vector(searcher, text)[0]
 
 
-def exclusion(collection: Collection, kind: str, query: np.ndarray, avoid: Sequence[str], collapse: float | None,
+def exclusion(searcher: Searcher, kind: str, query: np.ndarray, avoid: Sequence[str], collapse: float | None,
               k: int) -> Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None:
     """A filter over ranked (score, row) hits, or None when nothing is to be filtered.
 
@@ -114,10 +115,10 @@ def exclusion(collection: Collection, kind: str, query: np.ndarray, avoid: Seque
     """
     if not avoid and collapse is None:
         return None
-    avoided = np.stack([_text_vector(collection, text) for text in avoid]) if avoid else None
+    avoided = np.stack([_text_vector(searcher, text) for text in avoid]) if avoid else None
 
     def keep(hits: list[tuple[float, Any]]) -> list[tuple[float, Any]]:
-        vectors = item_vectors(collection, kind, [row.id for _, row in hits])
+        vectors = item_vectors(searcher.storage.reader, kind, [row.id for _, row in hits])
         kept: list[tuple[float, Any]] = []
         shown: list[np.ndarray] = []
         for hit in hits:
@@ -135,9 +136,9 @@ def exclusion(collection: Collection, kind: str, query: np.ndarray, avoid: Seque
     return keep
 
 
-def item_vectors(collection: Collection, kind: str, ids: Sequence[int]) -> dict[int, np.ndarray]:
+def item_vectors(reader: MetadataReader, kind: str, ids: Sequence[int]) -> dict[int, np.ndarray]:
     """Stored vectors of these item ids, by id (read from the database, the truth)."""
     out: dict[int, np.ndarray] = {}
-    for chunk_ids, vecs in collection.reader.vectors(kind, np.asarray(ids, dtype=np.int64)):
+    for chunk_ids, vecs in reader.vectors(kind, np.asarray(ids, dtype=np.int64)):
         out.update(zip(chunk_ids.tolist(), vecs))
     return out

@@ -17,7 +17,7 @@ import numpy as np
 from .errors import BadQuery
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from .stores import Storage
 
 #: Default cosine similarity from which two images count as near-duplicates.
 DEFAULT_THRESHOLD = 0.95
@@ -130,7 +130,7 @@ def describe(rows: Sequence[tuple[int, str, str]]) -> Group:
     return Group(members)
 
 
-def find_duplicates(collection: Collection, threshold: float = DEFAULT_THRESHOLD) -> list[Group]:
+def find_duplicates(storage: Storage, threshold: float = DEFAULT_THRESHOLD) -> list[Group]:
     """Groups of near-identical images in the index (cosine ≥ `threshold`), biggest group first.
 
     Reads the stored vectors (the database, not the approximate FAISS layout); only group
@@ -138,15 +138,15 @@ def find_duplicates(collection: Collection, threshold: float = DEFAULT_THRESHOLD
     """
     if not 0.0 < threshold <= 1.0:  # NaN fails this too
         raise BadQuery(f"threshold must be a cosine similarity in (0, 1], not {threshold}")
-    if collection.manifest is None:
+    if storage.manifest() is None:
         return []
-    chunks = list(collection.reader.vectors("image"))
+    chunks = list(storage.reader.vectors("image"))
     if not chunks:
         return []
     ids = np.concatenate([c[0] for c in chunks])
     vectors = np.concatenate([c[1] for c in chunks])
     groups = [ids[rows] for rows in group_rows(vectors, threshold - 1e-6)]  # float32 rounding of exact copies
-    files = collection.reader.item_files(np.concatenate(groups)) if groups else {}
+    files = storage.reader.item_files(np.concatenate(groups)) if groups else {}
     out = [describe([(int(i), *files[int(i)]) for i in group if int(i) in files]) for group in groups]
     out = [g for g in out if len(g.members) > 1]
     out.sort(key=lambda g: (-len(g.members), g.members[0].path))

@@ -1,7 +1,7 @@
 """The incremental indexing pipeline: scan → diff against the store → embed in batches → commit.
 
-Each batch is one store transaction followed by the matching vector-cache update, so a
-crash loses at most the batch in flight. Files are recognized by size + mtime, then by
+Each batch is one metadata-store transaction followed by the matching vector-store update
+(`Storage.commit`), so a crash loses at most the batch in flight. Files are recognized by size + mtime, then by
 content hash: a renamed file keeps its vectors, and a file whose root folder is missing
 (an unmounted drive) is never removed. Nor is a file under a folder that cannot be listed,
 nor (the prune rule) a large share of a root's files gone at once, unless told to prune.
@@ -29,9 +29,8 @@ from .scan import Candidate, excluded, read_corpus, scan, type_counts
 from .records import FileRow, NewFile, RootOptions
 
 if TYPE_CHECKING:
-    from .collection import Collection
     from .encoder import Encoder
-    from .reader import StoreReader
+    from .stores import MetadataReader, Storage
 
 log = logging.getLogger("mmsearch")
 
@@ -117,12 +116,12 @@ class Plan:
     text_fields: dict[str, str | None] = field(default_factory=dict)
 
 
-def _resolve_roots(collection: Collection, paths: Sequence[str], report: IndexReport) -> list[str]:
+def _resolve_roots(storage: Storage, paths: Sequence[str], report: IndexReport) -> list[str]:
     if not paths:
         roots = []
-        known = collection.reader.roots()
+        known = storage.reader.roots()
         if not known:
-            raise NothingToIndex(f"index {collection.directory} has no folders to re-scan yet: "
+            raise NothingToIndex(f"index {storage.location} has no folders to re-scan yet: "
                                  "run `mmsearch index PATH` first")
         for root in known:
             if os.path.exists(root) and os.access(root, os.R_OK):
@@ -168,7 +167,7 @@ def root_options(stored: dict[str, RootOptions], roots: Sequence[str], exclude: 
     return options
 
 
-def prune_limits(reader: StoreReader) -> tuple[float, int]:
+def prune_limits(reader: MetadataReader) -> tuple[float, int]:
     """(share, files) of the prune rule: the index's setting, else env MMSEARCH_PRUNE_MAX_SHARE / MMSEARCH_PRUNE_MAX_FILES, else config."""
     share = reader.setting("prune_max_share") or os.environ.get("MMSEARCH_PRUNE_MAX_SHARE") or PRUNE_MAX_SHARE
     files = reader.setting("prune_max_files") or os.environ.get("MMSEARCH_PRUNE_MAX_FILES") or PRUNE_MAX_FILES
@@ -178,7 +177,7 @@ def prune_limits(reader: StoreReader) -> tuple[float, int]:
         raise MMSearchError(f"bad prune setting: share {share!r} (a fraction), files {files!r} (a count)") from None
 
 
-def plan(collection: Collection, options: dict[str, RootOptions], stored: dict[str, RootOptions],
+def plan(reader: MetadataReader, options: dict[str, RootOptions], stored: dict[str, RootOptions],
          report: IndexReport, *, limits: tuple[float, int] | None = None) -> Plan:
     """Compare the files under the roots with the store: new, changed, moved, gone, unchanged.
 
@@ -204,7 +203,7 @@ def plan(collection: Collection, options: dict[str, RootOptions], stored: dict[s
         field_changed = root in stored and stored[root].text_field != opts.text_field
         if field_changed:
             reread.update(c.path for c in scanned.candidates if Path(c.path).suffix.lower() != ".txt" and c.kind == "text")
-        under = collection.reader.files_under(root)
+        under = reader.files_under(root)
         known_per_root[root] = len(under)
         known.update(under)
     for path, cand in found.items():
@@ -276,12 +275,15 @@ def sha256_file_safe(path: str) -> str:
         return ""
 
 
-def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str | None = None,
+def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Sequence[str], *, text_field: str | None = None,
                 exclude: Sequence[str] | None = None, include_hidden: bool | None = None, prune: bool = False,
                 batch_size: int = 64, workers: int | None = None, draft: bool = True,
                 progress: Callable[[int], None] | None = None,
                 on_total: Callable[[int], None] | None = None) -> IndexReport:
-    """Index files and folders incrementally; see the module docstring.
+    """Index files and folders into `storage` incrementally; see the module docstring.
+
+    `claim_model()` loads the index's encoder and records it as the index's model (or refuses
+    it); it is called only once the paths and settings are checked.
 
     `exclude` (fnmatch patterns on the path below the root, see `scan.excluded`),
     `include_hidden` and `text_field` are stored per root: None keeps the stored value, a value
@@ -292,23 +294,23 @@ def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str
     known roots, before changing anything.
     """
     report = IndexReport(named_paths=len(paths))
-    roots = _resolve_roots(collection, paths, report)
-    stored = collection.reader.root_options()
+    roots = _resolve_roots(storage, paths, report)
+    reader = storage.reader
+    stored = reader.root_options()
     options = root_options(stored, roots, exclude, include_hidden, text_field)
-    limits = None if prune else prune_limits(collection.reader)  # a bad setting fails before anything changes
-    encoder = collection.claim_model()
-    work = plan(collection, options, stored, report, limits=limits)
+    limits = None if prune else prune_limits(reader)  # a bad setting fails before anything changes
+    encoder = claim_model()
+    work = plan(reader, options, stored, report, limits=limits)
     report.unchanged = work.unchanged
     report.skipped = len(report.failures)
-    collection.store.add_roots(roots, options)  # already absolute; known roots keep theirs until the end
-    readable_again = [path for root in options for path, reason in collection.reader.failures(under=root)
+    storage.writer.add_roots(roots, options)  # already absolute; known roots keep theirs until the end
+    readable_again = [path for root in options for path, reason in reader.failures(under=root)
                       if reason.startswith("cannot read folder") and path not in work.unreadable]
     if work.moved or work.gone or report.failures or readable_again:
-        ids, vecs, gone = collection.store.commit(removed_files=[row.id for row in work.gone], moved=work.moved,
-                                                  failures=report.failures, cleared_failures=readable_again)
-        collection.apply(ids, vecs, gone)
+        storage.commit(removed_files=[row.id for row in work.gone], moved=work.moved,
+                       failures=report.failures, cleared_failures=readable_again)
         report.removed = len(work.gone)
-    collection.store.replace_ignored(list(options), report.ignored, keep_under=work.unreadable)
+    storage.writer.replace_ignored(list(options), report.ignored, keep_under=work.unreadable)
     todo = work.new + work.changed
     changed = {c.path for c in work.changed}
     if on_total:
@@ -318,15 +320,15 @@ def index_paths(collection: Collection, paths: Sequence[str], *, text_field: str
     if workers is None:
         workers = default_workers()
     if images:
-        _embed_images(collection, encoder, images, changed, report, batch_size=batch_size, workers=workers,
+        _embed_images(storage, encoder, images, changed, report, batch_size=batch_size, workers=workers,
                       draft=draft, progress=progress)
     for path in texts:
-        _index_corpus(collection, path, work.text_fields.get(path), path in changed, report)
+        _index_corpus(storage, encoder, path, work.text_fields.get(path), path in changed, report)
         if progress:
             progress(1)
     # Stored last: a run cut short re-reads, next time, the corpora a changed text field affects.
-    collection.store.set_root_options({root: opts for root, opts in options.items() if stored.get(root) != opts})
-    report.empty_paths = [raw for raw, root in zip(paths, roots) if not collection.reader.has_items(root)]
+    storage.writer.set_root_options({root: opts for root, opts in options.items() if stored.get(root) != opts})
+    report.empty_paths = [raw for raw, root in zip(paths, roots) if not reader.has_items(root)]
     return report
 
 
@@ -344,7 +346,7 @@ class Removal:
         return line + (f"; no longer re-scanned: {', '.join(self.roots)}" if self.roots else "")
 
 
-def remove_paths(collection: Collection, paths: Sequence[str]) -> Removal:
+def remove_paths(storage: Storage, paths: Sequence[str]) -> Removal:
     """Take files and folders out of the index, whether or not they still exist on disk.
 
     Every file at or below each path goes, with its items; roots at or below it are no
@@ -354,18 +356,16 @@ def remove_paths(collection: Collection, paths: Sequence[str]) -> Removal:
     files: dict[str, FileRow] = {}
     roots: list[str] = []
     for raw, folder in zip(paths, folders):
-        found, found_roots = collection.reader.files_under(folder), collection.reader.roots(under=folder)
+        found, found_roots = storage.reader.files_under(folder), storage.reader.roots(under=folder)
         if not found and not found_roots:
             raise PathNotFound(f"nothing indexed at {raw}")
         files.update(found)
         roots.extend(found_roots)
-    collection.load_vectors()  # before the commit, which they then mirror
-    failures = [path for folder in folders for path, _ in collection.reader.failures(under=folder)]
-    ids, vecs, gone = collection.store.commit(removed_files=[row.id for row in files.values()],
-                                              cleared_failures=failures, forgotten_roots=roots)
-    collection.apply(ids, vecs, gone)
-    collection.store.replace_ignored(folders, [])
-    kept_roots = collection.reader.roots()
+    failures = [path for folder in folders for path, _ in storage.reader.failures(under=folder)]
+    gone = storage.commit(removed_files=[row.id for row in files.values()],
+                          cleared_failures=failures, forgotten_roots=roots)
+    storage.writer.replace_ignored(folders, [])
+    kept_roots = storage.reader.roots()
     for folder in folders:
         for root in kept_roots:
             if folder.startswith(root.rstrip(os.sep) + os.sep) and os.path.exists(folder):
@@ -383,7 +383,7 @@ def default_workers() -> int:
     return 0 if cores <= 2 else min(cores - 1, 16)
 
 
-def _embed_images(collection: Collection, encoder: Encoder, images: list[str], changed: set[str], report: IndexReport,
+def _embed_images(storage: Storage, encoder: Encoder, images: list[str], changed: set[str], report: IndexReport,
                   *, batch_size: int, workers: int, draft: bool, progress: Callable[[int], None] | None) -> None:
     """Embed and commit images batch by batch while the decoders work ahead; fills `report.timings`.
 
@@ -408,8 +408,7 @@ def _embed_images(collection: Collection, encoder: Encoder, images: list[str], c
             added = [NewFile(d.path, "image", d.size, d.mtime, d.sha256, [0], [None], vectors[i : i + 1])
                      for i, d in enumerate(ok)]
         start = time.perf_counter()
-        ids, vecs, gone = collection.store.commit(added=added, failures=bad, cleared_failures=[d.path for d in ok])
-        collection.apply(ids, vecs, gone)
+        storage.commit(added=added, failures=bad, cleared_failures=[d.path for d in ok])
         timings["database"] += time.perf_counter() - start
         for d in ok:
             if d.path in changed:
@@ -436,7 +435,7 @@ def _embed_images(collection: Collection, encoder: Encoder, images: list[str], c
                 flush(batch)
                 batch = []
                 if time.monotonic() - last_save > SAVE_EVERY:
-                    collection.save()
+                    storage.vectors.save()
                     last_save = time.monotonic()
         if batch:
             flush(batch)
@@ -445,7 +444,7 @@ def _embed_images(collection: Collection, encoder: Encoder, images: list[str], c
     timings["images"] = time.perf_counter() - started
 
 
-def _index_corpus(collection: Collection, path: str, text_field: str | None, changed: bool, report: IndexReport) -> None:
+def _index_corpus(storage: Storage, encoder: Encoder, path: str, text_field: str | None, changed: bool, report: IndexReport) -> None:
     """Read and embed one corpus, replacing what it yielded before; a corpus that cannot be read,
     or of which every record is skipped, is reported and what it yielded before stays."""
     try:
@@ -454,7 +453,7 @@ def _index_corpus(collection: Collection, path: str, text_field: str | None, cha
         corpus = read_corpus(path, text_field)
     except (OSError, UnsupportedFile) as exc:
         bad_file = [(path, f"cannot read: {exc.strerror}" if isinstance(exc, OSError) else str(exc))]
-        collection.store.commit(failures=bad_file)
+        storage.commit(failures=bad_file)
         report.failures.extend(bad_file)
         report.skipped += 1
         return
@@ -462,21 +461,21 @@ def _index_corpus(collection: Collection, path: str, text_field: str | None, cha
     if not entries and bad:
         seen = f"; fields seen: {', '.join(sorted(corpus.fields_seen))}" if corpus.fields_seen else ""
         report.warn(f"{path}: all {len(bad)} records skipped ({bad[0][1]}){seen}")
-        collection.store.commit(failures=bad)
+        storage.commit(failures=bad)
         report.failures.extend(bad)
         report.skipped += len(bad)
         return
     texts = [e.text for e in entries]
-    _commit_texts(collection, NewFile(path, "text", st.st_size, st.st_mtime, sha), [e.line for e in entries], texts, bad, report)
+    _commit_texts(storage, encoder, NewFile(path, "text", st.st_size, st.st_mtime, sha), [e.line for e in entries], texts, bad,
+                  report)
     if changed:
         report.updated += 1
     else:
         report.added += 1
 
 
-def _commit_texts(collection: Collection, file: NewFile, lines: list[int], texts: list[str],
+def _commit_texts(storage: Storage, encoder: Encoder, file: NewFile, lines: list[int], texts: list[str],
                   bad: list[tuple[str, str]], report: IndexReport) -> None:
-    encoder = collection.encoder
     file.lines, file.texts = lines, list(texts)
     file.vectors = encoder.embed_texts(texts) if texts else np.zeros((0, encoder.dim), np.float32)
     report.truncated += sum(1 for t in texts if encoder.count_tokens(t) > encoder.context_length)
@@ -484,17 +483,18 @@ def _commit_texts(collection: Collection, file: NewFile, lines: list[int], texts
     report.skipped += len(bad)
     report.failures.extend(bad)
     # The records that failed when the corpus was read before (path:line) go with the old version.
-    stale = [p for p, _ in collection.reader.failures(under=os.path.dirname(file.path)) if p.startswith(f"{file.path}:")]
-    ids, vecs, gone = collection.store.commit(added=[file], failures=bad, cleared_failures=[file.path, *stale])
-    collection.apply(ids, vecs, gone)
+    stale = [p for p, _ in storage.reader.failures(under=os.path.dirname(file.path)) if p.startswith(f"{file.path}:")]
+    storage.commit(added=[file], failures=bad, cleared_failures=[file.path, *stale])
 
 
-def index_texts(collection: Collection, texts: list[str], source: str) -> IndexReport:
-    """Index texts given directly (no file), stored under `source`; replaces earlier texts of `source`."""
+def index_texts(storage: Storage, claim_model: Callable[[], Encoder], texts: list[str], source: str) -> IndexReport:
+    """Index texts given directly (no file), stored under `source`; replaces earlier texts of `source`.
+
+    `claim_model()` loads the index's encoder and records it as the index's model."""
     report = IndexReport()
-    collection.claim_model()
+    encoder = claim_model()
     sha = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     kept = [(n, t) for n, t in enumerate(texts, start=1) if t.strip()]
-    _commit_texts(collection, NewFile(source, "text", 0, 0.0, sha), [n for n, _ in kept], [t for _, t in kept], [], report)
+    _commit_texts(storage, encoder, NewFile(source, "text", 0, 0.0, sha), [n for n, _ in kept], [t for _, t in kept], [], report)
     report.added = 1
     return report

@@ -1,6 +1,7 @@
 """Reads of an index database, in plain SQL through the standard library's sqlite3 driver.
 
-The schema, its migrations and every write live in `store` (SQLAlchemy). Reads come here
+The tables are defined in `schema`, which this SQL takes its names from; migrations and
+every write live in `store` (SQLAlchemy). Reads come here
 because a query from the shell must start fast: importing SQLAlchemy costs about 0.25 s,
 most of a cached query's time (benchmarks/RESULTS.md, "Query latency"). The SQL is plain
 (JOIN, IN, substr, GROUP BY) so a server database could run it through its own driver.
@@ -12,6 +13,7 @@ import json
 import os
 import sqlite3
 import threading
+from dataclasses import fields
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -21,12 +23,9 @@ import numpy as np
 from .config import DB_NAME, KINDS
 from .errors import IndexDamaged, IndexInUse, IndexNotFound, IndexReadOnly, IndexTooNew, MMSearchError
 from .records import FileRow, ItemRow, ModelManifest, RootOptions
+from .schema import FAILURES, FILES, IGNORED, ITEMS, META, MIGRATIONS, ROOTS, SCHEMA_VERSION
 
 T = TypeVar("T")
-
-#: Name of the last migration in `store.MIGRATIONS`: an index without it is opened for writing
-#: once (which migrates it) before it is read.
-SCHEMA_VERSION = "0002_root_options_ignored"
 
 #: SQLite limits bound parameters per statement (32,766 by default); lists go in chunks of this size.
 CHUNK = 20000
@@ -53,6 +52,12 @@ def database_error(message: str, directory: Path) -> MMSearchError:
 def is_under(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies below it (whole path components)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+#: Column lists of the records read, in their field order, and the join of an item to its file.
+_FILE_ROW = FILES.cols(*(f.name for f in fields(FileRow)))
+_ITEM_ROW = f"{ITEMS.cols('id', 'kind')}, {FILES.cols('path')}, {ITEMS.cols('line', 'text')}"
+_JOIN = f"{FILES.cols('id')} = {ITEMS.cols('file_id')}"
 
 
 def _under(column: str, folder: str) -> tuple[str, list[object]]:
@@ -99,11 +104,11 @@ class StoreReader:
         """
         try:
             tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            newer = [r[0] for r in self._conn.execute("SELECT name FROM migrations WHERE name > ? ORDER BY name",
-                                                      (SCHEMA_VERSION,))] if "migrations" in tables else []
+            newer = [r[0] for r in self._conn.execute(f"SELECT name FROM {MIGRATIONS} WHERE name > ? ORDER BY name",
+                                                      (SCHEMA_VERSION,))] if MIGRATIONS.name in tables else []
         except sqlite3.Error as exc:
             raise database_error(str(exc), self.directory) from None
-        if tables and "migrations" not in tables:
+        if tables and MIGRATIONS.name not in tables:
             raise IndexDamaged(f"{self.directory / DB_NAME} is an SQLite database of something else, "
                                "not an mmsearch index: use another --index")
         if newer:
@@ -132,7 +137,7 @@ class StoreReader:
             raise
 
     def _meta(self, key: str) -> str | None:
-        rows = self._all("SELECT value FROM meta WHERE key = ?", [key])
+        rows = self._all(f"SELECT value FROM {META} WHERE key = ?", [key])
         return rows[0][0] if rows else None
 
     # --- index-wide -------------------------------------------------------------------------
@@ -140,7 +145,7 @@ class StoreReader:
     def needs_migration(self) -> bool:
         """Whether the schema predates this version of mmsearch."""
         try:
-            return not self._all("SELECT 1 FROM migrations WHERE name = ?", [SCHEMA_VERSION])
+            return not self._all(f"SELECT 1 FROM {MIGRATIONS} WHERE name = ?", [SCHEMA_VERSION])
         except MMSearchError:
             return True  # no migrations table yet
 
@@ -159,24 +164,24 @@ class StoreReader:
 
     def kinds(self) -> set[str]:
         """The item kinds present, each found by one index lookup (counting is O(n))."""
-        exists = "SELECT EXISTS (SELECT 1 FROM items WHERE kind = ?)"
+        exists = f"SELECT EXISTS (SELECT 1 FROM {ITEMS} WHERE kind = ?)"
         return {kind for kind in KINDS if self._all(exists, [kind])[0][0]}
 
     def counts(self) -> dict[str, int]:
         """Number of items per kind, plus files and recorded failures."""
-        out = dict(self._all("SELECT kind, count(*) FROM items GROUP BY kind"))
-        out["files"] = self._all("SELECT count(*) FROM files")[0][0]
-        out["failures"] = self._all("SELECT count(*) FROM failures")[0][0]
+        out = dict(self._all(f"SELECT kind, count(*) FROM {ITEMS} GROUP BY kind"))
+        out["files"] = self._all(f"SELECT count(*) FROM {FILES}")[0][0]
+        out["failures"] = self._all(f"SELECT count(*) FROM {FAILURES}")[0][0]
         return out
 
     def roots(self, under: str | None = None) -> list[str]:
         """Every root indexed so far (or those at or below the folder `under`)."""
         where, params = _under("path", under) if under else ("1", [])
-        return [r[0] for r in self._all(f"SELECT path FROM roots WHERE {where} ORDER BY path", params)]
+        return [r[0] for r in self._all(f"SELECT path FROM {ROOTS} WHERE {where} ORDER BY path", params)]
 
     def root_options(self) -> dict[str, RootOptions]:
         """How each root is scanned (defaults for a root indexed before options were stored)."""
-        rows = self._newer("SELECT path, options FROM roots ORDER BY path")
+        rows = self._newer(f"SELECT path, options FROM {ROOTS} ORDER BY path")
         if rows is None:
             return {path: RootOptions() for path in self.roots()}
         return {path: RootOptions.from_json(raw) for path, raw in rows}
@@ -184,43 +189,43 @@ class StoreReader:
     def ignored(self, under: str | None = None) -> list[str]:
         """Files skipped for their type at the last scan of their root (or only at or below `under`)."""
         where, params = _under("path", under) if under else ("1", [])
-        rows = self._newer(f"SELECT path FROM ignored WHERE {where} ORDER BY path", params)
+        rows = self._newer(f"SELECT path FROM {IGNORED} WHERE {where} ORDER BY path", params)
         return [r[0] for r in rows or []]
 
     def has_items(self, folder: str) -> bool:
         """Whether any item comes from `folder` (a file) or a file below it; stops at the first."""
-        where, params = _under("files.path", folder)
-        sql = f"SELECT EXISTS (SELECT 1 FROM items JOIN files ON files.id = items.file_id WHERE {where})"
+        where, params = _under(FILES.cols("path"), folder)
+        sql = f"SELECT EXISTS (SELECT 1 FROM {ITEMS} JOIN {FILES} ON {_JOIN} WHERE {where})"
         return bool(self._all(sql, params)[0][0])
 
     def failures(self, under: str | None = None) -> list[tuple[str, str]]:
         """(path, reason) of everything skipped and not indexed since (or only at or below `under`)."""
         where, params = _under("path", under) if under else ("1", [])
-        return [(p, r) for p, r in self._all(f"SELECT path, reason FROM failures WHERE {where} ORDER BY path", params)]
+        return [(p, r) for p, r in self._all(f"SELECT path, reason FROM {FAILURES} WHERE {where} ORDER BY path", params)]
 
     # --- files and items --------------------------------------------------------------------
 
     def files_under(self, root: str) -> dict[str, FileRow]:
         """Files recorded at `root` (a file) or below it (a folder), by path."""
         where, params = _under("path", root)
-        rows = self._all(f"SELECT id, path, kind, size, mtime, sha256 FROM files WHERE {where}", params)
+        rows = self._all(f"SELECT {_FILE_ROW} FROM {FILES} WHERE {where}", params)
         return {r[1]: FileRow(*r) for r in rows}
 
     def file(self, path: str) -> FileRow | None:
         """The file recorded at exactly `path` (one index lookup), or None."""
-        rows = self._all("SELECT id, path, kind, size, mtime, sha256 FROM files WHERE path = ?", [path])
+        rows = self._all(f"SELECT {_FILE_ROW} FROM {FILES} WHERE path = ?", [path])
         return FileRow(*rows[0]) if rows else None
 
     def item_ids(self, kind: str) -> np.ndarray:
         """Every item id of one kind, ascending."""
-        rows = self._all("SELECT id FROM items WHERE kind = ? ORDER BY id", [kind])
+        rows = self._all(f"SELECT id FROM {ITEMS} WHERE kind = ? ORDER BY id", [kind])
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def ids_under(self, folder: str, kind: str) -> np.ndarray:
         """Item ids of one kind whose file lies under `folder`."""
-        where, params = _under("files.path", folder)
-        rows = self._all(f"SELECT items.id FROM items JOIN files ON files.id = items.file_id "
-                         f"WHERE items.kind = ? AND {where}", [kind, *params])
+        where, params = _under(FILES.cols("path"), folder)
+        rows = self._all(f"SELECT {ITEMS.cols('id')} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
+                         f"WHERE {ITEMS.cols('kind')} = ? AND {where}", [kind, *params])
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def _by_ids(self, sql: str, ids: Iterable[int]) -> Iterator[list[tuple]]:
@@ -230,14 +235,14 @@ class StoreReader:
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
         """Display rows for item ids that still exist (a missing id is simply absent)."""
-        sql = ("SELECT items.id, items.kind, files.path, items.line, items.text FROM items "
-               "JOIN files ON files.id = items.file_id WHERE items.id IN ({ids})")
+        sql = (f"SELECT {_ITEM_ROW} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
+               f"WHERE {ITEMS.cols('id')} IN ({{ids}})")
         return {r[0]: ItemRow(*r) for rows in self._by_ids(sql, ids) for r in rows}
 
     def item_files(self, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
         """(file path, content sha256) of item ids that still exist, by id."""
-        sql = ("SELECT items.id, files.path, files.sha256 FROM items "
-               "JOIN files ON files.id = items.file_id WHERE items.id IN ({ids})")
+        sql = (f"SELECT {ITEMS.cols('id')}, {FILES.cols('path', 'sha256')} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
+               f"WHERE {ITEMS.cols('id')} IN ({{ids}})")
         return {r[0]: (r[1], r[2]) for rows in self._by_ids(sql, ids) for r in rows}
 
     def vectors(self, kind: str, ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -245,12 +250,12 @@ class StoreReader:
         if ids is None:
             # Keyset pagination: each chunk is one short statement, so no read stays open between chunks.
             after = -1
-            while rows := self._all("SELECT id, vector FROM items WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+            while rows := self._all(f"SELECT id, vector FROM {ITEMS} WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
                                     [kind, after, CHUNK]):
                 after = rows[-1][0]
                 yield _unpack(rows)
             return
-        for rows in self._by_ids("SELECT id, vector FROM items WHERE id IN ({ids})", ids):
+        for rows in self._by_ids(f"SELECT id, vector FROM {ITEMS} WHERE id IN ({{ids}})", ids):
             if rows:
                 yield _unpack(rows)
 

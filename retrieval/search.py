@@ -1,4 +1,8 @@
-"""Queries: text, image or vector in; ranked items (cosine similarity) out."""
+"""Queries: text, image or vector in; ranked items (cosine similarity) out.
+
+Works on a `Searcher`: an index's `Storage` (the vector sets to search, the metadata store for
+the rows) and the embedding functions it is handed; it knows nothing of where those come from.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +22,23 @@ from .errors import BadQuery, EmptyIndex
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .collection import Collection
+    from .stores import Storage
+
+#: Text → unit vector (the caller's choice of encoder and cache), and images → unit vectors.
+EmbedText = Callable[[str], np.ndarray]
+EmbedImages = Callable[[Sequence["Image.Image"]], np.ndarray]
 
 #: --target value → item kinds searched.
 TARGETS = {"images": ("image",), "texts": ("text",), "all": ("image", "text")}
+
+
+@dataclass(frozen=True)
+class Searcher:
+    """What a query needs: the index's storage and its model's embedding functions."""
+
+    storage: Storage
+    embed_text: EmbedText
+    embed_images: EmbedImages
 
 
 @dataclass(frozen=True)
@@ -47,11 +64,12 @@ class Result:
         return data
 
 
-def query_vector(collection: Collection, query: str | Path | Image.Image | np.ndarray) -> tuple[np.ndarray, str]:
+def query_vector(searcher: Searcher, query: str | Path | Image.Image | np.ndarray) -> tuple[np.ndarray, str]:
     """The unit query vector, and the default target ('images' for text, 'texts' for an image)."""
     if isinstance(query, np.ndarray):
         vec = np.asarray(query, dtype=np.float32).reshape(-1)
-        dim = collection.manifest.dim if collection.manifest else len(vec)
+        manifest = searcher.storage.manifest()
+        dim = manifest.dim if manifest else len(vec)
         if vec.shape[0] != dim:
             raise BadQuery(f"query vector has dimension {vec.shape[0]}, the index {dim}")
         norm = float(np.linalg.norm(vec))
@@ -61,7 +79,7 @@ def query_vector(collection: Collection, query: str | Path | Image.Image | np.nd
     if isinstance(query, str):
         if not query.strip():
             raise BadQuery("empty query text")
-        return collection.embed_query_text(query), "images"
+        return searcher.embed_text(query), "images"
     if isinstance(query, Path):
         from .images import describe_error, open_image
 
@@ -71,11 +89,11 @@ def query_vector(collection: Collection, query: str | Path | Image.Image | np.nd
             raise BadQuery(f"query image not found: {query}") from None
         except Exception as exc:  # noqa: BLE001 - any decoder error means an unusable query image
             raise BadQuery(f"cannot read query image {query}: {describe_error(exc)}") from None
-        return collection.embed_images([image])[0], "texts"
-    return collection.embed_images([query])[0], "texts"
+        return searcher.embed_images([image])[0], "texts"
+    return searcher.embed_images([query])[0], "texts"
 
 
-def search(collection: Collection, query: Any, *, k: int = 10, target: str | None = None,
+def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = None,
            min_score: float | str | None = None, under: str | Path | None = None, add: Sequence[str] = (),
            subtract: Sequence[str] = (), exclude: Sequence[str] = (), within: float | None = None,
            collapse: float | None = None) -> list[Result]:
@@ -103,23 +121,24 @@ def search(collection: Collection, query: Any, *, k: int = 10, target: str | Non
         raise BadQuery(f"within must be a score difference between 0 and 2, not {within}")
     if collapse is not None and not 0.0 < collapse <= 1.0:
         raise BadQuery(f"collapse threshold must be a cosine similarity in (0, 1], not {collapse}")
-    present = collection.reader.kinds() if collection.manifest is not None else set()
+    storage = searcher.storage
+    present = storage.reader.kinds() if storage.manifest() is not None else set()
     if not present:
-        raise EmptyIndex(f"index {collection.directory} is empty: run `mmsearch index PATH` first")
-    vec, default_target = query_of(collection, query, add, subtract)
+        raise EmptyIndex(f"index {storage.location} is empty: run `mmsearch index PATH` first")
+    vec, default_target = query_of(searcher, query, add, subtract)
     kinds = [kind for kind in TARGETS[target or default_target] if kind in present]
     if not kinds:
         wanted = target or default_target
-        counts = collection.reader.counts()
+        counts = storage.reader.counts()
         raise EmptyIndex(f"the index holds no {wanted} to search ({counts.get('image', 0)} images, "
                          f"{counts.get('text', 0)} texts): try --target all")
     folder = os.path.abspath(os.path.expanduser(str(under))) if under else None
     found: list[tuple[float, Any, float]] = []
     for kind in kinds:
-        calibration = Calibration(load_sample(collection.reader, collection.directory, kind), vec)
-        keep = exclusion(collection, kind, vec, exclude, collapse, k)
+        calibration = Calibration(load_sample(storage.reader, storage.cache_dir, kind), vec)
+        keep = exclusion(searcher, kind, vec, exclude, collapse, k)
         found.extend((score, row, calibration.relevance(score))
-                     for score, row in _search_kind(collection, kind, vec, k, folder, keep))
+                     for score, row in _search_kind(storage, kind, vec, k, folder, keep))
     found.sort(key=lambda hit: -hit[0])
     floor = max(min_score if not auto and min_score is not None else -math.inf,
                 found[0][0] - within if found and within is not None else -math.inf)
@@ -134,29 +153,30 @@ def search(collection: Collection, query: Any, *, k: int = 10, target: str | Non
     return results
 
 
-def _stored(collection: Collection, kind: str, ids: np.ndarray) -> np.ndarray:
-    """Exact vectors of `ids` from the store, in that order (zeros for ids it lacks), for
+def _stored(storage: Storage, kind: str, ids: np.ndarray) -> np.ndarray:
+    """Exact vectors of `ids` from the metadata store, in that order (zeros for ids it lacks), for
     layouts that re-rank compressed candidates with them."""
-    out = np.zeros((len(ids), collection.manifest.dim), dtype=np.float32)
+    manifest = storage.manifest()
+    out = np.zeros((len(ids), manifest.dim if manifest else 0), dtype=np.float32)
     order = np.argsort(ids)
-    for got, vecs in collection.reader.vectors(kind, ids):
+    for got, vecs in storage.reader.vectors(kind, ids):
         out[order[np.searchsorted(ids, got, sorter=order)]] = vecs
     return out
 
 
-def _search_kind(collection: Collection, kind: str, vec: np.ndarray, k: int, folder: str | None,
+def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: str | None,
                  keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
                  ) -> list[tuple[float, Any]]:
-    index = collection.vectors(kind)
-    allowed = collection.reader.ids_under(folder, kind) if folder else None
+    index = storage.vector_set(kind)
+    allowed = storage.reader.ids_under(folder, kind) if folder else None
     if allowed is not None and not len(allowed):
         return []
     fetch = k
     while True:
         scores, ids = index.search(vec[None, :], fetch, allowed,
-                                    exact=lambda want: _stored(collection, kind, want))
+                                    exact=lambda want: _stored(storage, kind, want))
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        rows = collection.reader.items(i for _, i in pairs)
+        rows = storage.reader.items(i for _, i in pairs)
         # The store is the truth: an id the cache still holds but the store dropped is skipped.
         hits = [(s, rows[i]) for s, i in pairs if i in rows]
         if keep is not None:  # --not / --collapse: fetch more until k pass or the index is exhausted

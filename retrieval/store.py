@@ -1,11 +1,11 @@
-"""SQLite metadata store (through SQLAlchemy): the schema of an index and every write to it.
+"""SQLite metadata store (through SQLAlchemy): migrations and every write to an index.
 
 One database per index directory holds the files seen, the items embedded from them
 (one per image, one per text line/record) with their float32 vectors, the model that
 built the index, and the failures of the last runs. It is the source of truth. Every
 write is one transaction; `generation` grows with each, so a vector cache can tell
-whether it is current. Reads are in `reader`, which a query uses without importing
-SQLAlchemy. Knows nothing of torch or FAISS.
+whether it is current. The tables are those of `schema`; reads are in `reader`, which a
+query uses without importing SQLAlchemy. Knows nothing of torch or FAISS.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import (
+    Column,
     Float,
     ForeignKey,
     Integer,
     LargeBinary,
+    MetaData,
     String,
+    Table,
     Text,
     create_engine,
     delete,
@@ -38,92 +41,61 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.schema import CreateIndex, CreateTable
 
+from . import schema
 from .config import DB_NAME
 from .errors import IndexReadOnly, ModelMismatch
-from .reader import SCHEMA_VERSION, chunks, database_error, is_under
+from .reader import chunks, database_error, is_under
+from .schema import SCHEMA_VERSION
 from .records import ModelManifest, NewFile, RootOptions
 
 
-class Base(DeclarativeBase):
-    """Declarative base of the index schema (portable to PostgreSQL)."""
+#: SQLAlchemy type of each `schema.TYPES` name.
+_TYPES = {"string": String, "text": Text, "integer": Integer, "float": Float, "blob": LargeBinary}
 
 
-class Migration(Base):
-    __tablename__ = "migrations"
-    name: Mapped[str] = mapped_column(String, primary_key=True)
-    applied_at: Mapped[float] = mapped_column(Float)
+def _table(metadata: MetaData, table: schema.Table) -> Table:
+    """The SQLAlchemy table of a `schema` table (portable to PostgreSQL)."""
+    columns = [
+        Column(c.name, _TYPES[c.type],
+               *([ForeignKey(c.references, ondelete="CASCADE")] if c.references else []),
+               primary_key=c.primary_key, nullable=c.nullable and not c.primary_key, unique=c.unique or None,
+               index=c.index or None, default=c.default)
+        for c in table.columns
+    ]
+    return Table(table.name, metadata, *columns, sqlite_autoincrement=table.autoincrement)
 
 
-class Meta(Base):
-    __tablename__ = "meta"
-    key: Mapped[str] = mapped_column(String, primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
+#: The index schema, built from `schema.TABLES`.
+METADATA = MetaData()
+for _t in schema.TABLES:
+    _table(METADATA, _t)
+Migration, Meta, Root, File, Item, Failure, Ignored = (METADATA.tables[t.name] for t in (
+    schema.MIGRATIONS, schema.META, schema.ROOTS, schema.FILES, schema.ITEMS, schema.FAILURES, schema.IGNORED))
 
 
-class Root(Base):
-    """A folder or file a user asked to index; re-scanned by a bare `mmsearch index`."""
-
-    __tablename__ = "roots"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(String, unique=True)
-    #: `RootOptions` as JSON (exclude patterns, include_hidden, text_field); NULL before 0002.
-    options: Mapped[str | None] = mapped_column(Text, nullable=True)
-
-
-class File(Base):
-    """A file on disk: an image, or a text corpus that yields many items."""
-
-    __tablename__ = "files"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(String, unique=True)
-    kind: Mapped[str] = mapped_column(String)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime: Mapped[float] = mapped_column(Float)
-    sha256: Mapped[str] = mapped_column(String, index=True)
-
-
-class Item(Base):
-    """One embedded thing; its id is the key of its vector in the FAISS cache."""
-
-    __tablename__ = "items"
-    # AUTOINCREMENT: ids are never reused, so a stale cache can never map an old id to a new item.
-    __table_args__ = {"sqlite_autoincrement": True}
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    file_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String, index=True)
-    line: Mapped[int] = mapped_column(Integer, default=0)
-    text: Mapped[str | None] = mapped_column(Text, nullable=True)
-    vector: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-class Failure(Base):
-    """A file (or text record) that could not be indexed, with the reason."""
-
-    __tablename__ = "failures"
-    path: Mapped[str] = mapped_column(String, primary_key=True)
-    reason: Mapped[str] = mapped_column(Text)
-    at: Mapped[float] = mapped_column(Float)
-
-
-class Ignored(Base):
-    """A file skipped for its type (.heic, .cr2, no extension): listed by `info`, not a failure."""
-
-    __tablename__ = "ignored"
-    path: Mapped[str] = mapped_column(String, primary_key=True)
-    at: Mapped[float] = mapped_column(Float)
+def _create(conn: Connection, table: Table) -> None:
+    """Create `table` and its indexes unless it exists; indexes in name order, so every new
+    database has the same schema text (SQLAlchemy keeps a table's indexes in a set)."""
+    if inspect(conn).has_table(table.name):
+        return
+    conn.execute(CreateTable(table))
+    for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
+        conn.execute(CreateIndex(index))
 
 
 def _m0001_initial(conn: Connection) -> None:
-    Base.metadata.create_all(conn)
+    # Creates the tables as `schema` defines them now, so later migrations check before they add.
+    for table in METADATA.tables.values():  # in `schema.TABLES` order
+        _create(conn, table)
 
 
 def _m0002_root_options_ignored(conn: Connection) -> None:
     # A new database got both from 0001's create_all (the current models); an older one gets them here.
     if "options" not in {c["name"] for c in inspect(conn).get_columns("roots")}:
         conn.execute(text("ALTER TABLE roots ADD COLUMN options TEXT"))
-    Ignored.__table__.create(conn, checkfirst=True)
+    _create(conn, Ignored)
 
 
 #: Named schema migrations, applied once each, in order; the last is `reader.SCHEMA_VERSION`.
@@ -184,8 +156,8 @@ class Store:
 
     def _migrate(self) -> None:
         with self.engine.begin() as conn:
-            Migration.__table__.create(conn, checkfirst=True)
-            done = set(conn.scalars(select(Migration.name)))
+            _create(conn, Migration)
+            done = set(conn.scalars(select(Migration.c.name)))
             for name, step in MIGRATIONS:
                 if name not in done:
                     step(conn)
@@ -194,10 +166,10 @@ class Store:
     # --- meta -------------------------------------------------------------------------------
 
     def _get_meta(self, conn: Connection, key: str) -> str | None:
-        return conn.scalar(select(Meta.value).where(Meta.key == key))
+        return conn.scalar(select(Meta.c.value).where(Meta.c.key == key))
 
     def _set_meta(self, conn: Connection, key: str, value: str) -> None:
-        conn.execute(delete(Meta).where(Meta.key == key))
+        conn.execute(delete(Meta).where(Meta.c.key == key))
         conn.execute(insert(Meta).values(key=key, value=value))
 
     def claim_model(self, manifest: ModelManifest) -> None:
@@ -217,7 +189,7 @@ class Store:
     def set_setting(self, key: str, value: str | None) -> None:
         """Store (or with None, clear) a value kept with the index."""
         with self.engine.begin() as conn:
-            conn.execute(delete(Meta).where(Meta.key == f"setting:{key}"))
+            conn.execute(delete(Meta).where(Meta.c.key == f"setting:{key}"))
             if value is not None:
                 conn.execute(insert(Meta).values(key=f"setting:{key}", value=value))
 
@@ -235,7 +207,7 @@ class Store:
         """
         options = options or {}
         with self.engine.begin() as conn:
-            known = set(conn.scalars(select(Root.path)))
+            known = set(conn.scalars(select(Root.c.path)))
             for path in dict.fromkeys(paths):  # a path named twice is one root
                 if path not in known:
                     conn.execute(insert(Root).values(path=path, options=options.get(path, RootOptions()).to_json()))
@@ -244,7 +216,7 @@ class Store:
         """Store how each (known) root is scanned from now on."""
         with self.engine.begin() as conn:
             for path, opts in options.items():
-                conn.execute(update(Root).where(Root.path == path).values(options=opts.to_json()))
+                conn.execute(update(Root).where(Root.c.path == path).values(options=opts.to_json()))
 
     def replace_ignored(self, roots: Iterable[str], found: Iterable[str], keep_under: Iterable[str] = ()) -> None:
         """Make `found` the files of unsupported type at or below `roots` (those below the
@@ -255,11 +227,11 @@ class Store:
             stored: set[str] = set()
             for root in roots:
                 prefix = root.rstrip(os.sep) + os.sep
-                stored.update(conn.scalars(select(Ignored.path).where(
-                    (Ignored.path == root) | (func.substr(Ignored.path, 1, len(prefix)) == prefix))))
+                stored.update(conn.scalars(select(Ignored.c.path).where(
+                    (Ignored.c.path == root) | (func.substr(Ignored.c.path, 1, len(prefix)) == prefix))))
             drop = [p for p in stored if p not in wanted and not any(is_under(p, k) for k in keep)]
             for part in chunks(drop):
-                conn.execute(delete(Ignored).where(Ignored.path.in_(part)))
+                conn.execute(delete(Ignored).where(Ignored.c.path.in_(part)))
             now = time.time()
             rows = [{"path": p, "at": now} for p in wanted if p not in stored]
             if rows:  # only what changed is written: a re-scan of an unchanged folder writes nothing
@@ -288,20 +260,20 @@ class Store:
         failures = list(failures)
         with self.engine.begin() as conn:
             for file_id, path, size, mtime in moved:
-                conn.execute(update(File).where(File.id == file_id).values(path=path, size=size, mtime=mtime))
+                conn.execute(update(File).where(File.c.id == file_id).values(path=path, size=size, mtime=mtime))
             removed = list(removed_files)
             if added:
-                removed.extend(conn.scalars(select(File.id).where(File.path.in_([nf.path for nf in added]))))
+                removed.extend(conn.scalars(select(File.c.id).where(File.c.path.in_([nf.path for nf in added]))))
             for part in chunks(removed):  # a deleted folder can hold more files than one statement takes
-                for kind, item_id in conn.execute(select(Item.kind, Item.id).where(Item.file_id.in_(part))):
+                for kind, item_id in conn.execute(select(Item.c.kind, Item.c.id).where(Item.c.file_id.in_(part))):
                     gone.setdefault(kind, []).append(item_id)
-                conn.execute(delete(Item).where(Item.file_id.in_(part)))
-                conn.execute(delete(File).where(File.id.in_(part)))
+                conn.execute(delete(Item).where(Item.c.file_id.in_(part)))
+                conn.execute(delete(File).where(File.c.id.in_(part)))
             # Bulk inserts with RETURNING (one statement per table, ids in parameter order): per-row
             # inserts cost ~1 ms an image, a ceiling for GPU-speed indexing.
             if added:
                 file_ids = conn.execute(
-                    insert(File).returning(File.id, sort_by_parameter_order=True),
+                    insert(File).returning(File.c.id, sort_by_parameter_order=True),
                     [{"path": nf.path, "kind": nf.kind, "size": nf.size, "mtime": nf.mtime, "sha256": nf.sha256}
                      for nf in added],
                 ).scalars().all()
@@ -313,16 +285,16 @@ class Store:
                 ]
                 if rows:
                     item_ids = conn.execute(
-                        insert(Item).returning(Item.id, sort_by_parameter_order=True), [r[1] for r in rows]
+                        insert(Item).returning(Item.c.id, sort_by_parameter_order=True), [r[1] for r in rows]
                     ).scalars().all()
                     for (kind, _, vec), item_id in zip(rows, item_ids):
                         new_ids.setdefault(kind, []).append(item_id)
                         new_vecs.setdefault(kind, []).append(vec)
             stale = list(cleared_failures) + [path for path, _ in failures]
             for part in chunks(stale):
-                conn.execute(delete(Failure).where(Failure.path.in_(part)))
+                conn.execute(delete(Failure).where(Failure.c.path.in_(part)))
             for part in chunks(list(forgotten_roots)):
-                conn.execute(delete(Root).where(Root.path.in_(part)))
+                conn.execute(delete(Root).where(Root.c.path.in_(part)))
             if failures:
                 now = time.time()
                 conn.execute(insert(Failure), [{"path": p, "reason": r, "at": now} for p, r in dict(failures).items()])

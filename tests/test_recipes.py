@@ -49,7 +49,7 @@ def _unit(vec: np.ndarray) -> np.ndarray:
 
 def _stored(idx: retrieval.Collection, kind: str = "image") -> tuple[list[int], np.ndarray]:
     ids = idx.reader.item_ids(kind).tolist()
-    vectors = item_vectors(idx, kind, ids)
+    vectors = item_vectors(idx.reader, kind, ids)
     return ids, np.stack([vectors[i] for i in ids])
 
 
@@ -241,7 +241,7 @@ def test_collapse_shows_one_result_per_group(with_copies: Path) -> None:
     assert len([h for h in collapsed if Path(h["path"]).name in copies]) <= 1
     assert len(collapsed) == 6
     with retrieval.open_index(index, create=False) as idx:
-        vectors = item_vectors(idx, "image", [h["id"] for h in plain + collapsed])
+        vectors = item_vectors(idx.reader, "image", [h["id"] for h in plain + collapsed])
     shown = np.stack([vectors[h["id"]] for h in collapsed])
     assert (shown @ shown.T - 2 * np.eye(len(shown))).max() < 0.95  # no two shown are near-duplicates
     for hidden in (h for h in plain if h["id"] not in {c["id"] for c in collapsed}):

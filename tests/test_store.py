@@ -101,3 +101,34 @@ def test_removing_more_files_than_one_statement_takes(pair) -> None:
     _, _, gone = store.commit(removed_files=file_ids, cleared_failures=[f"/big/{i}.jpg" for i in range(n)])
     assert sorted(gone["image"]) == sorted(ids["image"]) and len(gone["image"]) == n
     assert reader.counts()["files"] == 0 and reader.kinds() == set()
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def _schema_text(db: Path) -> str:
+    """The database's schema as `sqlite3 DB .schema` prints it (statements in creation order)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return "".join(f"{sql};\n" for (sql,) in conn.execute(
+            "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid"))
+
+
+def test_schema_built_from_plain_data_is_the_released_one(tmp_path) -> None:
+    """A new index, and the previous release's index once migrated, have exactly the schema of the
+    release before the schema became plain data (dumps taken with `sqlite3 mmsearch.db .schema`)."""
+    import shutil
+
+    Store.open(tmp_path / "new").close()
+    assert _schema_text(tmp_path / "new" / DB_NAME) == (DATA / "schema-0002.sql").read_text()
+    shutil.copytree(DATA / "index-v1", tmp_path / "v1")
+    Store.open(tmp_path / "v1").close()
+    assert _schema_text(tmp_path / "v1" / DB_NAME) == (DATA / "schema-v1-migrated-0002.sql").read_text()
+
+
+def test_reader_sql_names_only_columns_of_the_schema() -> None:
+    """The reader's column lists come from `schema`: a renamed column fails at import, not at query time."""
+    from retrieval import schema
+
+    assert reader_module._FILE_ROW == "files.id, files.path, files.kind, files.size, files.mtime, files.sha256"
+    with pytest.raises(KeyError):
+        schema.ITEMS.cols("vector", "no_such_column")

@@ -1,0 +1,205 @@
+"""The embedded vector store: one FAISS file per vector set in the index directory.
+
+Each file is a cache of the metadata store's vectors of one (model, kind), recording the
+generation it reflects: checked when loaded, synced by id when behind (a crash between a
+commit and a save), rebuilt when damaged or missing, and written atomically. The sets of
+the index's own model keep the file names of earlier releases (`vectors-image.faiss`), so
+an existing index, read-only ones included, opens without a rebuild. FAISS loads only once
+a set is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import BadQuery
+from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, VectorKey
+
+if TYPE_CHECKING:
+    from .vectors import VectorIndex
+
+log = logging.getLogger("mmsearch")
+
+
+class FaissVectorStore:
+    """FAISS files in `directory`, cached from the metadata store `reader` (vectors of dimension `dim`).
+
+    `primary` is the key of the model whose vectors the metadata store holds (the index's model);
+    `writer` opens the metadata store for writing, where a layout chosen by `rebuild` is kept.
+    """
+
+    def __init__(self, directory: Path, reader: MetadataReader, dim: int, primary: str,
+                 writer: Callable[[], MetadataWriter]) -> None:
+        self.directory = directory
+        self._reader = reader
+        self._dim = dim
+        self._primary = primary
+        self._writer = writer
+        self._sets: dict[VectorKey, VectorIndex] = {}
+        self._dirty: set[VectorKey] = set()
+        self._relayout: set[VectorKey] = set()  # sets to rebuild on save (a new memory budget)
+        #: (inode, mtime, size) of each set's file as loaded or saved, to notice another process's save.
+        self._loaded: dict[VectorKey, tuple[int, int, int]] = {}
+        # Threads of one process (a web server) share this store: each set is loaded once.
+        self._loading = threading.RLock()
+
+    def _name(self, key: VectorKey) -> str:
+        """The set's name in file and setting names: the kind alone for the index's model, as before."""
+        if key.model != self._primary:
+            # The metadata store holds one model's vectors: no other set could be built or synced.
+            raise ValueError(f"this index holds no vectors of model {key.model}")
+        return key.kind
+
+    def path(self, key: VectorKey) -> Path:
+        """The file of one vector set."""
+        return self.directory / f"vectors-{self._name(key)}.faiss"
+
+    def _layout_setting(self, key: VectorKey) -> str:
+        return f"layout:{self._name(key)}"
+
+    def get(self, key: VectorKey) -> VectorIndex:
+        """The set of `key`, loaded and brought up to date with the metadata store."""
+        index = self._sets.get(key)
+        if index is not None:
+            return index
+        with self._loading:
+            if key not in self._sets:
+                self._sets[key] = self._load(key)
+            return self._sets[key]
+
+    def _load(self, key: VectorKey) -> VectorIndex:
+        from .vectors import VectorFileDamaged, VectorIndex  # faiss loads only when vectors are needed
+
+        generation = self._reader.generation()
+        path = self.path(key)
+        stamp = _file_stamp(path)
+        try:
+            index, saved = VectorIndex.load(path, self._dim)
+        except VectorFileDamaged as exc:
+            if path.exists():
+                log.warning("vector file %s is damaged (%s); rebuilding it from the database", path.name, exc)
+            index, saved = self._build(key, self._reader.setting(self._layout_setting(key))), -1
+            self._dirty.add(key)
+        if saved != generation and saved != -1:
+            self._sync(key, index)
+        if stamp is not None:
+            self._loaded[key] = stamp
+        return index
+
+    def refresh(self) -> list[VectorKey]:
+        """Swap in the files another process (`mmsearch index`) saved since the sets were loaded.
+
+        Each file is a committed state (written whole, then renamed), loaded memory-mapped and
+        used as it is, never copied; a search already running keeps the set it started with.
+        Items committed but not yet saved appear at the writer's next save. Returns the keys swapped.
+        """
+        from .vectors import VectorFileDamaged, VectorIndex
+
+        swapped = []
+        with self._loading:
+            for key in list(self._sets):
+                path = self.path(key)
+                stamp = _file_stamp(path)
+                if stamp is None or stamp == self._loaded.get(key) or key in self._dirty:
+                    continue
+                try:
+                    index, _ = VectorIndex.load(path, self._dim)
+                except VectorFileDamaged:
+                    continue  # keep answering from the one we have
+                self._sets[key] = index
+                self._loaded[key] = stamp
+                swapped.append(key)
+        return swapped
+
+    def add(self, key: VectorKey, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add (or replace) vectors by item id."""
+        self.get(key).add(ids, vectors)
+        self._dirty.add(key)
+
+    def remove(self, key: VectorKey, ids: np.ndarray) -> None:
+        """Remove vectors by item id (unknown ids are ignored)."""
+        self.get(key).remove(ids)
+        self._dirty.add(key)
+
+    def save(self) -> None:
+        """Atomically write every changed set, re-laid out when it outgrew its layout."""
+        generation = self._reader.generation()
+        for key in sorted(self._dirty):
+            index = self._sets[key]
+            forced = self._reader.setting(self._layout_setting(key))
+            if index.needs_rebuild(keep_layout=forced is not None) or key in self._relayout:
+                index = self._sets[key] = self._build(key, forced)
+            index.save(self.path(key), generation)
+            self._loaded[key] = _file_stamp(self.path(key)) or (0, 0, 0)
+        self._dirty.clear()
+        self._relayout.clear()
+
+    def relayout(self, keys: Sequence[VectorKey]) -> None:
+        """Rebuild these sets at the next save (the memory budget changed)."""
+        for key in keys:
+            self.get(key)
+            self._relayout.add(key)
+            self._dirty.add(key)
+
+    def rebuild(self, keys: Sequence[VectorKey], layout: str | None = None) -> dict[VectorKey, VectorIndex]:
+        """Build the sets afresh from the metadata store, all or (BadQuery: a `layout` FAISS cannot
+        parse or train) none; a `layout` given is kept by later rebuilds, None goes back to the
+        automatic choice."""
+        for key in keys:
+            self.get(key)  # refuses a file of a newer mmsearch instead of rebuilding over it
+        try:
+            built = {key: self._build(key, layout) for key in keys}
+        except ValueError as exc:
+            raise BadQuery(str(exc).splitlines()[0]) from None
+        for key, index in built.items():
+            self._writer().set_setting(self._layout_setting(key), layout)
+            self._sets[key] = index
+            self._dirty.add(key)
+            self._relayout.discard(key)  # just built with the budget
+        return built
+
+    def _build(self, key: VectorKey, layout: str | None = None) -> VectorIndex:
+        from .vectors import VectorIndex
+
+        chunks = list(self._reader.vectors(key.kind))
+        ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
+        vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, self._dim), np.float32)
+        # The other modality's vectors also tune the layout: they query across the gap.
+        other = next(self._reader.vectors("text" if key.kind == "image" else "image"), (None, None))[1]
+        budget = self._reader.setting(MAX_MEMORY_SETTING)
+        try:
+            return VectorIndex.build(ids, vecs, self._dim, layout, cross_queries=other,
+                                     max_memory=int(budget) if budget and not layout else None)
+        except ValueError as exc:
+            if not budget or layout or "no layout fits" not in str(exc):
+                raise
+            log.warning("%s; using the automatic layout for the %s vectors", exc, key.kind)
+            return VectorIndex.build(ids, vecs, self._dim, cross_queries=other)
+
+    def _sync(self, key: VectorKey, index: VectorIndex) -> None:
+        """Bring a set that lags the metadata store (a crash between commit and save) up to date by id."""
+        have, want = index.ids(), self._reader.item_ids(key.kind)
+        extra = np.setdiff1d(have, want, assume_unique=True)
+        missing = np.setdiff1d(want, have, assume_unique=True)
+        if len(extra):
+            index.remove(extra)
+        for ids, vecs in self._reader.vectors(key.kind, missing):
+            index.add(ids, vecs)
+        if len(extra) or len(missing):
+            log.info("vector cache %s: %d added, %d removed to match the database", key.kind, len(missing), len(extra))
+            self._dirty.add(key)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten (None if it is missing)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -1,0 +1,118 @@
+"""The tables of an index database, as plain data: the one definition of the schema.
+
+`store` builds its SQLAlchemy tables (writes, migrations) from these, and `reader` takes its
+table and column names from them for the plain SQL it runs through the standard library's
+sqlite3. No SQLAlchemy here: a query imports this module and must start fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Name of the last migration in `store.MIGRATIONS`: an index without it is opened for writing
+#: once (which migrates it) before it is read; one with a later name was written by a newer mmsearch.
+SCHEMA_VERSION = "0002_root_options_ignored"
+
+#: Column types, as portable names (`store` maps each to an SQLAlchemy type).
+TYPES = ("string", "text", "integer", "float", "blob")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column; NOT NULL unless `nullable`."""
+
+    name: str
+    type: str
+    nullable: bool = False
+    primary_key: bool = False
+    unique: bool = False
+    #: A secondary index on this column (named `ix_<table>_<column>`).
+    index: bool = False
+    #: "table.column" this column refers to; the row is deleted with the one it refers to.
+    references: str | None = None
+    #: Value written when an insert leaves the column out (applied by the writer, not the database).
+    default: object = None
+
+    def __post_init__(self) -> None:
+        if self.type not in TYPES:
+            raise ValueError(f"column {self.name}: unknown type {self.type!r}")
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table: its columns in order, and whether its integer key never reuses ids."""
+
+    name: str
+    columns: tuple[Column, ...]
+    #: Ids are never reused (SQLite AUTOINCREMENT), so a stale vector cache never maps an old id to a new row.
+    autoincrement: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    def names(self) -> tuple[str, ...]:
+        """Column names in table order."""
+        return tuple(c.name for c in self.columns)
+
+    def cols(self, *names: str) -> str:
+        """'table.a, table.b' for SQL (every column, in order, when none are named); an unknown name is a bug."""
+        unknown = set(names) - set(self.names())
+        if unknown:
+            raise KeyError(f"table {self.name} has no column {', '.join(sorted(unknown))}")
+        return ", ".join(f"{self.name}.{n}" for n in names or self.names())
+
+
+MIGRATIONS = Table("migrations", (
+    Column("name", "string", primary_key=True),
+    Column("applied_at", "float"),
+))
+
+META = Table("meta", (
+    Column("key", "string", primary_key=True),
+    Column("value", "text"),
+))
+
+#: A folder or file a user asked to index; re-scanned by a bare `mmsearch index`.
+ROOTS = Table("roots", (
+    Column("id", "integer", primary_key=True),
+    Column("path", "string", unique=True),
+    #: `RootOptions` as JSON (exclude patterns, include_hidden, text_field); NULL before 0002.
+    Column("options", "text", nullable=True),
+))
+
+#: A file on disk: an image, or a text corpus that yields many items. Columns in `records.FileRow` order.
+FILES = Table("files", (
+    Column("id", "integer", primary_key=True),
+    Column("path", "string", unique=True),
+    Column("kind", "string"),
+    Column("size", "integer"),
+    Column("mtime", "float"),
+    Column("sha256", "string", index=True),
+))
+
+#: One embedded thing; its id is the key of its vector in the vector store.
+ITEMS = Table("items", (
+    Column("id", "integer", primary_key=True),
+    Column("file_id", "integer", index=True, references="files.id"),
+    Column("kind", "string", index=True),
+    Column("line", "integer", default=0),
+    Column("text", "text", nullable=True),
+    #: float32, little-endian, the model's dimension.
+    Column("vector", "blob"),
+), autoincrement=True)
+
+#: A file (or text record) that could not be indexed, with the reason.
+FAILURES = Table("failures", (
+    Column("path", "string", primary_key=True),
+    Column("reason", "text"),
+    Column("at", "float"),
+))
+
+#: A file skipped for its type (.heic, .cr2, no extension): listed by `info`, not a failure.
+IGNORED = Table("ignored", (
+    Column("path", "string", primary_key=True),
+    Column("at", "float"),
+))
+
+#: Every table, in the order a new database creates them (a table after those it refers to).
+TABLES = (MIGRATIONS, META, ROOTS, FILES, FAILURES, IGNORED, ITEMS)
