@@ -17,7 +17,7 @@ from PIL import Image
 
 from retrieval import open_index
 from retrieval.errors import MMSearchError
-from retrieval.gpu_decode import SETTING, DeviceJpegDecoder, for_encoder
+from retrieval.gpu_decode import RESIZE_CHUNK, SETTING, DeviceJpegDecoder, for_encoder
 from retrieval.images import Decoded, Geometry, decode_data, decode_file, fit, open_image
 
 GEOMETRIES = [Geometry(32), Geometry(32, "squash"), Geometry(224)]
@@ -55,6 +55,15 @@ def test_pixels_match_pil_for_every_orientation(geometry: Geometry, orientation:
         diff = np.abs(got - want)
         # Rotated the wrong way, the same image differs by tens of levels on average.
         assert diff.mean() < 0.5 and diff.max() <= 4, (width, height, diff.mean(), diff.max())
+
+
+def test_a_large_batch_keeps_each_file_its_own_pixels() -> None:
+    geometry = Geometry(32)
+    datas = [jpeg_bytes(64, 48, orientation=1 + i % 2, seed=100 + i) for i in range(2 * RESIZE_CHUNK + 3)]
+    batch = [Decoded(f"{i}.jpg", 0, 0.0, "", None, jpeg=d, orientation=1 + i % 2) for i, d in enumerate(datas)]
+    DeviceJpegDecoder("cpu", geometry).finish(batch, draft=False)  # groups of one shape, resized in chunks
+    for d, data in zip(batch, datas):
+        assert np.abs(d.pixels.numpy().astype(int) - fit(open_image(data), geometry)).mean() < 0.5, d.path
 
 
 def test_workers_leave_plain_jpegs_undecoded_and_decode_the_rest(tmp_path: Path) -> None:
