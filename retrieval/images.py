@@ -204,11 +204,13 @@ def device_jpeg_orientation(data: bytes) -> int | None:
     if not data.startswith(b"\xff\xd8\xff"):
         return None
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if img.format != "JPEG" or img.mode not in ("RGB", "L") or width * height > MAX_PIXELS:
-                return None
-            orientation = img.getexif().get(0x0112, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over MAX_PIXELS: PIL's path refuses it
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if img.format != "JPEG" or img.mode not in ("RGB", "L") or width * height > MAX_PIXELS:
+                    return None
+                orientation = img.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - a header PIL cannot parse: leave the file to PIL's full decode and its error
         return None
     return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
