@@ -20,7 +20,9 @@ from typing import Any
 import click
 
 import retrieval
+from retrieval.calibrate import AUTO_RELEVANCE
 from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, kind_of
+from retrieval.dupes import DEFAULT_THRESHOLD
 from retrieval.search import TARGETS
 
 HELP = f"""Search images by meaning and texts by image, with CLIP, offline.
@@ -166,28 +168,76 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
         raise click.ClickException(f"nothing indexed from {', '.join(report.empty_paths)}")
 
 
-@cli.command()
+class _MinScore(click.ParamType):
+    """A cosine similarity between -1 and 1, or 'auto'."""
+
+    name = "FLOAT|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+
+
+QUERY_HELP = """Find images for TEXT, or texts for --image; or combine texts and images.
+
+\b
+A combined query is one vector (every e(.) a unit embedding, weights default to 1):
+  q = normalize(mean(e(images)) + w*e(TEXT) + sum w*e(--add) - sum w*e(--subtract))
+A text's weight is a trailing ::WEIGHT ("sunset::0.5"), read only when a number follows.
+
+\b
+Examples:
+  mmsearch query "a beach" --add "sunset" --subtract "people::0.5"
+  mmsearch query "a dog" --not "grass"          # drop dogs that look more like grass
+  mmsearch query --image x.jpg "in winter"       # this picture, but in winter (targets images)
+  mmsearch query --image a.jpg --image b.jpg     # several images, averaged
+  mmsearch query "a blue star" --min-score auto --json   # only clear matches; JSON has `relevance`
+  mmsearch query "a red circle" --within 0.05 --collapse
+"""
+
+
+@cli.command(help=QUERY_HELP)
 @click.argument("text", required=False)
-@click.option("--image", "image", type=click.Path(dir_okay=False, path_type=Path), help="Query by this image.")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Query by this image (repeat to average several; with TEXT, combined).")
+@click.option("--add", multiple=True, metavar="TEXT[::W]", help="Add this text's embedding (repeatable).")
+@click.option("--subtract", multiple=True, metavar="TEXT[::W]", help="Subtract this text's embedding (repeatable).")
+@click.option("--not", "exclude", multiple=True, metavar="TEXT",
+              help="Drop results that match TEXT better than the query (repeatable); k are still returned when k pass.")
 @_index_option
-@click.option("--target", type=click.Choice(sorted(TARGETS)), help="What to return (default: the other modality).")
+@click.option("--target", type=click.Choice(sorted(TARGETS)),
+              help="What to return (default: images for a query with text, else texts).")
 @click.option("-k", "k", type=click.IntRange(1, 10000), default=10, show_default=True, help="Number of results.")
-@click.option("--min-score", type=float, help="Drop results below this cosine similarity (-1 to 1).")
+@click.option("--min-score", type=_MinScore(),
+              help="Drop results below this cosine similarity (-1 to 1), or 'auto': keep results whose "
+                   f"relevance (standard deviations above the query's mean score over the index) is at least "
+                   f"{AUTO_RELEVANCE:g}.")
+@click.option("--within", type=click.FloatRange(0, 2), metavar="DELTA",
+              help="Keep results scoring at most DELTA below the best one (e.g. 0.05).")
+@click.option("--collapse", is_flag=True, help="One result per group of near-duplicates (cosine >= 0.95).")
 @click.option("--under", type=click.Path(path_type=Path), help="Only items whose file lies in this folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (with each result's relevance).")
 @_device_option
 @_quiet_option
 @_reports_errors
-def query(text: str | None, image: Path | None, index_dir: Path | None, target: str | None, k: int,
-          min_score: float | None, under: Path | None, as_json: bool, device: str, quiet: bool) -> None:
-    """Find images for TEXT, or texts (--target images|all) for --image."""
+def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subtract: tuple[str, ...],
+          exclude: tuple[str, ...], index_dir: Path | None, target: str | None, k: int, min_score: float | str | None,
+          within: float | None, collapse: bool, under: Path | None, as_json: bool, device: str, quiet: bool) -> None:
+    """The `query` command (its help is QUERY_HELP)."""
     _setup_logging(quiet)
-    if (text is None) == (image is None):
-        raise click.UsageError("give either a TEXT query or --image PATH")
-    if text is not None and not quiet and kind_of(Path(text)) == "image" and os.path.isfile(text):
+    if text is None and not images:
+        raise click.UsageError("give a TEXT query, --image PATH, or both")
+    if text is not None and not images and not quiet and kind_of(Path(text)) == "image" and os.path.isfile(text):
         click.echo(f"hint: searching for the words {_shown(text)!r}; to search by that image, use --image", err=True)
+    parts = [*images, *([text] if text is not None else [])]
     with retrieval.open_index(index_dir, device=device, create=False) as idx:
-        results = idx.search(image if image is not None else text, k=k, target=target, min_score=min_score, under=under)
+        results = idx.search(parts[0] if len(parts) == 1 else parts, k=k, target=target, min_score=min_score,
+                             under=under, add=add, subtract=subtract, exclude=exclude, within=within,
+                             collapse=DEFAULT_THRESHOLD if collapse else None)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2))
         return
@@ -196,6 +246,40 @@ def query(text: str | None, image: Path | None, index_dir: Path | None, target: 
     for r in results:
         shown = r.path if r.kind == "image" else f"{r.text}  [{Path(r.path).name}:{r.line}]"
         click.echo(f"{r.rank:>3}  {r.score:.4f}  {_shown(shown)}")
+
+
+@cli.command()
+@_index_option
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
+              help="Cosine similarity from which two images are near-duplicates.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of groups.")
+@_quiet_option
+@_reports_errors
+def dupes(index_dir: Path | None, threshold: float, as_json: bool, quiet: bool) -> None:
+    """List groups of near-identical images, largest (most pixels) first. Reports only: never deletes or moves.
+
+    \b
+    "=" marks an exact copy (same content) of the member named after it, "~" a look-alike.
+    Examples:
+      mmsearch dupes
+      mmsearch dupes --threshold 0.98 --json
+    """
+    _setup_logging(quiet)
+    with retrieval.open_index(index_dir, create=False) as idx:
+        groups = idx.duplicates(threshold)
+    if as_json:
+        click.echo(json.dumps([g.to_dict() for g in groups], ensure_ascii=False, indent=2))
+        return
+    for number, group in enumerate(groups, 1):
+        click.echo(f"group {number}: {len(group.members)} images")
+        for m in group.members:
+            size = f"{m.width}x{m.height}" if m.width else "?"
+            mark = f"= {_shown(m.copy_of)}" if m.copy_of else "~"
+            click.echo(f"  {size:>11}  {_shown(m.path)}" + ("" if m is group.members[0] else f"  {mark}"))
+    if not quiet:
+        copies = sum(m.copy_of is not None for g in groups for m in g.members)
+        click.echo(f"{len(groups)} groups, {sum(len(g.members) for g in groups)} images "
+                   f"({copies} exact copies); nothing was changed", err=True)
 
 
 @cli.command()

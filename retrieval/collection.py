@@ -30,6 +30,7 @@ from .records import ModelManifest
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .dupes import Group
     from .encoder import Encoder, ModelSource
     from .indexer import IndexReport, Removal
     from .search import Result
@@ -385,11 +386,22 @@ class Collection:
 
     # --- searching --------------------------------------------------------------------------
 
-    def search(self, query: str | Path | Image.Image | np.ndarray, **options: Any) -> list[Result]:
-        """Search by text, image (path or PIL image) or vector; see `search.search`."""
+    def search(self, query: str | Path | Image.Image | np.ndarray | Sequence[str | Path | Image.Image],
+               **options: Any) -> list[Result]:
+        """Search by text, image (path or PIL image), vector, or a list of texts and images combined.
+
+        Options include `k`, `target`, `under`, `add`/`subtract` (texts, "text::weight"), `exclude`
+        (texts), `min_score` (a cosine or 'auto'), `within` and `collapse`; see `search.search`.
+        """
         from .search import search
 
         return search(self, query, **options)
+
+    def duplicates(self, threshold: float | None = None) -> list[Group]:
+        """Groups of near-identical images (cosine ≥ threshold, default 0.95); reports only; see `dupes`."""
+        from .dupes import DEFAULT_THRESHOLD, find_duplicates
+
+        return find_duplicates(self, DEFAULT_THRESHOLD if threshold is None else threshold)
 
     def info(self) -> dict[str, Any]:
         """Index path, model, counts per kind, FAISS layouts, roots and how each is scanned,

@@ -229,6 +229,12 @@ class StoreReader:
                "JOIN files ON files.id = items.file_id WHERE items.id IN ({ids})")
         return {r[0]: ItemRow(*r) for rows in self._by_ids(sql, ids) for r in rows}
 
+    def item_files(self, ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+        """(file path, content sha256) of item ids that still exist, by id."""
+        sql = ("SELECT items.id, files.path, files.sha256 FROM items "
+               "JOIN files ON files.id = items.file_id WHERE items.id IN ({ids})")
+        return {r[0]: (r[1], r[2]) for rows in self._by_ids(sql, ids) for r in rows}
+
     def vectors(self, kind: str, ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, float32 vectors) of one kind in chunks of at most CHUNK; all items, or only `ids`."""
         if ids is None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .calibrate import AUTO_RELEVANCE, Calibration, load_sample
+from .compose import exclusion, query_of
 from .errors import BadQuery, EmptyIndex
 
 if TYPE_CHECKING:
@@ -31,6 +35,8 @@ class Result:
     text: str | None = None
     line: int | None = None
     id: int = 0
+    #: Standard deviations above the query's mean score over the index (see `calibrate`).
+    relevance: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (texts carry `text` and `line`, images neither)."""
@@ -69,23 +75,38 @@ def query_vector(collection: Collection, query: str | Path | Image.Image | np.nd
     return collection.embed_images([query])[0], "texts"
 
 
-def search(collection: Collection, query: str | Path | Image.Image | np.ndarray, *, k: int = 10,
-           target: str | None = None, min_score: float | None = None, under: str | Path | None = None) -> list[Result]:
+def search(collection: Collection, query: Any, *, k: int = 10, target: str | None = None,
+           min_score: float | str | None = None, under: str | Path | None = None, add: Sequence[str] = (),
+           subtract: Sequence[str] = (), exclude: Sequence[str] = (), within: float | None = None,
+           collapse: float | None = None) -> list[Result]:
     """Rank the index's items against a text, image (Path or PIL image) or vector query.
 
-    `target` is 'images', 'texts' or 'all' (default: the other modality); `under` keeps only
-    items whose file lies in that folder, still returning `k` when enough exist.
+    `query` may also be a list of texts and images: with `add` and `subtract` ("text" or
+    "text::weight") they make one vector, normalize(mean(images) + Σ w·texts + Σ w·add − Σ w·subtract)
+    (see `compose`). `exclude`: drop every item that matches one of these texts better than the
+    query, still returning `k` when `k` pass. `target` is 'images', 'texts' or 'all' (default: images
+    for a query with text, else the other modality); `under` keeps only items whose file lies in
+    that folder, still returning `k` when enough exist. Cut-offs: `min_score` a cosine, or 'auto'
+    (relevance at least `calibrate.AUTO_RELEVANCE`); `within` keeps results scoring at most that
+    much below the best one. `collapse`: hide a result whose cosine to one ranked above reaches it.
     """
     if k < 1:
         raise BadQuery("k must be at least 1")
     if target is not None and target not in TARGETS:
         raise BadQuery(f"unknown target {target!r}: use images, texts or all")
-    if min_score is not None and not -1.0 <= min_score <= 1.0:  # NaN fails this too
+    auto = isinstance(min_score, str)
+    if auto and min_score != "auto":
+        raise BadQuery(f"min-score must be a number or 'auto', not {min_score!r}")
+    if not auto and min_score is not None and not -1.0 <= min_score <= 1.0:  # NaN fails this too
         raise BadQuery(f"min-score must be a cosine similarity between -1 and 1, not {min_score}")
+    if within is not None and not 0.0 <= within <= 2.0:
+        raise BadQuery(f"within must be a score difference between 0 and 2, not {within}")
+    if collapse is not None and not 0.0 < collapse <= 1.0:
+        raise BadQuery(f"collapse threshold must be a cosine similarity in (0, 1], not {collapse}")
     present = collection.reader.kinds() if collection.manifest is not None else set()
     if not present:
         raise EmptyIndex(f"index {collection.directory} is empty: run `mmsearch index PATH` first")
-    vec, default_target = query_vector(collection, query)
+    vec, default_target = query_of(collection, query, add, subtract)
     kinds = [kind for kind in TARGETS[target or default_target] if kind in present]
     if not kinds:
         wanted = target or default_target
@@ -93,22 +114,29 @@ def search(collection: Collection, query: str | Path | Image.Image | np.ndarray,
         raise EmptyIndex(f"the index holds no {wanted} to search ({counts.get('image', 0)} images, "
                          f"{counts.get('text', 0)} texts): try --target all")
     folder = os.path.abspath(os.path.expanduser(str(under))) if under else None
-    found: list[tuple[float, Any]] = []
+    found: list[tuple[float, Any, float]] = []
     for kind in kinds:
-        found.extend(_search_kind(collection, kind, vec, k, folder))
-    found.sort(key=lambda pair: -pair[0])
+        calibration = Calibration(load_sample(collection.reader, collection.directory, kind), vec)
+        keep = exclusion(collection, kind, vec, exclude, collapse, k)
+        found.extend((score, row, calibration.relevance(score))
+                     for score, row in _search_kind(collection, kind, vec, k, folder, keep))
+    found.sort(key=lambda hit: -hit[0])
+    floor = max(min_score if not auto and min_score is not None else -math.inf,
+                found[0][0] - within if found and within is not None else -math.inf)
     results = []
-    for score, row in found:
-        if min_score is not None and score < min_score:
+    for score, row, relevance in found:
+        if score < floor or len(results) == k:
             break
-        if len(results) == k:
-            break
-        results.append(Result(len(results) + 1, round(score, 6), row.kind, row.path,
-                              row.text, row.line if row.kind == "text" else None, row.id))
+        if auto and relevance < AUTO_RELEVANCE:
+            continue  # relevance is per kind: with --target all it need not fall with the score
+        results.append(Result(len(results) + 1, round(score, 6), row.kind, row.path, row.text,
+                              row.line if row.kind == "text" else None, row.id, round(relevance, 3)))
     return results
 
 
-def _search_kind(collection: Collection, kind: str, vec: np.ndarray, k: int, folder: str | None) -> list[tuple[float, Any]]:
+def _search_kind(collection: Collection, kind: str, vec: np.ndarray, k: int, folder: str | None,
+                 keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
+                 ) -> list[tuple[float, Any]]:
     index = collection.vectors(kind)
     allowed = collection.reader.ids_under(folder, kind) if folder else None
     if allowed is not None and not len(allowed):
@@ -120,6 +148,8 @@ def _search_kind(collection: Collection, kind: str, vec: np.ndarray, k: int, fol
         rows = collection.reader.items(i for _, i in pairs)
         # The store is the truth: an id the cache still holds but the store dropped is skipped.
         hits = [(s, rows[i]) for s, i in pairs if i in rows]
+        if keep is not None:  # --not / --collapse: fetch more until k pass or the index is exhausted
+            hits = keep(hits)
         if len(hits) >= k or len(pairs) < fetch:
             return hits[:k]
         fetch *= 4
