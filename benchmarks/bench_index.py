@@ -4,6 +4,8 @@
         [--batch-size 64] [--workers auto|0,1,2] [--backend auto|torch|onnx[,...]] [--repeat 1]
         [--gpu-decode auto|on|off[,...]] [--unique U] [--naive-n N]
         [--rclip .peers/rclip/venv/bin/rclip] [--json out.json]
+    .venv/bin/python benchmarks/bench_index.py --whole-process --n 75 --model ViT-B-32-256 --precision auto,fp32 \\
+        --repeat 4 --rclip .peers/rclip/venv/bin/rclip
 
 Photos: --n photo-like JPEGs (smooth noise, gradients, blurred shapes, grain; --photo-size 1280x960,
 quality 90, about 350 KB each), generated once, deterministically, into a cache outside git
@@ -18,7 +20,7 @@ Contenders, for each --model, in turn (--repeat rounds, alternating; medians rep
            so the ratio measures the ingest pipeline, not the precision).
   mmsearch retrieval.open_index(tmpdir, model=..., pretrained="random", device=..., backend=...)
            .add([folder], workers=..., batch_size=...), i.e. `mmsearch index`, once per --workers value
-           and --backend (auto: onnxruntime on cpu, torch fp16 on cuda). The model is loaded (on cpu,
+           and --backend (auto: onnxruntime on cpu, torch fp16 on cuda) and --precision. The model is loaded (on cpu,
            exported to ONNX once, into the user cache) before the clock starts, as for naive; the scan,
            decoder start, database and vector cache are timed. Breakdown from IndexReport.timings.
            --gpu-decode sets MMSEARCH_GPU_DECODE for it (retrieval/gpu_decode.py): auto = JPEGs decoded
@@ -28,6 +30,16 @@ Contenders, for each --model, in turn (--repeat rounds, alternating; medians rep
            onnxruntime), in a private RCLIP_DATADIR linking the model files: the time of
            `rclip -t 5 QUERY` with an empty database, minus a query-only run (`-n`) on the built
            index, so rclip's start and model load are not counted either.
+
+--whole-process: whole `mmsearch index` processes, start to exit, alternated with whole `rclip` processes
+(a fresh index each time, same folder, --repeat rounds, ABBA order), each started by this script and timed
+from spawn to exit, its peak resident memory taken from the kernel (wait4 rusage, ru_maxrss). mmsearch runs
+`python cli.py index FOLDER --index NEW --model M --pretrained random --device cpu -q --precision P` for
+each --precision value (auto,fp32); its ONNX export is made once beforehand (untimed), in --model-cache,
+as a user's second run finds it. rclip runs `rclip -t 5 QUERY` on an empty database: it indexes, then
+answers one query (rclip cannot index without querying). After the runs, every vector stored by the
+last mmsearch index of each precision is compared with the open_clip reference (PIL decode + the model's
+own preprocess + encode_image in torch, same seeded random weights): min cosine reported.
 
 Where the time goes: naive = decode+preprocess / host->device / model (synchronized per batch);
 mmsearch = decode (summed over the decoders, which run beside the model) / waiting for decoders /
@@ -67,6 +79,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -205,13 +218,14 @@ def run_naive(model, preprocess, files: list[str], device: str, batch_size: int)
 
 
 def run_mmsearch(model_name: str, folder: Path, device: str, batch_size: int, workers: int | None, n: int,
-                 backend: str, gpu_decode: str = "auto") -> dict:
+                 backend: str, precision: str = "auto", gpu_decode: str = "auto") -> dict:
     import retrieval
     from retrieval.gpu_decode import SETTING
 
     os.environ[SETTING] = gpu_decode
     with tempfile.TemporaryDirectory(prefix="mmsearch-bench-index-") as tmp:
-        with retrieval.open_index(tmp, model=model_name, pretrained="random", device=device, backend=backend) as idx:
+        with retrieval.open_index(tmp, model=model_name, pretrained="random", device=device, backend=backend,
+                                  precision=precision) as idx:
             encoder = idx.encoder  # loaded (and on CPU exported to ONNX, once) before the clock starts, as for naive
             start = time.perf_counter()
             report = idx.add([folder], workers=workers, batch_size=batch_size)
@@ -275,6 +289,115 @@ def run_rclip(rclip_bin: Path, data: Path, folder: Path, n: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+# whole processes
+# ------------------------------------------------------------------------------------------
+def run_process(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
+    """Run one process to its exit: wall seconds, peak RSS (MB) and CPU seconds from the kernel."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # wait4 gives this child's own rusage (its peak RSS), not the sum over all children so far
+    out, err = "", ""
+
+    def drain() -> None:
+        nonlocal out, err
+        out, err = proc.stdout.read(), proc.stderr.read()
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    reader.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {err[-2000:]}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def mmsearch_cmd(folder: Path, index: Path, model: str, precision: str) -> list[str]:
+    return [sys.executable, str(REPO / "cli.py"), "index", str(folder), "--index", str(index), "--model", model,
+            "--pretrained", "random", "--device", "cpu", "-q", "--precision", precision]
+
+
+def reference_min_cosine(index: Path, model: str) -> dict:
+    """Min cosine of the stored image vectors to open_clip's own pipeline on the same files."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import retrieval
+
+    with retrieval.open_index(index, create=False) as idx:
+        ids, vecs = (np.concatenate(parts) for parts in zip(*idx.reader.vectors("image")))
+        paths = [idx.reader.items(ids.tolist())[int(i)].path for i in ids]
+        precision = idx.info()["precision"]
+    model_, preprocess = load_naive(model, "cpu")
+    ref = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), 32):
+            batch = torch.stack([preprocess(Image.open(p)) for p in paths[start : start + 32]])
+            ref.append(model_.encode_image(batch, normalize=True).float().numpy())
+    cos = np.sum(np.concatenate(ref) * vecs, axis=1)
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "n": len(paths), "precision": precision}
+
+
+def whole_process(args: argparse.Namespace, folder: Path) -> None:
+    """--whole-process: see the module docstring."""
+    model = args.model.split(",")[0]
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    cache = args.model_cache.expanduser().absolute()
+    env = {**os.environ, "MMSEARCH_CACHE": str(cache), "MMSEARCH_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    work = Path(tempfile.mkdtemp(prefix="bench-whole-"))
+    try:
+        log(f"export (untimed, once) of {model} into {cache} ...")
+        warm = run_process(mmsearch_cmd(folder, work / "warm", model, "auto"), REPO, env)
+        log(f"  first run, export included: {warm['seconds']:.1f} s")
+        contenders = [(f"mmsearch[{p}]", p) for p in precisions]
+        if args.rclip:
+            contenders.append(("rclip", None))
+        runs: dict[str, list[dict]] = {}
+        last_index: dict[str, Path] = {}
+        for r in range(args.repeat):
+            for name, precision in contenders if r % 2 == 0 else contenders[::-1]:
+                target = work / f"{name}-{r}"
+                if precision is None:
+                    data = target / "rclip-data"
+                    data.mkdir(parents=True)
+                    for entry in rclip_datadir(args.rclip, args.rclip_data).iterdir():
+                        if entry.is_dir():
+                            os.symlink(entry, data / entry.name)
+                    res = run_process([str(args.rclip), "-t", "5", QUERY], folder,
+                                      {**env, "RCLIP_DATADIR": str(data)})
+                else:
+                    res = run_process(mmsearch_cmd(folder, target, model, precision), REPO, env)
+                    last_index[name] = target
+                res["round"], res["load"] = r, loadavg()
+                runs.setdefault(name, []).append(res)
+                log(f"  [{r}] {name:16s} {res['seconds']:6.2f} s  peak RSS {res['peak_rss_mb']:6.0f} MB  "
+                    f"CPU {res['cpu_s']:5.1f} s  (load {res['load']})")
+        fidelity = {name: reference_min_cosine(path, model) for name, path in last_index.items()}
+        print(f"\n{model}: fresh index of {args.n} photos, whole process (start-up and model load included, "
+              f"export cached); medians over {args.repeat} rounds; ratios: median of per-round ratios to rclip")
+        print(f"{'contender':16s} {'wall s':>7s} {'x rclip':>8s} {'peak RSS MB':>11s} {'x rclip':>8s} {'CPU s':>6s}  "
+              "stored vectors vs open_clip")
+        base = {r["round"]: r for r in runs.get("rclip", [])}
+        for name, rs in runs.items():
+            def ratio(key: str) -> str:
+                vals = [x[key] / base[x["round"]][key] for x in rs if x["round"] in base]
+                return f"{statistics.median(vals):.2f}" if vals else "-"
+
+            fid = fidelity.get(name)
+            shown = "-" if fid is None else f"min cos {fid['min_cosine']:.5f} over {fid['n']} ({fid['precision']['used']})"
+            print(f"{name:16s} {statistics.median(x['seconds'] for x in rs):7.2f} {ratio('seconds'):>8s} "
+                  f"{statistics.median(x['peak_rss_mb'] for x in rs):11.0f} {ratio('peak_rss_mb'):>8s} "
+                  f"{statistics.median(x['cpu_s'] for x in rs):6.1f}  {shown}")
+        if args.json:
+            args.json.write_text(json.dumps({"env": {"load_end": loadavg(), "command": " ".join(sys.argv), "n": args.n,
+                                                      "model": model}, "runs": runs, "fidelity": fidelity}, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------
 def parse_workers(value: str) -> list[int | None]:
@@ -298,17 +421,28 @@ def main() -> None:
     ap.add_argument("--gpu-decode", default="auto",
                     help="comma-separated MMSEARCH_GPU_DECODE values for mmsearch: auto (JPEGs decoded on the GPU on"
                          " cuda, by PIL on cpu), on (torchvision's decoder on the model's device, cpu included), off"
-                         " (PIL); the first --backend runs every --workers x --gpu-decode pair")
+                         " (PIL); the first --backend and --precision run every --workers x --gpu-decode pair")
     ap.add_argument("--unique", type=int, help="generate only this many distinct photos; the --n files cycle over them")
     ap.add_argument("--naive-n", type=int, help="the naive loop embeds only the first NAIVE_N photos (its img/s is per image)")
     ap.add_argument("--photo-size", default="1280x960")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MMSEARCH_BENCH_DIR", "~/.cache/mmsearch-bench")).expanduser())
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--whole-process", action="store_true",
+                    help="time whole `mmsearch index` and `rclip` processes, start to exit (see above)")
+    ap.add_argument("--precision", default="auto", help="comma-separated mmsearch precisions (auto, fp32, int8)")
+    ap.add_argument("--model-cache", type=Path, default=Path(tempfile.gettempdir()) / "mmsearch-bench-model-cache",
+                    help="--whole-process: MMSEARCH_CACHE of the mmsearch processes (their ONNX exports)")
     args = ap.parse_args()
 
     width, height = (int(x) for x in args.photo_size.lower().split("x"))
     folder = ensure_photos(args.cache, args.n, width, height, args.quality, args.unique)
+    if args.rclip:
+        args.rclip = args.rclip.expanduser().absolute()
+    if args.whole_process:
+        log(json.dumps({"n": args.n, "load_start": loadavg(), "command": " ".join(sys.argv)}))
+        whole_process(args, folder)
+        return
     files = sorted(str(p) for p in folder.iterdir())
     mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1024
 
@@ -321,6 +455,7 @@ def main() -> None:
     workers_list = parse_workers(args.workers)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     decodes = [d.strip() for d in args.gpu_decode.split(",") if d.strip()]
     naive_files = files[: args.naive_n or len(files)]
     env = {
@@ -334,8 +469,6 @@ def main() -> None:
     }
     log(json.dumps(env))
     results: dict = {"env": env, "models": {}}
-    if args.rclip:
-        args.rclip = args.rclip.expanduser().absolute()
     rclip_data = rclip_datadir(args.rclip, args.rclip_data) if args.rclip else None
 
     for model_name in models:
@@ -348,13 +481,14 @@ def main() -> None:
         contenders = []  # (name, run()) in the order of even rounds; odd rounds run them reversed
         if naive:
             contenders.append(("naive", lambda: run_naive(*naive, naive_files, device, args.batch_size)))
-        for bi, backend in enumerate(backends):
-            for w in workers_list if bi == 0 else workers_list[:1]:  # other backends: first --workers only
-                for dec in decodes if bi == 0 else decodes[:1]:
-                    name = f"mmsearch[{backend}] workers={'auto=' + str(default_workers()) if w is None else w}"
+        combos = [(b, p) for b in backends for p in precisions]
+        for ci, (backend, precision) in enumerate(combos):
+            for w in workers_list if ci == 0 else workers_list[:1]:  # other combinations: first --workers only
+                for dec in decodes if ci == 0 else decodes[:1]:
+                    name = f"mmsearch[{backend}-{precision}] workers={'auto=' + str(default_workers()) if w is None else w}"
                     name += f" gpu-decode={dec}" if len(decodes) > 1 or dec != "auto" else ""
-                    contenders.append((name, lambda w=w, backend=backend, dec=dec: run_mmsearch(
-                        model_name, folder, device, args.batch_size, w, args.n, backend, dec)))
+                    contenders.append((name, lambda w=w, backend=backend, precision=precision, dec=dec: run_mmsearch(
+                        model_name, folder, device, args.batch_size, w, args.n, backend, precision, dec)))
         if args.rclip and model_name == "ViT-B-32-256":
             contenders.append(("rclip", lambda: run_rclip(args.rclip, rclip_data, folder, args.n)))
         for r in range(args.repeat):
@@ -362,8 +496,9 @@ def main() -> None:
                 res = run()
                 encoder = res.pop("encoder", None)
                 if encoder is not None:
-                    name = f"mmsearch[{encoder.backend}{name[name.index(']'):]}"  # auto -> what it picked
-                    encoders[encoder.backend] = encoder
+                    picked = f"{encoder.backend}-{encoder.precision}"  # auto -> what it picked
+                    name = f"mmsearch[{picked}{name[name.index(']'):]}"
+                    encoders[picked] = encoder
                 res["round"], res["load"] = r, loadavg()
                 runs.setdefault(name, []).append(res)
                 log(f"  [{r}] {name:34s} {res['ips']:7.1f} img/s  (load {res['load']})")

@@ -4,10 +4,10 @@
                                               [--threads 2,1] [--skip query,session,throughput]
 
 Random-weight open_clip models (no download): ViT-B-32 (text + visual, 224 px) and ViT-B-32-256
-(visual, 256 px), exported once into --dir with retrieval.onnx_backend.export_towers.
+(visual, 256 px), exported once into --dir with retrieval.onnx_export.export_towers.
 
 1. query start: fresh processes, alternating, --repeat times each (median reported):
-   onnx  = import retrieval.onnx_backend + OnnxEncoder + embed_texts(one query)
+   onnx  = import retrieval.onnx_runtime + OnnxEncoder + embed_texts(one query)
    torch = import torch, open_clip + create_model + tokenize + encode_text
 2. text session start variants (fresh processes, alternating): the standard ONNX graph with
    weights inline vs in an external data file, weight pre-packing on/off, and the graph saved
@@ -64,7 +64,7 @@ def ensure_exports(base: Path) -> dict:
         import open_clip
         import torch
 
-        from retrieval.onnx_backend import export_towers
+        from retrieval.onnx_export import export_towers
 
         torch.manual_seed(0)
         model = open_clip.create_model(arch, pretrained=None).eval()
@@ -95,14 +95,14 @@ t0 = time.perf_counter()
 from pathlib import Path
 import retrieval  # the package __init__ (store, sqlalchemy, ...) is not part of this module
 tp = time.perf_counter()
-from retrieval.onnx_backend import OnnxEncoder
+from retrieval.onnx_runtime import OnnxEncoder
 t1 = time.perf_counter()
 enc = OnnxEncoder(Path({dir!r}))
 tok = enc.tokenizer
 ta = time.perf_counter()
 v = enc.embed_texts([{q!r}])
 t2 = time.perf_counter()
-print(json.dumps({{"import_retrieval_pkg": tp - t0, "import_onnx_backend": t1 - tp,
+print(json.dumps({{"import_retrieval_pkg": tp - t0, "import_onnx_runtime": t1 - tp,
                   "tokenizer_load": ta - t1, "ort_import_session_embed": t2 - ta,
                   "import": t1 - t0, "load_and_embed": t2 - t1, "torch_loaded": "torch" in sys.modules}}))
 """
@@ -189,7 +189,7 @@ def _standard_text_graph(work: Path) -> Path:
     import open_clip
     import torch
 
-    from retrieval import onnx_backend as ob
+    from retrieval import onnx_export as ob
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
@@ -272,7 +272,7 @@ def _bench_throughput(exports: dict, repeat: int, quant: bool, work: Path, threa
     import open_clip
     import torch
 
-    from retrieval.onnx_backend import OnnxEncoder
+    from retrieval.onnx_runtime import OnnxEncoder
 
     torch.set_num_threads(threads)
     results = {"torch_threads": torch.get_num_threads(), "onnxruntime_intra_op_threads": threads}

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,13 +41,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mmsearch")
 
+#: Setting (Store.set_setting) holding the image tower's precision: requested, used, int8 gate.
+PRECISION_SETTING = "encoder:precision"
+#: Setting holding a config-file model's content key (`encoder.export_name`): its export is found by it.
+CONFIG_SETTING = "model:config"
+
 
 class Collection:
     """An open index: add files or texts, search by text, image or vector, embed."""
 
     def __init__(self, directory: Path, reader: StoreReader | None, model: str | None = None,
                  pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-                 store: Store | None = None, wait: float = 0.0) -> None:
+                 store: Store | None = None, wait: float = 0.0, precision: str | None = None) -> None:
         self.directory = directory
         self._reader = reader  # None until a new index is created by its first write
         self._store = store
@@ -55,23 +62,33 @@ class Collection:
         #: 'auto' (onnxruntime on CPU, torch on CUDA), 'torch' or 'onnx'; env MMSEARCH_BACKEND.
         self.backend = backend or os.environ.get("MMSEARCH_BACKEND", "auto")
         self._requested = (model, pretrained)
+        #: Image tower precision asked for (auto|fp32|int8); None: the index's recorded choice, else auto.
+        self.precision = precision
         self._encoder: Encoder | None = None
         self._query_encoder: Encoder | None = None
         self._vectors: dict[str, VectorIndex] = {}
         self._dirty: set[str] = set()
+        #: (inode, mtime, size) of each vector file as loaded, to notice another process's save.
+        self._loaded: dict[str, tuple[int, int, int]] = {}
+        # Threads of one process (a web server) share this object: the lazy loads happen once.
+        self._loading = threading.RLock()
+        self._relayout: set[str] = set()  # caches to rebuild on save (a new memory budget)
 
     # --- opening ----------------------------------------------------------------------------
 
     @classmethod
     def open(cls, directory: str | Path | None = None, *, model: str | None = None,
              pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-             create: bool = True, wait: float = 0.0) -> Collection:
+             create: bool = True, wait: float = 0.0, precision: str | None = None) -> Collection:
         """Open the index at `directory` (default: MMSEARCH_INDEX or the per-user data dir).
 
         `model`/`pretrained` name the model for a new index; on an existing one they must
         match the recorded model (ModelMismatch) or may be left out. `wait`: seconds a write
         (add, reindex) waits for another process's write to finish before IndexInUse.
         `device`: 'auto', 'cpu', 'cuda' or 'cuda:N' (DeviceUnavailable otherwise, or without a GPU).
+        `precision`: of the
+        image tower, auto (on CPU int8 where the model's int8 gate passed and int8 ran faster, else fp32;
+        fp16 on CUDA), fp32 or int8; kept with the index for later runs.
         A new index (`create`) is created on disk by its first write, once its inputs are checked.
         """
         if device not in ("auto", "cpu"):  # the usual two need no check (nor the encoder module)
@@ -80,12 +97,12 @@ class Collection:
             check_device(device)
         path = Path(directory).expanduser().resolve() if directory else default_index_dir()
         if create and not (path / DB_NAME).exists():
-            return cls(path, None, model, pretrained, device, backend, None, wait)
+            return cls(path, None, model, pretrained, device, backend, None, wait, precision)
         reader = StoreReader.open(path)  # IndexNotFound where there is none
         store = None
         if reader.needs_migration() and os.access(path, os.W_OK):
             store = _open_store(path)  # an index from an older mmsearch: migrate it before reading
-        return cls(path, reader, model, pretrained, device, backend, store, wait)
+        return cls(path, reader, model, pretrained, device, backend, store, wait, precision)
 
     @property
     def reader(self) -> StoreReader:
@@ -138,17 +155,21 @@ class Collection:
                                 "use the same model or another --index")
         return source
 
+    def _new_model(self) -> tuple[str, str | None]:
+        """(name, pretrained) of the model for a new index: the one asked for, else the default."""
+        name, pretrained = self._requested
+        if name is None:
+            name, default_pretrained = default_model()
+            pretrained = pretrained or default_pretrained
+        return name, pretrained
+
     def _source(self) -> ModelSource:
         """The model to use: the recorded one (checked against any model asked for), or the one asked for."""
         from .encoder import resolve_model
 
         manifest = self.manifest
-        name, pretrained = self._requested
         if manifest is None:
-            if name is None:
-                name, default_pretrained = default_model()
-                pretrained = pretrained or default_pretrained
-            return resolve_model(name, pretrained)
+            return resolve_model(*self._new_model())
         source = self._checked_request(manifest)
         if source is not None:
             return source
@@ -160,19 +181,36 @@ class Collection:
     def encoder(self) -> Encoder:
         """The encoder of this index's model, loaded on first use.
 
-        On a CPU, an index whose model was exported to ONNX before loads without torch.
+        On a CPU, a model exported to ONNX before loads without torch, for a new index too.
         """
-        if self._encoder is None:
-            from .encoder import gpu_likely, load_export, load_source
-
-            manifest = self.manifest
-            cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
-            if manifest is not None and cpu and self.backend != "torch":
-                self._checked_request(manifest)
-                self._encoder = load_export(manifest)
+        if self._encoder is not None:
+            return self._encoder
+        with self._loading:
             if self._encoder is None:
-                self._encoder = load_source(self._source(), self.device, self.backend)
+                from .encoder import find_export, gpu_likely, load_export, load_source
+
+                manifest = self.manifest
+                cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
+                encoder = None
+                if manifest is not None and cpu and self.backend != "torch":
+                    self._checked_request(manifest)
+                    encoder = load_export(manifest, self.reader.setting(CONFIG_SETTING))
+                elif cpu and self.backend != "torch":
+                    encoder = find_export(*self._new_model())
+                if encoder is None:
+                    encoder = load_source(self._source(), self.device, self.backend)
+                encoder.set_precision(self.precision or self.precision_setting().get("requested") or "auto")
+                self._encoder = encoder
         return self._encoder
+
+    def precision_setting(self) -> dict[str, Any]:
+        """The precision recorded by the last `add`: requested, used, and the int8 gate's outcome."""
+        raw = self.reader.setting(PRECISION_SETTING)
+        try:
+            value = json.loads(raw) if raw else {}
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
     def embed_query_text(self, text: str) -> np.ndarray:
         """The unit vector of one query text: from the query cache, else the fastest encoder at hand.
@@ -186,9 +224,11 @@ class Collection:
         cache = QueryCache(self.directory / "query-cache", repr(manifest.identity())) if manifest else None
         vector = cache.get(text) if cache else None
         if vector is None:
-            if self._query_encoder is None:
-                exported = load_export(manifest) if manifest and self.backend != "torch" else None
-                self._query_encoder = self._encoder or exported or self.encoder
+            with self._loading:
+                if self._query_encoder is None:
+                    exported = (load_export(manifest, self.reader.setting(CONFIG_SETTING))
+                                if manifest and self.backend != "torch" else None)
+                    self._query_encoder = self._encoder or exported or self.encoder
             vector = self._query_encoder.embed_texts([text])[0]
             if cache:
                 cache.put(text, vector)
@@ -247,8 +287,17 @@ class Collection:
 
     def claim_model(self) -> Encoder:
         """Load the encoder and record (or check) it as this index's model."""
+        from .encoder import export_name
+
         encoder = self.encoder
         self.store.claim_model(encoder.manifest)
+        name = encoder.manifest.name
+        if name.lower().endswith(".json") and self.reader.setting(CONFIG_SETTING) is None:
+            self.store.set_setting(CONFIG_SETTING, export_name(name))  # the config's content, as built
+        setting = {"requested": self.precision or self.precision_setting().get("requested") or "auto",
+                   "used": encoder.precision, "int8_gate": encoder.int8_gate}
+        if setting != self.precision_setting():
+            self.store.set_setting(PRECISION_SETTING, json.dumps(setting, sort_keys=True))
         self.load_vectors()
         return encoder
 
@@ -269,10 +318,13 @@ class Collection:
         from .indexer import check_paths, index_paths
 
         paths = [str(p) for p in _listed(paths, "add")]
+        max_memory = options.pop("max_memory", None)
         if self._reader is None:
             check_paths(paths)
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
+            if max_memory is not None:
+                self._set_max_memory(max_memory)
             return index_paths(self, paths, **options)
 
     def remove(self, paths: Sequence[str | Path]) -> Removal:
@@ -309,22 +361,29 @@ class Collection:
         for kind in sorted(self._dirty):
             index = self._vectors[kind]
             forced = self.reader.setting(f"layout:{kind}")
-            if index.needs_rebuild(keep_layout=forced is not None):
+            if index.needs_rebuild(keep_layout=forced is not None) or kind in self._relayout:
                 index = self._vectors[kind] = self._build(kind, forced)
             index.save(self._vector_path(kind), generation)
+            self._loaded[kind] = _file_key(self._vector_path(kind)) or (0, 0, 0)
         self._dirty.clear()
+        self._relayout.clear()
 
-    def reindex(self, layout: str | None = None) -> dict[str, str]:
-        """Rebuild every vector cache from the store.
+    def reindex(self, layout: str | None = None, max_memory: int | None = None) -> dict[str, str]:
+        """Rebuild (and re-tune) every vector cache from the store.
 
         A FAISS `layout` given is kept by later runs; None goes back to the automatic choice.
+        `max_memory` (bytes, kept by later runs; 0 clears it; None keeps the stored one) has
+        the automatic choice pick a layout that fits, compressed if need be.
         """
         with self.writing():
             self.load_vectors()  # refuses vector files of a newer mmsearch instead of rebuilding over them
+            if max_memory is not None:
+                self._set_max_memory(max_memory)
             try:
                 built = {kind: self._build(kind, layout) for kind in KINDS}
             except ValueError as exc:  # an unparsable FAISS factory string
                 raise BadQuery(str(exc).splitlines()[0]) from None
+            self._relayout.clear()  # just built with the budget
             for kind, index in built.items():
                 self.store.set_setting(f"layout:{kind}", layout)
                 self._vectors[kind] = index
@@ -342,6 +401,15 @@ class Collection:
             raise EmptyIndex(f"index {self.directory} is empty: run `mmsearch index PATH` first")
         return manifest.dim
 
+    def _set_max_memory(self, max_memory: int) -> None:
+        """Store the vector memory budget (0 clears it); caches are re-laid out on save."""
+        value = str(int(max_memory)) if max_memory else None
+        if value != self.reader.setting("max_memory"):
+            self.store.set_setting("max_memory", value)
+            self.load_vectors()
+            self._relayout.update(self._vectors)
+            self._dirty.update(self._vectors)
+
     def _build(self, kind: str, layout: str | None = None) -> VectorIndex:
         from .vectors import VectorIndex  # faiss loads only when vectors are needed
 
@@ -349,16 +417,34 @@ class Collection:
         dim = self._dim()
         ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
         vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
-        return VectorIndex.build(ids, vecs, dim, layout)
+        # The other modality's vectors also tune the layout: they query across the gap.
+        other = next(self.reader.vectors("text" if kind == "image" else "image"), (None, None))[1]
+        budget = self.reader.setting("max_memory")
+        try:
+            return VectorIndex.build(ids, vecs, dim, layout, cross_queries=other,
+                                     max_memory=int(budget) if budget and not layout else None)
+        except ValueError as exc:
+            if not budget or layout or "no layout fits" not in str(exc):
+                raise
+            log.warning("%s; using the automatic layout for the %s vectors", exc, kind)
+            return VectorIndex.build(ids, vecs, dim, cross_queries=other)
 
     def vectors(self, kind: str) -> VectorIndex:
         """The FAISS cache of one kind, loaded and brought up to date with the store."""
-        if kind in self._vectors:
+        index = self._vectors.get(kind)
+        if index is not None:
+            return index
+        with self._loading:
+            if kind not in self._vectors:
+                self._vectors[kind] = self._load_vectors(kind)
             return self._vectors[kind]
+
+    def _load_vectors(self, kind: str) -> VectorIndex:
         from .vectors import VectorFileDamaged, VectorIndex
 
         generation = self.reader.generation()
         path = self._vector_path(kind)
+        key = _file_key(path)
         try:
             index, saved = VectorIndex.load(path, self._dim())
         except VectorFileDamaged as exc:
@@ -368,8 +454,33 @@ class Collection:
             self._dirty.add(kind)
         if saved != generation and saved != -1:
             self._sync(kind, index)
-        self._vectors[kind] = index
+        if key is not None:
+            self._loaded[kind] = key
         return index
+
+    def refresh(self) -> list[str]:
+        """Swap in the vector files another process (`mmsearch index`) saved since they were loaded.
+
+        Each file is a committed state (written whole, then renamed), loaded memory-mapped and
+        used as it is, never copied; a search already running keeps the index it started with.
+        Items committed but not yet saved appear at the writer's next save. Returns the kinds swapped.
+        """
+        from .vectors import VectorFileDamaged, VectorIndex
+
+        swapped = []
+        with self._loading:
+            for kind in list(self._vectors):
+                key = _file_key(self._vector_path(kind))
+                if key is None or key == self._loaded.get(kind) or kind in self._dirty:
+                    continue
+                try:
+                    index, _ = VectorIndex.load(self._vector_path(kind), self._dim())
+                except VectorFileDamaged:
+                    continue  # keep answering from the one we have
+                self._vectors[kind] = index
+                self._loaded[kind] = key
+                swapped.append(kind)
+        return swapped
 
     def _sync(self, kind: str, index: VectorIndex) -> None:
         """Bring a cache that lags the store (a crash between commit and save) up to date by id."""
@@ -410,11 +521,12 @@ class Collection:
         ignored = self.reader.ignored()
         manifest = self.manifest
         size = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
-        layouts = {}
+        layouts, vectors = {}, {}
         if manifest is not None:
             for kind in KINDS:
                 if counts.get(kind):
                     layouts[kind] = self.vectors(kind).layout
+                    vectors[kind] = self.vectors(kind).describe()
         return {
             "index": str(self.directory),
             "model": None if manifest is None else {
@@ -426,10 +538,14 @@ class Collection:
             "files": counts["files"],
             "failures": counts["failures"],
             "layouts": layouts,
+            "precision": self.precision_setting() or None,
+            "vector_index": vectors,
+            "max_memory": int(self.reader.setting("max_memory") or 0) or None,
             "roots": self.reader.roots(),
             "root_options": {root: asdict(opts) for root, opts in self.reader.root_options().items()},
             "ignored": len(ignored),
             "ignored_types": type_counts(ignored),
+            "ignored_files": ignored,
             "size_bytes": size,
         }
 
@@ -453,6 +569,15 @@ def _listed(values: Any, method: str) -> list[Any]:
         raise TypeError(f"{method}() takes a list, not a single {type(values).__name__}: "
                         f"pass [{values!r}] for one item")
     return list(values)
+
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten (None if it is missing)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _open_store(directory: Path) -> Store:

@@ -8,6 +8,7 @@ open_clip model; torch is imported only there. Knows nothing of SQLite, FAISS or
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mmsearch")
 
+#: Image tower precisions to ask for: auto = int8 on CPU where it passed its gate and ran faster, fp16 on CUDA.
+PRECISIONS = ("auto", "fp32", "int8")
 #: Values of --pretrained that mean "no weights": a seeded random init, for benchmarks.
 RANDOM_WEIGHTS = ("random", "none")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -56,6 +59,33 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """`sha256_file` of a checkpoint, remembered in the per-user cache by (path, size, mtime, inode).
+
+    A 600 MB checkpoint then costs a stat, not a 1-2 s read, on every run; a file changed in place
+    gets a new mtime and is hashed again.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = [str(path), st.st_size, st.st_mtime_ns, st.st_ino]
+    record = cache_dir() / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(record.read_text())
+        if saved["file"] == stamp and isinstance(saved["sha256"], str):
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256_file(path)
+    try:  # a cache: any failure to write it only means hashing again next time
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"file": stamp, "sha256": digest}))
+        os.replace(tmp, record)
+    except OSError:
+        pass
+    return digest
 
 
 def bundled_models() -> list[str]:
@@ -170,7 +200,7 @@ def resolve_model(name: str, pretrained: str | None) -> ModelSource:
         if not path.is_file():
             raise ModelUnavailable(f"checkpoint not found: {path}")
         _check_checkpoint(path)
-        return ModelSource(name, arch, str(path), path, sha256_file(path), config)
+        return ModelSource(name, arch, str(path), path, cached_sha256(path), config)
     import open_clip
 
     hub_cfg = open_clip.get_pretrained_cfg(name, pretrained)
@@ -223,10 +253,29 @@ def pick_device(device: str) -> str:
     return device
 
 
-def export_dir(name: str, weights: str | None) -> Path:
+def export_name(name: str, recorded: str | None = None) -> str:
+    """The architecture part of an ONNX export's identity: a model config file (.json) by its content
+    (a copy or a moved file finds the same export), anything else by name.
+
+    `recorded`: the key an index recorded when it was built (`Collection.claim_model`), used as is, so
+    the index keeps its model when its config file is moved or edited. A config file that cannot be
+    read, with nothing recorded, keeps its path (exports made before content keys).
+    """
+    if not name.lower().endswith(".json"):
+        return name
+    if recorded:
+        return recorded
+    try:
+        return "config-sha256:" + hashlib.sha256(Path(name).read_bytes()).hexdigest()
+    except OSError:
+        return name
+
+
+def export_dir(name: str, weights: str | None, recorded: str | None = None) -> Path:
     """Where the ONNX export of a model lives in the per-user cache, keyed by its identity."""
-    digest = hashlib.sha256(f"{name}\n{weights}".encode()).hexdigest()[:20]
-    return cache_dir() / "onnx" / f"{Path(name).stem}-{digest}"
+    ident = export_name(name, recorded)
+    digest = hashlib.sha256(f"{ident}\n{weights}".encode()).hexdigest()[:20]
+    return cache_dir() / "onnx" / f"{'config' if ident != name else Path(name).stem}-{digest}"
 
 
 class Encoder:
@@ -245,6 +294,9 @@ class Encoder:
         self.tokenizer = tokenizer
         self.onnx = onnx
         self.context_length: int = int(onnx.context_length if onnx is not None else tokenizer.context_length)
+        #: Image tower precision: 'fp32' or 'int8' (onnxruntime on CPU), 'fp16' (autocast on CUDA) or 'fp32'.
+        self.precision = "fp16" if device.startswith("cuda") else "fp32"
+        self._norm = (list(mean), list(std))
         self._mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1) * 255.0
         self._std = np.asarray(std, np.float32).reshape(1, 3, 1, 1) * 255.0
         self._torch_norm: tuple[Any, Any] | None = None
@@ -259,10 +311,50 @@ class Encoder:
         """'onnxruntime' or 'torch'."""
         return "onnxruntime" if self.onnx is not None else "torch"
 
+    @property
+    def int8_gate(self) -> dict | None:
+        """The outcome of the int8 gate of this model's ONNX export (None: no export, or never run)."""
+        return self.onnx.int8_gate if self.onnx is not None else None
+
+    def set_precision(self, requested: str) -> None:
+        """Pick the image tower's precision: 'auto' (on CPU int8 where its gate passed and it ran faster
+        than fp32 at export, else fp32; fp16 on CUDA), 'fp32' or 'int8'. A forced int8 that the gate
+        refused raises ModelUnavailable with the measure.
+
+        An ONNX export made before int8 towers is given one now (no torch needed).
+        """
+        if requested not in PRECISIONS:
+            raise ModelUnavailable(f"unknown precision {requested!r}: use {', '.join(PRECISIONS)}")
+        if self.onnx is None:
+            if requested == "int8":
+                raise ModelUnavailable("--precision int8 runs on the CPU through the model's ONNX export, "
+                                       f"which is not in use here ({self.backend} on {self.device})")
+            self.precision = "fp32" if requested == "fp32" or not self.device.startswith("cuda") else "fp16"
+            return
+        if requested != "fp32" and self.onnx.int8_gate is None:
+            self._add_int8()
+        if requested == "auto":  # int8 where it is faithful (the gate) and faster (measured at export)
+            gate = self.onnx.int8_gate or {}
+            requested = "int8" if gate.get("kept") and gate.get("speedup", 1.0) >= 1.0 else "fp32"
+        self.onnx.set_precision(requested)  # ModelUnavailable, with the gate's measure, for a refused int8
+        self.precision = requested
+
+    def _add_int8(self) -> None:
+        from .onnx_export import add_int8
+        from .onnx_runtime import OnnxEncoder
+
+        folder = self.onnx.export_dir
+        log.info("adding an int8 image tower to the ONNX export in %s (once)", folder)
+        try:
+            add_int8(folder, *self._norm)
+            self.onnx = OnnxEncoder(folder, self.onnx.threads)
+        except (OSError, ValueError, KeyError, ModelUnavailable) as exc:
+            log.warning("cannot add an int8 image tower to %s (%s): using fp32", folder, exc)
+
     def _autocast(self) -> Any:
         import torch
 
-        if self.device.startswith("cuda"):
+        if self.device.startswith("cuda") and self.precision == "fp16":
             return torch.autocast("cuda", dtype=torch.float16)
         return torch.autocast("cpu", enabled=False)
 
@@ -322,24 +414,64 @@ def load_encoder(name: str, pretrained: str | None, device: str = "auto", backen
     return load_source(resolve_model(name, pretrained), device, backend)
 
 
-def load_export(manifest: ModelManifest) -> Encoder | None:
-    """The model of an index from its ONNX export, without torch; None when there is no usable export."""
-    from .onnx_backend import OnnxEncoder
+def load_export(manifest: ModelManifest, config_key: str | None = None) -> Encoder | None:
+    """The model of an index from its ONNX export, without torch; None when there is no usable export.
 
-    folder = export_dir(manifest.name, manifest.checkpoint_sha256 or manifest.pretrained)
+    `config_key`: the `export_name` the index recorded for a config-file model.
+    """
+    return _open_export(manifest.name, manifest.pretrained, manifest.checkpoint_sha256, manifest.dim, config_key)
+
+
+def find_export(name: str, pretrained: str | None) -> Encoder | None:
+    """The model asked for, from its cached ONNX export, without importing torch or open_clip.
+
+    For a new index: the export is looked up by the identity `resolve_model` would give (the name,
+    or a config file's content; the tag, or a checkpoint's cached sha256). An export exists only for
+    a model that resolved and loaded before, so finding one settles that the model is valid. None
+    (resolve and load the model as usual) when there is no export, or when telling the weights
+    apart would need open_clip (an architecture without --pretrained).
+    """
+    if name.lower().endswith(".json"):
+        if not Path(model_key(name)).is_file():
+            return None
+    elif pretrained is None and (BUNDLED_DIR / f"{name}.json").exists():
+        pretrained = str(BUNDLED_DIR / f"{name}.pt")
+    if pretrained is None:
+        return None
+    sha256 = None
+    if pretrained.lower() in RANDOM_WEIGHTS:
+        pretrained = "random"
+    elif _looks_like_path(pretrained) or Path(pretrained).exists():
+        path = Path(pretrained).expanduser().resolve()
+        if not path.is_file():
+            return None
+        pretrained, sha256 = str(path), cached_sha256(path)
+    return _open_export(model_key(name), pretrained, sha256, None)
+
+
+def _open_export(name: str, pretrained: str | None, sha256: str | None, dim: int | None,
+                 config_key: str | None = None) -> Encoder | None:
+    """The export of model `name` with these weights (and `dim`, when known), or None."""
+    from .onnx_runtime import OnnxEncoder
+
+    weights = sha256 or pretrained
+    ident = export_name(name, config_key)
+    folder = export_dir(name, weights, ident)
     if not (folder / "export.json").exists():
         return None
     try:
         onnx = OnnxEncoder(folder)
         meta = onnx.meta["model"]
-        exported = ModelManifest(meta["name"], meta["pretrained"], meta["checkpoint_sha256"], meta["dim"])
+        # exports made before content keys record the model's name and weights only
+        recorded = meta.get("identity") or [meta["name"], meta["checkpoint_sha256"] or meta["pretrained"]]
         geometry = Geometry(onnx.image_size, meta["resize_mode"])
-        mean, std = meta["mean"], meta["std"]
-    except (ModelUnavailable, KeyError, TypeError) as exc:
+        mean, std, exported_dim = meta["mean"], meta["std"], int(meta["dim"])
+    except (ModelUnavailable, KeyError, TypeError, ValueError) as exc:
         log.warning("ignoring the ONNX export at %s (%s)", folder, exc)
         return None
-    if exported.identity() != manifest.identity():
+    if list(recorded) != [ident, weights] or dim not in (None, exported_dim):
         return None
+    manifest = ModelManifest(name, pretrained, sha256, exported_dim)
     return Encoder(manifest, geometry, mean, std, "cpu", onnx=onnx)
 
 
@@ -390,18 +522,21 @@ def load_source(source: ModelSource, device: str = "auto", backend: str = "auto"
 def _export(model: Any, manifest: ModelManifest, geometry: Geometry, cfg: dict[str, Any],
             context_length: int, required: bool) -> Any:
     """The model's ONNX export (made once, cached per model); None (torch is used) if it can't be made."""
-    from .onnx_backend import OnnxEncoder, export_towers
+    from .onnx_export import export_towers
+    from .onnx_runtime import OnnxEncoder
 
     found = load_export(manifest)
     if found is not None:
         return found.onnx
     folder = export_dir(manifest.name, manifest.checkpoint_sha256 or manifest.pretrained)
     meta = {"name": manifest.name, "pretrained": manifest.pretrained, "checkpoint_sha256": manifest.checkpoint_sha256,
+            "identity": [export_name(manifest.name), manifest.checkpoint_sha256 or manifest.pretrained],
             "dim": manifest.dim, "mean": list(cfg["mean"]), "std": list(cfg["std"]), "resize_mode": geometry.resize_mode}
     log.info("exporting %s to ONNX for fast CPU inference (once, into %s)", Path(manifest.name).name, folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        export_towers(model, folder, context_length=context_length, image_size=geometry.size, meta=meta)
+        export_towers(model, folder, context_length=context_length, image_size=geometry.size, meta=meta,
+                      mean=cfg["mean"], std=cfg["std"])
         return OnnxEncoder(folder)
     except (ModelUnavailable, OSError) as exc:
         if required:

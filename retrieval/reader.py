@@ -206,6 +206,11 @@ class StoreReader:
         rows = self._all(f"SELECT id, path, kind, size, mtime, sha256 FROM files WHERE {where}", params)
         return {r[1]: FileRow(*r) for r in rows}
 
+    def file(self, path: str) -> FileRow | None:
+        """The file recorded at exactly `path` (one index lookup), or None."""
+        rows = self._all("SELECT id, path, kind, size, mtime, sha256 FROM files WHERE path = ?", [path])
+        return FileRow(*rows[0]) if rows else None
+
     def item_ids(self, kind: str) -> np.ndarray:
         """Every item id of one kind, ascending."""
         rows = self._all("SELECT id FROM items WHERE kind = ? ORDER BY id", [kind])

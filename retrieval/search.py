@@ -134,6 +134,16 @@ def search(collection: Collection, query: Any, *, k: int = 10, target: str | Non
     return results
 
 
+def _stored(collection: Collection, kind: str, ids: np.ndarray) -> np.ndarray:
+    """Exact vectors of `ids` from the store, in that order (zeros for ids it lacks), for
+    layouts that re-rank compressed candidates with them."""
+    out = np.zeros((len(ids), collection.manifest.dim), dtype=np.float32)
+    order = np.argsort(ids)
+    for got, vecs in collection.reader.vectors(kind, ids):
+        out[order[np.searchsorted(ids, got, sorter=order)]] = vecs
+    return out
+
+
 def _search_kind(collection: Collection, kind: str, vec: np.ndarray, k: int, folder: str | None,
                  keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
                  ) -> list[tuple[float, Any]]:
@@ -143,7 +153,8 @@ def _search_kind(collection: Collection, kind: str, vec: np.ndarray, k: int, fol
         return []
     fetch = k
     while True:
-        scores, ids = index.search(vec[None, :], fetch, allowed)
+        scores, ids = index.search(vec[None, :], fetch, allowed,
+                                    exact=lambda want: _stored(collection, kind, want))
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         rows = collection.reader.items(i for _, i in pairs)
         # The store is the truth: an id the cache still holds but the store dropped is skipped.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,55 @@ def run_mmsearch(*args: str, env: dict[str, str] | None = None, timeout: float =
     """Run `mmsearch` in a fresh process (for exit codes, stderr, timing and kills)."""
     return subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})}, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(index: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`mmsearch serve` in a subprocess on a free loopback port; returns it and its base URL once it answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "serve", "--index", str(index), "--port", str(port),
+                             *args], stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    line = proc.stderr.readline()  # "serving ... at http://127.0.0.1:PORT/"
+    if f":{port}/" not in line:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line}{proc.stderr.read()}")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server from `start_server` (SIGTERM: uvicorn shuts down cleanly)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stderr.close()
+
+
+#: A file name that is also HTML: the gallery must show it as text.
+EVIL_NAME = "<img src=x onerror=alert(1)>.png"
+
+
+@pytest.fixture(scope="session")
+def gallery_index(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    """The demo corpus plus an image named like an HTML tag, indexed with shapes-mini once per run."""
+    import shutil
+
+    import retrieval
+
+    root = tmp_path_factory.mktemp("gallery")
+    shutil.copytree(REPO / "index_data" / "demo", root / "demo")
+    solid_image(root / "demo" / EVIL_NAME, (200, 30, 30), (90, 60))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMSEARCH_CACHE", str(model_cache))
+        mp.setenv("MMSEARCH_OFFLINE", "1")
+        with retrieval.open_index(root / "index", model="shapes-mini") as idx:
+            idx.add([root / "demo"])
+    return root / "index"

@@ -271,3 +271,45 @@ def test_under_filters_by_folder_and_reindex_forces_a_layout(runner, tmp_path, t
     assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["layouts"]["image"] == "HNSW32"
     invoke(runner, *index_args(index, tiny_model, photos))  # a later run keeps the layout the user chose
     assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["layouts"]["image"] == "HNSW32"
+
+
+def test_max_memory_picks_a_compressed_layout_and_reports_its_recall(runner, tmp_path, tiny_model, photos) -> None:
+    """`reindex --max-memory` re-lays the vectors out within the budget, tuned (info shows the
+    recall it reaches), queries re-rank from the database's exact vectors; 0 clears it."""
+    index = tmp_path / "idx"
+    corpus = tmp_path / "texts" / "lines.txt"
+    corpus.parent.mkdir()
+    colours = ["red", "green", "blue", "yellow", "black"]
+    corpus.write_text("".join(f"a {colours[i % 5]} shape number {i * 7919 % 1201} in box {i}\n" for i in range(1200)))
+    assert invoke(runner, *index_args(index, tiny_model, photos, corpus)).exit_code == 0
+    info = json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)
+    assert info["layouts"]["text"] == "Flat" and info["max_memory"] is None
+    query = ["--image", str(photos / "img0.jpg"), "--target", "texts", "-k", "10"]
+    exact = query_json(runner, index, *query)
+
+    done = invoke(runner, "reindex", "--index", str(index), "--max-memory", "60KB")
+    assert done.exit_code == 0 and "text: " in done.stderr and "recall@10" in done.stderr
+    info = json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)
+    vec = info["vector_index"]["text"]
+    assert "PQ" in info["layouts"]["text"] and info["max_memory"] == 60_000
+    assert (index / "vectors-text.faiss").stat().st_size <= 60_000  # the budget holds on disk too
+    assert vec["params"]["rerank"] > 0 and 0 < vec["tuning"]["recall"] <= 1 and vec["tuning"]["cross_queries"] == 6
+    assert "tuned:    text:" in invoke(runner, "info", "--index", str(index)).stdout
+    hits = query_json(runner, index, *query)
+    assert len(hits) == 10
+    truth = {h["id"]: h["score"] for h in exact}
+    common = [h for h in hits if h["id"] in truth]
+    assert len(common) >= 8  # re-ranked candidates: the top-10 mostly agrees with exact search
+    assert all(abs(h["score"] - truth[h["id"]]) < 1e-4 for h in common)  # and scores are exact cosines
+    assert len(query_json(runner, index, *query, "--under", str(corpus.parent))) == 10
+    invoke(runner, *index_args(index, tiny_model, photos))  # a later run keeps the budget
+    assert json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)["max_memory"] == 60_000
+    assert invoke(runner, *index_args(index, tiny_model, photos), "--max-memory", "0.05MB").exit_code == 0
+    info = json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)  # index sets it too
+    assert info["max_memory"] == 50_000 and (index / "vectors-text.faiss").stat().st_size <= 50_000
+
+    assert invoke(runner, "reindex", "--index", str(index), "--max-memory", "0").exit_code == 0
+    info = json.loads(invoke(runner, "info", "--index", str(index), "--json").stdout)
+    assert info["layouts"]["text"] == "Flat" and info["max_memory"] is None
+    bad = invoke(runner, "reindex", "--index", str(index), "--max-memory", "lots")
+    assert bad.exit_code == 2 and "memory size" in bad.output

@@ -1,7 +1,7 @@
 """The fast indexing path embeds photos like the reference open_clip path does.
 
 Fast: `images.decode_file` (JPEG draft decoding at reduced size + our `fit`) -> `Encoder.embed_pixels`
-(onnxruntime on CPU). Reference: PIL.Image.open -> the model's own open_clip preprocess ->
+(onnxruntime on CPU, fp32 or the gated int8 image tower). Reference: PIL.Image.open -> the model's own open_clip preprocess ->
 `model.encode_image` in torch. Photo-like JPEGs of 640x480 and more, so draft decoding really
 decodes at 1/2 to 1/8 scale.
 """
@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from conftest import TINY_CONFIG
 from retrieval.encoder import load_encoder
+from retrieval.onnx_export import INT8_MIN_COSINE
 from retrieval.images import Geometry, decode_file, decode_many, open_image
 
 #: (width, height) of the test photos: landscape, portrait, odd aspect ratios.
@@ -101,18 +102,31 @@ def _reference_embeddings(config: str, paths: list[str]) -> np.ndarray:
         return model.encode_image(batch, normalize=True).float().numpy()
 
 
+#: Least cosine of a stored vector to the open_clip reference, per image tower precision.
+BOUND = {"fp32": 0.995, "int8": 0.99}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("size", [32, 224])
-def test_fast_path_embeddings_match_open_clip_reference(photo_paths, tiny_model, tiny_224, size) -> None:
+def test_fast_path_embeddings_match_open_clip_reference(photo_paths, tiny_model, tiny_224, size, precision) -> None:
     config = tiny_model if size == 32 else tiny_224
     encoder = load_encoder(config, "random", "cpu")  # the indexing path: onnxruntime on CPU
     assert encoder.geometry.size == size
     decoded = list(decode_many(photo_paths, encoder.geometry, workers=0))
     assert [d.path for d in decoded] == photo_paths
-    fast = encoder.embed_pixels(np.stack([d.pixels for d in decoded]))
+    pixels = np.stack([d.pixels for d in decoded])
+    fp32 = encoder.embed_pixels(pixels)
+    encoder.set_precision(precision)
+    assert encoder.precision == precision  # the tiny models pass the int8 gate: int8 is really in use
+    fast = encoder.embed_pixels(pixels)
     ref = _reference_embeddings(config, photo_paths)
 
+    if precision == "int8":
+        assert encoder.int8_gate["kept"] and encoder.int8_gate["min_cosine"] >= INT8_MIN_COSINE
+        to_fp32 = np.sum(fast * fp32, axis=1)
+        assert to_fp32.min() >= INT8_MIN_COSINE and to_fp32.min() < 1 - 1e-6, to_fp32  # close, and not fp32
     self_cos = np.sum(fast * ref, axis=1)
-    assert self_cos.min() >= 0.99, self_cos
+    assert self_cos.min() >= BOUND[precision], self_cos
     # A random model maps different photos close together: the error must also be small next to that.
     cross = ref @ ref.T
     nearest_other = (1 - cross[~np.eye(len(ref), dtype=bool)]).min()

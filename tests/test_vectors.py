@@ -12,7 +12,9 @@ from retrieval import vectors as vx
 from retrieval.errors import MMSearchError
 from retrieval.vectors import VectorFileDamaged, VectorIndex, choose_layout
 
-LAYOUTS = ["Flat", "SQ8", "HNSW16", "HNSW16,SQ8", "HNSW16,SQfp16", "IVF8,Flat"]
+LAYOUTS = ["Flat", "SQ8", "HNSW16", "HNSW16,SQ8", "HNSW16,SQfp16", "IVF8,Flat",
+           # the large-collection and memory-budget layouts (IVF with an HNSW coarse quantizer)
+           "IVF8_HNSW32,PQ8x4fs,Refine(SQfp16)", "OPQ4,IVF8_HNSW32,PQ4x4fs"]
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +148,8 @@ def test_add_replaces_existing_id(layout: str, data) -> None:
     index = VectorIndex.build(ids, x, dim=24, layout=layout)
     index.add(ids[:1], q[:1])  # id 0 now points at the query itself
     assert len(index) == len(ids)
-    scores, got = index.search(q[:1], 3)
+    current = dict(zip(ids[1:].tolist(), x[1:])) | {int(ids[0]): q[0]}  # the "database"
+    scores, got = index.search(q[:1], 3, exact=lambda want: np.stack([current[int(i)] for i in want]))
     assert got[0, 0] == ids[0] and scores[0, 0] == pytest.approx(1.0, abs=1e-2)
     assert np.count_nonzero(got[0] == ids[0]) == 1
 
@@ -159,6 +162,8 @@ def test_allowed_restricts_and_fills_k(layout: str, path: str, monkeypatch) -> N
         monkeypatch.setattr(vx, "ALLOWED_GATHER_MAX", 0)
     monkeypatch.setattr(vx, "EXACT_PREFERENCE", {"default": vx.EXACT_PREFERENCE,
                                                   "scan": float("inf"), "beam": 0.0}[path])
+    monkeypatch.setattr(vx, "IVF_EXACT_SCAN_NS", {"default": vx.IVF_EXACT_SCAN_NS,
+                                                   "scan": float("inf"), "beam": -1.0}[path])
     rng = np.random.default_rng(11)
     x, side = two_clusters(rng, 1000, 16)
     ids = np.arange(10_000, 11_000, dtype=np.int64)
@@ -166,8 +171,9 @@ def test_allowed_restricts_and_fills_k(layout: str, path: str, monkeypatch) -> N
     q = x[side > 0][:5] + 0.01  # queries sit in the +e0 cluster
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     far = ids[side < 0]
+    exact = lambda want: x[want - 10_000]  # noqa: E731 - the database (compressed codes re-rank)
     for allowed in (far[:15], far[::3], ids[::2]):  # tiny far set, large far set, broad set
-        scores, got = index.search(q, 10, allowed=allowed)
+        scores, got = index.search(q, 10, allowed=allowed, exact=exact)
         assert np.isin(got, allowed).all(), layout  # -1 would fail too: k results wanted
         # the best allowed item is found (exact path or widened beam)
         best = exact_topk(x[np.isin(ids, allowed)], ids[np.isin(ids, allowed)], q, 1)[1][:, 0]
@@ -193,9 +199,9 @@ def test_filtered_beam_falls_back_to_exact(monkeypatch) -> None:
     allowed = ids[side < 0][:100]
     calls = []
     real_exact = VectorIndex._exact
-    def spy(self, qq, k, sel):
+    def spy(self, qq, k, sel, *rest):
         calls.append(len(qq))
-        return real_exact(self, qq, k, sel)
+        return real_exact(self, qq, k, sel, *rest)
 
     monkeypatch.setattr(VectorIndex, "_exact", spy)
     scores, got = index.search(q, 10, allowed=allowed)
@@ -300,9 +306,29 @@ def test_choose_layout_threshold() -> None:
     assert choose_layout(0, 512) == "Flat"
     assert choose_layout(limit, 512) == "Flat"
     assert choose_layout(limit + 1, 512) == vx.APPROX_LAYOUT != "Flat"
-    assert choose_layout(1_000_000, 512) == vx.APPROX_LAYOUT
+    assert choose_layout(500_000, 512) == vx.APPROX_LAYOUT
     # the cost of a scan is n * dim: smaller vectors stay exact for longer
     assert choose_layout(limit + 1, 256) == "Flat"
+    # an HNSW build over the CPU budget: IVF over fast-scan PQ with a float16 refine copy
+    assert vx.hnsw_build_cpu_s(1_000_000, 512) > vx.BUILD_BUDGET_CPU_S
+    assert choose_layout(1_000_000, 512) == "IVF2048_HNSW32,PQ128x4fs,Refine(SQfp16)"
+    assert choose_layout(1_000_000, 512, build_budget_s=1e9) == vx.APPROX_LAYOUT
+
+
+def test_memory_budget_picks_a_layout_that_fits() -> None:
+    raw = 1_000_000 * 512 * 4
+    assert choose_layout(1_000_000, 512, max_memory=2 * raw) == choose_layout(1_000_000, 512)
+    for budget in (300e6, 100e6, 40e6):
+        layout = choose_layout(1_000_000, 512, max_memory=int(budget))
+        assert "PQ" in layout and "Refine" not in layout  # re-ranked from the database instead
+        assert vx.layout_bytes(layout, 1_000_000, 512) <= budget
+    # the most accurate layout that fits: longer codes for the larger budget
+    assert choose_layout(1_000_000, 512, max_memory=300_000_000) == "IVF2048_HNSW32,PQ256x4fs"
+    assert choose_layout(1_000_000, 512, max_memory=40_000_000).startswith("OPQ")
+    with pytest.raises(ValueError, match="no layout fits"):
+        choose_layout(1_000_000, 512, max_memory=10_000_000)
+    # small collections: Flat while it fits
+    assert choose_layout(1000, 512, max_memory=10_000_000) == "Flat"
 
 
 def test_needs_rebuild(monkeypatch, data) -> None:
@@ -323,3 +349,66 @@ def test_needs_rebuild(monkeypatch, data) -> None:
     assert not small.needs_rebuild(keep_layout=True)
     small.remove(ids[:50])
     assert small.needs_rebuild(keep_layout=True)
+
+
+def blobs(rng: np.random.Generator, n: int, d: int, centres: int = 40) -> np.ndarray:
+    """Unit vectors around random centres: neighbours exist, as in real embeddings."""
+    c = unit(rng, centres, d)
+    x = c[rng.integers(0, centres, n)] + rng.standard_normal((n, d)).astype(np.float32) * 0.25 / np.sqrt(d)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("layout", ["HNSW16,SQfp16", "IVF32_HNSW32,PQ8x4fs,Refine(SQfp16)",
+                                    "IVF32_HNSW32,PQ8x4fs"])
+def test_build_tunes_to_the_target_recall(layout: str, tmp_path: Path) -> None:
+    """The chosen efSearch / nprobe reaches the target on held-out queries too, a stricter
+    target never picks a smaller one, and the outcome survives save/load."""
+    rng = np.random.default_rng(21)
+    x = blobs(rng, 4000, 32)
+    ids = np.arange(1, 4001, dtype=np.int64)
+    exact = lambda want: x[want - 1]  # noqa: E731 - the database, for compressed codes
+    text = blobs(np.random.default_rng(22), 50, 32)  # "the other modality"
+    index = VectorIndex.build(ids, x, dim=32, layout=layout, cross_queries=text)
+    knob = "efSearch" if layout.startswith("HNSW") else "nprobe"
+    t = index.tuning
+    assert t["target_recall"] == vx.TARGET_RECALL and t["recall"] >= vx.TARGET_RECALL
+    assert t["queries"] == vx.TUNE_QUERIES and t["cross_queries"] == 50 and t["n"] == 4000
+    assert len(index) == 4000 and set(index.ids()) == set(ids)  # held-out rows are added back
+    # fresh queries of the same data: recall near what the tuning measured
+    q = blobs(np.random.default_rng(21), 4200, 32)[4000:]  # same centres, new points
+    got = index.search(q, 10, exact=exact)[1]
+    assert recall(got, exact_topk(x, ids, q, 10)[1]) >= 0.9
+    strict = VectorIndex.build(ids, x, dim=32, layout=layout, target_recall=0.999)
+    assert strict.params[knob] >= index.params[knob] and strict.tuning["target_recall"] == 0.999
+    path = tmp_path / "v.faiss"
+    index.save(path, generation=3)
+    loaded, _ = VectorIndex.load(path, dim=32)
+    assert loaded.tuning == index.tuning and loaded.params == index.params
+    assert loaded.describe()["tuning"]["recall"] == t["recall"]
+
+
+def test_compressed_layout_reranks_from_exact_vectors() -> None:
+    """PQ codes alone misorder neighbours and misstate cosines; with ``exact`` the
+    candidates are re-scored: true cosines, and results in allowed sets of any size."""
+    rng = np.random.default_rng(23)
+    x = blobs(rng, 4000, 32)
+    ids = np.arange(1, 4001, dtype=np.int64)
+    calls = []
+
+    def exact(want: np.ndarray) -> np.ndarray:
+        calls.append(len(want))
+        return x[want - 1]
+
+    index = VectorIndex.build(ids, x, dim=32, layout="OPQ4,IVF32_HNSW32,PQ4x4fs")
+    q = blobs(np.random.default_rng(23), 4100, 32)[4000:]
+    truth = exact_topk(x, ids, q, 10)[1]
+    plain_scores, plain = index.search(q, 10)
+    scores, got = index.search(q, 10, exact=exact)
+    assert calls and recall(got, truth) > recall(plain, truth)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, got - 1, axis=1), atol=1e-5)
+    for share in (0.001, 0.01, 0.1, 0.5):  # filtered search keeps returning k results
+        allowed = np.sort(rng.choice(ids, max(1, int(share * len(ids))), replace=False))
+        for fn in (exact, None):
+            s, got = index.search(q[:5], 10, allowed=allowed, exact=fn)
+            want = min(10, len(allowed))
+            assert (got[:, :want] >= 0).all() and np.isin(got[:, :want], allowed).all(), share

@@ -24,9 +24,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from retrieval import onnx_backend  # noqa: E402
+from retrieval import onnx_export  # noqa: E402
 from retrieval.errors import ModelUnavailable  # noqa: E402
-from retrieval.onnx_backend import OnnxEncoder, export_towers  # noqa: E402
+from retrieval.onnx_export import export_towers  # noqa: E402
+from retrieval.onnx_runtime import OnnxEncoder  # noqa: E402
 from retrieval.tokenizer import ClipTokenizer, default_vocab_path, load_merges  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,10 +167,10 @@ def test_export_metadata(export_dir):
     meta = json.loads((export_dir / "export.json").read_text())
     assert meta["context_length"] == CTX and meta["image_size"] == SIZE and meta["embed_dim"] == 32
     assert meta["opset"] == 17 and meta["model"] == {"arch": TINY_NAME}
-    assert set(meta["towers"]) == {"text", "visual"}
+    assert set(meta["towers"]) == {"text", "visual", "visual-int8"}
     assert meta["towers"]["text"]["dynamic_length"] is True
-    for tower in meta["towers"].values():
-        assert tower["min_cosine_vs_torch"] >= 0.999
+    for name in ("text", "visual"):
+        assert meta["towers"][name]["min_cosine_vs_torch"] >= 0.999
     assert (export_dir / "bpe_simple_vocab_16e6.txt.gz").is_file()
     assert not list(export_dir.parent.glob(".tiny.*"))  # no temp folder left behind
 
@@ -242,9 +243,9 @@ def test_no_torch_in_a_fresh_process(export_dir):
     code = textwrap.dedent(
         f"""
         import sys
-        import retrieval.tokenizer, retrieval.onnx_backend
+        import retrieval.tokenizer, retrieval.onnx_runtime
         assert "torch" not in sys.modules and "open_clip" not in sys.modules, "imported torch"
-        from retrieval.onnx_backend import OnnxEncoder
+        from retrieval.onnx_runtime import OnnxEncoder
         enc = OnnxEncoder({str(export_dir)!r})
         v = enc.embed_texts(["a photo of a dog"])
         assert v.shape == (1, 32), v.shape
@@ -324,7 +325,7 @@ def test_text_only_export_and_atomic_replace(tiny, export_dir, tmp_path, monkeyp
 
     # an export that fails its check leaves the previous export untouched and no temp folder
     before = sorted((p.name, p.stat().st_size) for p in out.iterdir())
-    monkeypatch.setattr(onnx_backend, "MIN_COSINE", 1.5)
+    monkeypatch.setattr(onnx_export, "MIN_COSINE", 1.5)
     with pytest.raises(ModelUnavailable, match="disagrees with torch"):
         export_towers(tiny, out, context_length=CTX, image_size=SIZE, towers=("text",))
     assert sorted((p.name, p.stat().st_size) for p in out.iterdir()) == before
@@ -342,3 +343,70 @@ def test_export_without_onnx_package_is_a_clear_error(tiny, tmp_path, monkeypatc
 def test_export_rejects_bad_towers(tiny, tmp_path):
     with pytest.raises(ValueError):
         export_towers(tiny, tmp_path / "x", context_length=CTX, image_size=SIZE, towers=("audio",))
+
+
+# ------------------------------------------------------------------------------------------
+# int8 image tower
+# ------------------------------------------------------------------------------------------
+def test_export_has_a_gated_int8_visual_tower(export_dir, encoder):
+    meta = json.loads((export_dir / "export.json").read_text())
+    gate = meta["int8"]
+    assert gate["kept"] and gate["probes"] == 32 and 0.995 <= gate["min_cosine"] < 1.0 and gate["speedup"] > 0
+    tower = meta["towers"]["visual-int8"]
+    assert tower["bytes"]["visual-int8.onnx.data"] < meta["towers"]["visual"]["bytes"]["visual.onnx.data"]
+    pixels = onnx_export.probe_pixels(SIZE, onnx_export.CLIP_MEAN, onnx_export.CLIP_STD)
+    int8 = OnnxEncoder(export_dir, precision="int8")
+    assert encoder.precision == "fp32" and encoder.towers == ("text", "visual")
+    cos = _cos(int8.embed_pixels(pixels), encoder.embed_pixels(pixels))
+    assert cos.min() >= 0.995 and cos.min() < 1 - 1e-7  # the int8 graph really runs, within the gate
+    # an image's int8 vector does not depend on the images beside it in a call
+    alone = np.concatenate([int8.embed_pixels(pixels[i : i + 1]) for i in (3, 2, 1, 0)])[::-1]
+    assert np.array_equal(int8.embed_pixels(pixels[:4]), alone)
+
+
+def test_probe_images_are_fixed_and_varied():
+    a = onnx_export.probe_pixels(32, onnx_export.CLIP_MEAN, onnx_export.CLIP_STD)
+    b = onnx_export.probe_pixels(32, onnx_export.CLIP_MEAN, onnx_export.CLIP_STD)
+    assert a.shape == (32, 3, 32, 32) and a.dtype == np.float32 and np.array_equal(a, b)
+    flat = a.reshape(32, -1)
+    assert len({row.tobytes() for row in flat}) == 32
+    assert flat.std(axis=1).min() > 0.05  # no blank image
+
+
+def test_failed_int8_gate_keeps_fp32_and_says_why(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "INT8_MIN_COSINE", 1.5)
+    out = tmp_path / "strict"
+    export_towers(tiny, out, context_length=CTX, image_size=SIZE)
+    gate = json.loads((out / "export.json").read_text())["int8"]
+    assert not gate["kept"] and "min cosine" in gate["reason"] and gate["min_cosine"] > 0.9
+    assert not list(out.glob("visual-int8*")) and not list(out.glob(".int8-*"))
+    with pytest.raises(ModelUnavailable, match="min cosine"):
+        OnnxEncoder(out, precision="int8")
+    assert OnnxEncoder(out).embed_pixels(np.zeros((1, 3, SIZE, SIZE), np.float32)).shape == (1, 32)
+
+
+def test_int8_added_to_an_older_export_without_torch(export_dir, tmp_path):
+    d = _copy(export_dir, tmp_path)
+    meta = json.loads((d / "export.json").read_text())
+    del meta["int8"], meta["towers"]["visual-int8"]
+    (d / "export.json").write_text(json.dumps(meta))
+    for f in d.glob("visual-int8*"):
+        f.unlink()
+    assert OnnxEncoder(d).int8_gate is None
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        from retrieval.onnx_export import add_int8
+        from retrieval.onnx_runtime import OnnxEncoder
+        gate = add_int8({str(d)!r})
+        enc = OnnxEncoder({str(d)!r}, precision="int8")
+        assert gate["kept"] and enc.int8_gate == gate, gate
+        assert enc.embed_pixels(np.zeros((2, 3, {SIZE}, {SIZE}), np.float32)).shape == (2, 32)
+        bad = [m for m in ("torch", "open_clip") if m in sys.modules]
+        assert not bad, bad
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -1,73 +1,43 @@
-"""Run the CLIP towers with onnxruntime: a query path that never imports torch, faster indexing on CPU.
+"""Export open_clip towers to ONNX (the torch side of the ONNX backend).
 
-Two halves:
+``export_towers(model, out_dir, ...)`` takes an already-loaded open_clip model (so torch is loaded
+anyway) and writes ONNX files for its text and/or visual tower, the BPE vocabulary and
+``export.json`` into ``out_dir`` atomically, after checking the ONNX outputs against torch. The
+folder is what ``retrieval.onnx_runtime.OnnxEncoder`` reads (layout and loading: see that module).
 
-- ``export_towers(model, out_dir, ...)`` takes an already-loaded open_clip model (so torch is loaded
-  anyway) and writes ONNX files for its text and/or visual tower, the BPE vocabulary and
-  ``export.json`` into ``out_dir`` atomically, after checking the ONNX outputs against torch.
-  torch and onnx (which torch's exporter needs) are imported inside the function only.
-- ``OnnxEncoder(export_dir)`` reads such a folder with onnxruntime + numpy + ``retrieval.tokenizer``.
-  Each tower's session is created on first use, so a text query never loads the visual tower.
-
-Export folder layout (``FORMAT`` 1)::
-
-    <out_dir>/
-      export.json                   context_length, image_size, embed_dim, opset, towers, versions
-      text.onnx   text.onnx.data    graph + weights in one external file
-      visual.onnx visual.onnx.data
-      bpe_simple_vocab_16e6.txt.gz  the tokenizer vocabulary
-
-Start-up of a query process is what this is for, so the graphs are stored the way onnxruntime
-loads fastest: weights in an external file (mapped, not parsed out of the protobuf: ViT-B-32 text
-session 0.95 s -> 0.45 s) and already optimized by onnxruntime's hardware-independent fusions
-(``ORT_ENABLE_EXTENDED``, saved through ``optimized_model_filepath``), so the text session loads
-them with the optimizer off (another ~0.15 s). Such a graph uses onnxruntime contrib ops; when
-the installed onnxruntime is not the one that optimized it, it is loaded with ``ORT_ENABLE_ALL``.
-A query process (``embed_texts`` of <= 4 texts) also skips weight pre-packing (~0.15 s).
-
-The text graph takes int64 ids ``[n, L]`` with ``L <= context_length`` when ``export.json`` says
-``"dynamic_length": true``: with a causal mask and EOT (argmax) pooling, positions after the last
-EOT of a batch cannot change the output, so ``OnnxEncoder`` cuts the padding before running the
-graph (a short query runs several times faster than at the full 77 positions; batches of captions
-too). Models without a causal mask or with another pooling are exported at the fixed length.
-
-Importing this module does not import torch, open_clip or onnxruntime (the latter is imported on
-first session creation).
+torch and onnx (which torch's exporter needs) are imported inside the functions only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import ModelUnavailable
+from .onnx_runtime import (
+    _FILES, _INPUTS, _OUTPUT, FORMAT, INT8_TOWER, META_FILE, OPSET, TOWERS, _load_options, _row_cosine,
+    _session_options, _trim_tokens,
+)
 from .tokenizer import VOCAB_FILENAME, ClipTokenizer, default_vocab_path
 
-__all__ = ["export_towers", "OnnxEncoder", "FORMAT", "OPSET", "META_FILE", "MIN_COSINE"]
+__all__ = ["export_towers", "add_int8", "probe_pixels", "MIN_COSINE", "INT8_MIN_COSINE"]
 
-FORMAT = 1
-OPSET = 17
-META_FILE = "export.json"
 MIN_COSINE = 0.999  # export is refused when any checked row is less similar to the torch output
-TOWERS = ("text", "visual")
-_FILES = {"text": "text.onnx", "visual": "visual.onnx"}
-_INPUTS = {"text": "tokens", "visual": "pixels"}
-_OUTPUT = "embedding"
-_TEXT_CHUNK = 64  # texts per onnxruntime call
-_PIXEL_CHUNK = 64  # images per onnxruntime call
-_FEW_TEXTS = 4  # up to this many texts per call: a query; the text session skips weight pre-packing
+#: int8 visual tower kept only when every probe image's embedding is at least this close to fp32's
+INT8_MIN_COSINE = 0.995
+INT8_PROBES = 32
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN / _STD
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-# ----------------------------------------------------------------------------------------------
-# export (torch side)
-# ----------------------------------------------------------------------------------------------
 def export_towers(
     model: Any,
     out_dir: Path,
@@ -76,6 +46,9 @@ def export_towers(
     image_size: int,
     towers: Sequence[str] = ("text", "visual"),
     meta: dict | None = None,
+    int8: bool = True,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
 ) -> None:
     """Export ``model.encode_text`` / ``model.encode_image`` (un-normalized) to ONNX in ``out_dir``.
 
@@ -84,6 +57,8 @@ def export_towers(
     ``towers``: any non-empty subset of ("text", "visual").
     ``meta``: optional JSON-serializable description of the model (e.g. arch, pretrained tag,
     checkpoint hash), stored as ``export.json["model"]`` so a caller can tell a stale export.
+    ``int8``: also write a gated int8 copy of the visual tower (see ``add_int8``), whose probe images
+    are normalized with the model's ``mean``/``std``.
 
     The folder is built next to ``out_dir`` and renamed into place, so ``out_dir`` holds either the
     previous complete export or the new one. Each tower is run by onnxruntime on sample inputs and
@@ -180,16 +155,7 @@ def export_towers(
             # weights instead of parsing them out of the protobuf and skips the optimizer
             # (ViT-B-32 text session start: 0.95 s inline/optimizing -> ~0.05 s).
             final = tmp / _FILES[tower]
-            opts = _session_options(ort, level="extended", threads=None, prepack=True)
-            opts.optimized_model_filepath = str(final)
-            opts.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", final.name + ".data"
-            )
-            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            try:
-                ort.InferenceSession(str(raw), opts, providers=["CPUExecutionProvider"])
-            except Exception as exc:
-                raise ModelUnavailable(f"onnxruntime cannot load the exported {tower} tower: {exc}") from exc
+            _save_optimized(ort, raw, final, f"the exported {tower} tower")
             shutil.rmtree(raw_dir)
             export_s = time.perf_counter() - t0
 
@@ -240,6 +206,7 @@ def export_towers(
                 info[tower]["dynamic_length"] = dynamic_length
 
         shutil.copyfile(vocab_src, tmp / VOCAB_FILENAME)
+        int8_gate = _quantize_visual(tmp, info, image_size, mean, std) if int8 and "visual" in info else None
         metadata = {
             "format": FORMAT,
             "context_length": context_length,
@@ -257,6 +224,8 @@ def export_towers(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": meta or {},
         }
+        if int8_gate is not None:
+            metadata["int8"] = int8_gate
         (tmp / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         _fix_modes(tmp)
         _fsync_tree(tmp)
@@ -267,6 +236,159 @@ def export_towers(
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         src.train(was_training)
+
+
+def _save_optimized(ort, raw: Path, final: Path, what: str) -> None:
+    """Save ``raw`` as onnxruntime's EXTENDED-optimized graph ``final`` + one external weights file.
+
+    A later session then maps the weights instead of parsing them out of the protobuf and can skip
+    the hardware-independent fusions (ViT-B-32 text session start: 0.95 s inline/optimizing -> ~0.05 s).
+    """
+    opts = _session_options(ort, level="extended", threads=None, prepack=True)
+    opts.optimized_model_filepath = str(final)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", final.name + ".data")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(raw), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelUnavailable(f"onnxruntime cannot load {what}: {exc}") from exc
+
+
+def probe_pixels(size: int, mean: Sequence[float], std: Sequence[float], n: int = INT8_PROBES) -> np.ndarray:
+    """``n`` fixed images [n, 3, size, size], normalized: the int8 gate's test set.
+
+    Deterministic, and varied the way quantization errors show: flat shapes on plain grounds (like
+    the bundled shapes-mini's data), smooth gradients, fine noise, and the three mixed.
+    """
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(20261129)
+    out = np.empty((n, size, size, 3), np.float32)
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    for i in range(n):
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        angle = rng.uniform(0, 2 * np.pi)
+        t = np.clip(np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None], 0, 1)[..., None]
+        kind = i % 4
+        ground = a + (b - a) * t if kind in (1, 3) else np.broadcast_to(a, (size, size, 3))
+        img = Image.fromarray(np.clip(ground, 0, 255).astype(np.uint8))
+        if kind in (0, 3):
+            draw = ImageDraw.Draw(img)
+            for _ in range(int(rng.integers(1, 4))):
+                x, y = rng.uniform(0, size, 2)
+                r = rng.uniform(size / 8, size / 2.5)
+                color = tuple(int(c) for c in rng.integers(0, 256, 3))
+                shape = int(rng.integers(0, 3))
+                if shape == 0:
+                    draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
+                elif shape == 1:
+                    draw.rectangle((x - r, y - r, x + r, y + r), fill=color)
+                else:
+                    draw.regular_polygon((x, y, r), int(rng.integers(3, 7)), fill=color)
+            img = img.filter(ImageFilter.GaussianBlur(0.5))
+        arr = np.asarray(img, np.float32)
+        if kind in (2, 3):
+            arr = arr + rng.normal(0, 40 if kind == 2 else 12, arr.shape)
+        out[i] = np.clip(arr, 0, 255)
+    x = (out / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def add_int8(folder: Path, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> dict:
+    """Give an export made without one a gated int8 visual tower (no torch needed); returns the gate.
+
+    The new files are renamed into ``folder`` under names nothing reads yet, then ``export.json`` is
+    replaced atomically, so a process reading the folder meanwhile sees the old or the new export.
+    """
+    meta_path = Path(folder) / META_FILE
+    meta = json.loads(meta_path.read_text())
+    gate = _quantize_visual(Path(folder), meta["towers"], int(meta["image_size"]), mean, std)
+    meta["int8"] = gate
+    tmp = meta_path.with_name(f".{META_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.chmod(tmp, 0o644)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, meta_path)
+    return gate
+
+
+def _quantize_visual(folder: Path, towers: dict, image_size: int, mean: Sequence[float],
+                     std: Sequence[float]) -> dict:
+    """Quantize the visual tower in ``folder`` (onnxruntime dynamic int8: QInt8 weights of MatMul/Gemm)
+    and gate it on ``probe_pixels``: kept (files in ``folder``, ``towers[INT8_TOWER]`` added) only
+    when every probe's cosine to the fp32 tower is >= ``INT8_MIN_COSINE``. Returns the gate record,
+    with ``speedup`` (fp32 time / int8 time on this machine: below 1, "auto" keeps fp32).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    t0 = time.perf_counter()
+    gate: dict[str, Any] = {"threshold": INT8_MIN_COSINE, "probes": INT8_PROBES, "kept": False}
+    work = Path(tempfile.mkdtemp(prefix=".int8-", dir=folder))
+    try:
+        raw = work / "quantized.onnx"
+        try:
+            # the saved graph holds onnxruntime contrib ops, whose output types the quantizer cannot
+            # infer: treat unknown tensors as float (shapes-mini's conv tower needs this)
+            logging.disable(logging.WARNING)  # the quantizer's advice goes to the root logger
+            quantize_dynamic(folder / towers["visual"]["file"], raw, weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            built = work / _FILES[INT8_TOWER]
+            _save_optimized(ort, raw, built, "the int8 visual tower")
+        except Exception as exc:  # quantizer errors: keep fp32, say why
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            gate["reason"] = f"quantization failed: {first}"
+            return gate
+        finally:
+            logging.disable(logging.NOTSET)
+        pixels = probe_pixels(image_size, mean, std)
+        sessions = [ort.InferenceSession(str(path), _load_options(ort, "visual", optimized_by=None, threads=None,
+                                                                  prepack=True), providers=["CPUExecutionProvider"])
+                    for path in (folder / towers["visual"]["file"], built)]
+
+        def run(which: int, images: np.ndarray) -> np.ndarray:
+            chunk = len(images) if which == 0 else 1  # int8 one image per call, as OnnxEncoder runs it
+            return np.concatenate([sessions[which].run([_OUTPUT], {_INPUTS["visual"]: images[i : i + chunk]})[0]
+                                   for i in range(0, len(images), chunk)])
+
+        worst = float(_row_cosine(run(0, pixels), run(1, pixels)).min())
+        # Speed, best of 2 alternating passes over 16 probes: int8 one image per call pays a per-call
+        # cost that can outweigh its faster kernels on a small model (shapes-mini: 0.7x fp32).
+        best = [float("inf"), float("inf")]
+        for _ in range(2):
+            for which in (0, 1):
+                start = time.perf_counter()
+                run(which, pixels[:16])
+                best[which] = min(best[which], time.perf_counter() - start)
+        del sessions
+        gate["min_cosine"] = round(worst, 6)
+        gate["speedup"] = round(best[0] / max(best[1], 1e-9), 2)
+        gate["seconds"] = round(time.perf_counter() - t0, 2)
+        if not worst >= INT8_MIN_COSINE:
+            gate["reason"] = (f"min cosine {worst:.4f} to fp32 on {INT8_PROBES} probe images is below "
+                              f"{INT8_MIN_COSINE}")
+            return gate
+        names = [built.name, built.name + ".data"]
+        for name in names:
+            os.chmod(work / name, 0o644)
+            with open(work / name, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(work / name, folder / name)
+        gate["kept"] = True
+        towers[INT8_TOWER] = {
+            "file": built.name,
+            "data": built.name + ".data",
+            "bytes": {name: (folder / name).stat().st_size for name in names},
+            "input": _INPUTS["visual"],
+            "output": _OUTPUT,
+            "min_cosine_vs_fp32": gate["min_cosine"],
+            "optimized_by": {"onnxruntime": ort.__version__, "level": "extended"},
+        }
+        return gate
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _text_vocab_size(model) -> int | None:
@@ -479,228 +601,3 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _session_options(ort, *, level: str, threads: int | None, prepack: bool):
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = int(threads) if threads else 0  # 0: one per physical core
-    opts.log_severity_level = 3  # errors only
-    if not prepack:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-    return opts
-
-
-def _load_options(ort, tower: str, *, optimized_by: str | None, threads: int | None, prepack: bool):
-    """Options to run an exported tower.
-
-    The text graph was optimized at export by this onnxruntime version: run it as saved
-    (no optimizer pass, ~0.15 s less per process start). The visual tower keeps ORT_ENABLE_ALL,
-    whose layout passes can speed up convolutions (ResNet towers); its start-up matters less.
-    After an onnxruntime upgrade, everything is optimized again at load time.
-    """
-    level = "disable" if tower == "text" and optimized_by == ort.__version__ else "all"
-    return _session_options(ort, level=level, threads=threads, prepack=prepack)
-
-
-# ----------------------------------------------------------------------------------------------
-# inference (torch-free)
-# ----------------------------------------------------------------------------------------------
-def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    num = (a * b).sum(axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return num / np.maximum(den, 1e-30)
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    """As torch.nn.functional.normalize(x, dim=-1): x / max(||x||, 1e-12), float32."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
-
-
-def _trim_tokens(ids: np.ndarray) -> np.ndarray:
-    """Drop the all-zero padding columns after the last non-padding position of the batch."""
-    nonzero = np.flatnonzero(ids.any(axis=0))
-    length = int(nonzero[-1]) + 1 if nonzero.size else 1
-    return np.ascontiguousarray(ids[:, :length])
-
-
-class OnnxEncoder:
-    """Embed texts and preprocessed images with an ``export_towers`` folder, without torch.
-
-    >>> enc = OnnxEncoder(Path("~/.cache/mmsearch/onnx/ViT-B-32-openai").expanduser())
-    >>> enc.embed_texts(["a dog on a beach"]).shape   # (1, enc.dim), rows L2-normalized
-    """
-
-    def __init__(self, export_dir: Path, threads: int | None = None):
-        self.export_dir = Path(export_dir)
-        self.threads = threads
-        meta_path = self.export_dir / META_FILE
-        if not self.export_dir.is_dir():
-            raise ModelUnavailable(f"no ONNX export at {self.export_dir}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            raise ModelUnavailable(f"incomplete ONNX export at {self.export_dir}: {META_FILE} is missing") from None
-        except (OSError, ValueError) as exc:
-            raise ModelUnavailable(f"unreadable {meta_path}: {exc}") from exc
-        try:
-            if meta.get("format") != FORMAT:
-                raise ModelUnavailable(
-                    f"ONNX export at {self.export_dir} has format {meta.get('format')!r}, expected {FORMAT}:"
-                    " export it again"
-                )
-            self.dim = int(meta["embed_dim"])
-            self.context_length = int(meta["context_length"])
-            self.image_size = int(meta["image_size"])
-            towers = dict(meta["towers"])
-            vocab_name = meta["tokenizer"]["file"]
-        except ModelUnavailable:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ModelUnavailable(f"damaged {meta_path}: {exc!r}") from exc
-        self.meta: dict = meta
-        self._towers: dict[str, dict] = {}
-        for tower, info in towers.items():
-            if tower not in TOWERS:
-                continue
-            try:
-                sizes = {str(k): int(v) for k, v in dict(info["bytes"]).items()}
-                file = str(info["file"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ModelUnavailable(f"damaged {meta_path} ({tower}): {exc!r}") from exc
-            for name, size in sizes.items():
-                path = self.export_dir / name
-                try:
-                    actual = path.stat().st_size
-                except OSError:
-                    raise ModelUnavailable(f"damaged ONNX export: {path} is missing") from None
-                if actual != size:
-                    raise ModelUnavailable(
-                        f"damaged ONNX export: {path} has {actual} bytes, export.json says {size}"
-                    )
-            self._towers[tower] = dict(info, path=self.export_dir / file)
-        if not self._towers:
-            raise ModelUnavailable(f"damaged {meta_path}: no tower listed")
-        self._vocab_path = self.export_dir / vocab_name
-        if "text" in self._towers and not self._vocab_path.is_file():
-            raise ModelUnavailable(f"damaged ONNX export: {self._vocab_path} is missing")
-        self._sessions: dict[str, Any] = {}
-        self._prepacked: dict[str, bool] = {}
-        self._tokenizer: ClipTokenizer | None = None
-
-    # -- introspection ---------------------------------------------------------------------
-    @property
-    def towers(self) -> tuple[str, ...]:
-        return tuple(t for t in TOWERS if t in self._towers)
-
-    @property
-    def tokenizer(self) -> ClipTokenizer:
-        if self._tokenizer is None:
-            if "text" not in self._towers:
-                raise ModelUnavailable(f"the ONNX export at {self.export_dir} has no text tower")
-            try:
-                self._tokenizer = ClipTokenizer(self._vocab_path, self.context_length)
-            except (OSError, ValueError, EOFError) as exc:
-                raise ModelUnavailable(f"damaged tokenizer vocabulary {self._vocab_path}: {exc}") from exc
-        return self._tokenizer
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` including SOT/EOT; more than ``context_length`` means truncated."""
-        return self.tokenizer.count_tokens(text)
-
-    # -- sessions ----------------------------------------------------------------------------
-    def _session(self, tower: str, *, bulk: bool = True):
-        """The tower's session, created on first use.
-
-        ``bulk=False`` (a few texts, e.g. one query) creates it without weight pre-packing: that
-        starts about 0.15 s sooner (ViT-B-32 text, 2 cores) and runs a short query about 0.02 s
-        slower. A later bulk call replaces such a session by a pre-packed one (faster batches).
-        """
-        sess = self._sessions.get(tower)
-        if sess is not None and (not bulk or self._prepacked.get(tower, True)):
-            return sess
-        info = self._towers.get(tower)
-        if info is None:
-            raise ModelUnavailable(f"the ONNX export at {self.export_dir} has no {tower} tower")
-        import onnxruntime as ort
-
-        optimized_by = (info.get("optimized_by") or {}).get("onnxruntime")
-        opts = _load_options(ort, tower, optimized_by=optimized_by, threads=self.threads, prepack=bulk)
-        try:
-            sess = ort.InferenceSession(str(info["path"]), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelUnavailable(f"cannot load ONNX {tower} tower {info['path']}: {exc}") from exc
-        self._sessions[tower] = sess
-        self._prepacked[tower] = bulk
-        return sess
-
-    # -- embedding ---------------------------------------------------------------------------
-    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
-        """L2-normalized float32 [n, dim] for int64 token ids [n, context_length] (from ``tokenizer``)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[1] != self.context_length:
-            raise ValueError(f"token ids must be [n, {self.context_length}], got {ids.shape}")
-        if ids.shape[0] == 0:
-            return np.zeros((0, self.dim), np.float32)
-        sess = self._session("text", bulk=ids.shape[0] > _FEW_TEXTS)
-        trim = bool(self._towers["text"].get("dynamic_length"))
-        out = np.empty((ids.shape[0], self.dim), np.float32)
-        if trim:
-            # similar lengths together, so that each call cuts as much padding as possible
-            last = np.where(ids != 0, np.arange(ids.shape[1])[None, :], 0).max(axis=1)
-            order = np.argsort(last, kind="stable")
-        else:
-            order = np.arange(ids.shape[0])
-        for start in range(0, len(order), _TEXT_CHUNK):
-            rows = order[start : start + _TEXT_CHUNK]
-            batch = ids[rows]
-            if trim:
-                batch = _trim_tokens(batch)
-            out[rows] = sess.run([_OUTPUT], {_INPUTS["text"]: np.ascontiguousarray(batch)})[0]
-        return _l2_normalize(out)
-
-    def embed_texts(self, texts: Iterable[str]) -> np.ndarray:
-        """L2-normalized float32 [n, dim] text embeddings (same tokens as open_clip's tokenizer)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        return self.embed_tokens(self.tokenizer(texts))
-
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """L2-normalized float32 [n, dim] for preprocessed images: float32 [n, 3, S, S], S = image_size."""
-        pixels = np.asarray(pixels)
-        size = self.image_size
-        if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
-            raise ValueError(f"pixels must be [n, 3, {size}, {size}], got {pixels.shape}")
-        if pixels.shape[0] == 0:
-            return np.zeros((0, self.dim), np.float32)
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        sess = self._session("visual")
-        parts = [
-            sess.run([_OUTPUT], {_INPUTS["visual"]: pixels[i : i + _PIXEL_CHUNK]})[0]
-            for i in range(0, pixels.shape[0], _PIXEL_CHUNK)
-        ]
-        return _l2_normalize(np.concatenate(parts) if len(parts) > 1 else parts[0])
-
-    def close(self) -> None:
-        """Drop the sessions (frees their memory); they are created again on next use."""
-        self._sessions.clear()
-        self._prepacked.clear()
-
-    def __repr__(self) -> str:
-        return (
-            f"OnnxEncoder({str(self.export_dir)!r}, dim={self.dim}, towers={self.towers}, "
-            f"loaded={tuple(self._sessions)})"
-        )
