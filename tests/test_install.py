@@ -129,7 +129,6 @@ def test_installed_wheel_runs_from_any_directory(venv: Path, tmp_path: Path) -> 
     assert list(work.iterdir()) == [], "running from a directory wrote into it"
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py is still installed as a top-level module until it moves into retrieval/")
 def test_installed_wheel_has_no_top_level_cli_module(venv: Path, tmp_path: Path) -> None:
     probe = in_venv(venv, tmp_path, venv / "bin" / "python", "-c",
                     "import importlib.util as u; print(u.find_spec('cli') is None, u.find_spec('index_data') is None)")
