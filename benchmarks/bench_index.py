@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_index.py [--n 200] [--device auto|cpu|cuda] [--model ViT-B-32[,ViT-B-32-256]]
         [--batch-size 64] [--workers auto|0,1,2] [--backend auto|torch|onnx[,...]] [--repeat 1]
+        [--gpu-decode auto|on|off[,...]] [--unique U] [--naive-n N]
         [--rclip .peers/rclip/venv/bin/rclip] [--json out.json]
     .venv/bin/python benchmarks/bench_index.py --whole-process --n 75 --model ViT-B-32-256 --precision auto,fp32 \\
         --repeat 4 --rclip .peers/rclip/venv/bin/rclip
@@ -9,7 +10,8 @@
 Photos: --n photo-like JPEGs (smooth noise, gradients, blurred shapes, grain; --photo-size 1280x960,
 quality 90, about 350 KB each), generated once, deterministically, into a cache outside git
 (--cache, default $MMSEARCH_BENCH_DIR or ~/.cache/mmsearch-bench); each run indexes a folder of
-hard links holding exactly --n of them, read once beforehand so every contender finds them in
+hard links holding exactly --n of them (cycling over --unique distinct ones, when given: a GPU
+needs thousands, slow to generate), read once beforehand so every contender finds them in
 the page cache. Random weights everywhere (no download): only the timings mean anything.
 
 Contenders, for each --model, in turn (--repeat rounds, alternating; medians reported):
@@ -21,6 +23,9 @@ Contenders, for each --model, in turn (--repeat rounds, alternating; medians rep
            and --backend (auto: onnxruntime on cpu, torch fp16 on cuda) and --precision. The model is loaded (on cpu,
            exported to ONNX once, into the user cache) before the clock starts, as for naive; the scan,
            decoder start, database and vector cache are timed. Breakdown from IndexReport.timings.
+           --gpu-decode sets MMSEARCH_GPU_DECODE for it (retrieval/gpu_decode.py): auto = JPEGs decoded
+           in batches by nvJPEG on cuda, by PIL on cpu; on = torchvision's decoder on the model's device
+           (on cpu too: to show it is no default there); off = PIL in the decoders.
   rclip    (--rclip BIN, optional) a fresh rclip index of the same folder (its own ViT-B-32-256 via
            onnxruntime), in a private RCLIP_DATADIR linking the model files: the time of
            `rclip -t 5 QUERY` with an empty database, minus a query-only run (`-n`) on the built
@@ -42,19 +47,24 @@ embed (stack + transfer + model; split with a separate transfer measurement) / d
 vector cache) / other (scan, diff, decoder start). "model only" is images/s of the encoder alone on
 ready pixels: the ceiling for this machine.
 
-On the GPU `device` machine (16 cores; torch with CUDA is there, nothing can be downloaded there):
-  0. see what it lacks (one short run): python -V; for m in torch torchvision open_clip faiss ftfy regex \\
-       onnxruntime sqlalchemy click tqdm timm huggingface_hub safetensors PIL numpy; do
-       python -c "import $m" 2>/dev/null || echo "missing $m"; done
+On the GPU `device` machine (an H200 with 16 cores; torch with CUDA is there, nothing can be downloaded there):
+  0. see what it lacks (one short run): python -V; python -c "import torch; print(torch.__version__)"; \\
+       for m in torch torchvision open_clip faiss ftfy regex onnxruntime sqlalchemy click tqdm timm \\
+       huggingface_hub safetensors PIL numpy; do python -c "import $m" 2>/dev/null || echo "missing $m"; done
   1. here, fetch wheels for its Python version (3.11 below) into the git-ignored .whl/ (carry limit 64 MiB):
        .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.11 -d .whl \\
            open_clip_torch faiss-cpu ftfy wcwidth regex onnxruntime   # + any other module step 0 found missing
-  2. one command, run with carry=[".whl"]:
+     (torchvision, if missing: the release made for its torch, e.g. torchvision==0.29.1 for torch 2.14.1;
+     PyPI's Linux wheels are CUDA builds, with nvJPEG)
+  2. one command, run with carry=[".whl"], for issue 13's bar (ViT-B-32, 1280x960 JPEGs, >= 4,000 img/s and
+     >= 5x the naive loop in the same run; the last line printed says whether it is met):
        pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-       PYTHONPATH=/tmp/site:. python benchmarks/bench_index.py --n 2000 --device cuda \\
-           --model ViT-B-32,ViT-B-32-256 --batch-size 256 --workers 8,15 --repeat 2 --cache /tmp/bench \\
-           --json $OUT/bench_index.json
-     (generating 2000 photos takes about a minute on 16 cores; rclip is a CPU program, leave it out there)
+       PYTHONPATH=/tmp/site:. python benchmarks/bench_index.py --device cuda --model ViT-B-32 \\
+           --n 8000 --unique 1000 --naive-n 1000 --batch-size 256 --workers 4,15 --gpu-decode on,off \\
+           --repeat 2 --cache /tmp/bench --json $OUT/bench_index.json
+     (generating 1000 photos takes about 30 s on 16 cores, the naive loop about 25 s per round at
+     PIL's full-size decode; rclip is a CPU program, leave it out there. --model ViT-B-32,ViT-B-32-256
+     times both towers.)
 """
 
 from __future__ import annotations
@@ -131,12 +141,14 @@ def _write_photo(job: tuple[int, int, int, int, str]) -> None:
     os.replace(tmp, path)
 
 
-def ensure_photos(cache: Path, n: int, width: int, height: int, quality: int) -> Path:
-    """The folder holding exactly photos 0..n-1 (hard links into the generated pool)."""
+def ensure_photos(cache: Path, n: int, width: int, height: int, quality: int, unique: int | None = None) -> Path:
+    """The folder holding n photos: hard links into the generated pool, to photos 0..n-1, or
+    cycling over photos 0..unique-1 (decoding costs the same; generating them does not)."""
     pool = cache / f"photos-{width}x{height}-q{quality}"
     pool.mkdir(parents=True, exist_ok=True)
+    unique = min(unique or n, n)
     names = [f"p{i:05d}.jpg" for i in range(n)]
-    jobs = [(i, width, height, quality, str(pool / name)) for i, name in enumerate(names) if not (pool / name).exists()]
+    jobs = [(i, width, height, quality, str(pool / names[i])) for i in range(unique) if not (pool / names[i]).exists()]
     if jobs:
         log(f"generating {len(jobs)} photos {width}x{height} q{quality} into {pool} ...")
         t0 = time.perf_counter()
@@ -144,15 +156,16 @@ def ensure_photos(cache: Path, n: int, width: int, height: int, quality: int) ->
         with multiprocessing.get_context("spawn").Pool(procs) as pool_:
             pool_.map(_write_photo, jobs, chunksize=4)
         log(f"  {time.perf_counter() - t0:.1f} s")
-    folder = cache / f"set-{width}x{height}-q{quality}-n{n}"
+    folder = cache / (f"set-{width}x{height}-q{quality}-n{n}" + (f"-u{unique}" if unique < n else ""))
     if not folder.is_dir() or sorted(os.listdir(folder)) != names:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        for name in names:
+        for i, name in enumerate(names):
+            source = pool / names[i % unique]
             try:
-                os.link(pool / name, folder / name)
+                os.link(source, folder / name)
             except OSError:
-                shutil.copy2(pool / name, folder / name)
+                shutil.copy2(source, folder / name)
     for name in names:  # into the page cache: every contender reads warm files
         (folder / name).read_bytes()
     return folder
@@ -205,9 +218,11 @@ def run_naive(model, preprocess, files: list[str], device: str, batch_size: int)
 
 
 def run_mmsearch(model_name: str, folder: Path, device: str, batch_size: int, workers: int | None, n: int,
-                 backend: str, precision: str = "auto") -> dict:
+                 backend: str, precision: str = "auto", gpu_decode: str = "auto") -> dict:
     import retrieval
+    from retrieval.gpu_decode import SETTING
 
+    os.environ[SETTING] = gpu_decode
     with tempfile.TemporaryDirectory(prefix="mmsearch-bench-index-") as tmp:
         with retrieval.open_index(tmp, model=model_name, pretrained="random", device=device, backend=backend,
                                   precision=precision) as idx:
@@ -403,6 +418,12 @@ def main() -> None:
     ap.add_argument("--backend", default="auto",
                     help="comma-separated mmsearch backends: auto (onnxruntime on cpu, torch on cuda), torch, onnx;"
                          " all --workers values run with the first, the others with the first --workers value only")
+    ap.add_argument("--gpu-decode", default="auto",
+                    help="comma-separated MMSEARCH_GPU_DECODE values for mmsearch: auto (JPEGs decoded on the GPU on"
+                         " cuda, by PIL on cpu), on (torchvision's decoder on the model's device, cpu included), off"
+                         " (PIL); the first --backend and --precision run every --workers x --gpu-decode pair")
+    ap.add_argument("--unique", type=int, help="generate only this many distinct photos; the --n files cycle over them")
+    ap.add_argument("--naive-n", type=int, help="the naive loop embeds only the first NAIVE_N photos (its img/s is per image)")
     ap.add_argument("--photo-size", default="1280x960")
     ap.add_argument("--quality", type=int, default=90)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MMSEARCH_BENCH_DIR", "~/.cache/mmsearch-bench")).expanduser())
@@ -415,7 +436,7 @@ def main() -> None:
     args = ap.parse_args()
 
     width, height = (int(x) for x in args.photo_size.lower().split("x"))
-    folder = ensure_photos(args.cache, args.n, width, height, args.quality)
+    folder = ensure_photos(args.cache, args.n, width, height, args.quality, args.unique)
     if args.rclip:
         args.rclip = args.rclip.expanduser().absolute()
     if args.whole_process:
@@ -435,11 +456,14 @@ def main() -> None:
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    decodes = [d.strip() for d in args.gpu_decode.split(",") if d.strip()]
+    naive_files = files[: args.naive_n or len(files)]
     env = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}"
                    f", {torch.get_num_threads()} torch threads",
         "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-        "device": device, "n": args.n, "photos": f"{width}x{height} q{args.quality}, {mean_kb:.0f} KB mean",
+        "device": device, "n": args.n, "unique": args.unique or args.n, "naive_n": len(naive_files),
+        "photos": f"{width}x{height} q{args.quality}, {mean_kb:.0f} KB mean",
         "batch_size": args.batch_size, "default_workers": default_workers(), "load_start": loadavg(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
@@ -456,13 +480,15 @@ def main() -> None:
             run_naive(*naive, files[: min(len(files), 4)], device, args.batch_size)
         contenders = []  # (name, run()) in the order of even rounds; odd rounds run them reversed
         if naive:
-            contenders.append(("naive", lambda: run_naive(*naive, files, device, args.batch_size)))
+            contenders.append(("naive", lambda: run_naive(*naive, naive_files, device, args.batch_size)))
         combos = [(b, p) for b in backends for p in precisions]
         for ci, (backend, precision) in enumerate(combos):
             for w in workers_list if ci == 0 else workers_list[:1]:  # other combinations: first --workers only
-                name = f"mmsearch[{backend}-{precision}] workers={'auto=' + str(default_workers()) if w is None else w}"
-                contenders.append((name, lambda w=w, backend=backend, precision=precision: run_mmsearch(
-                    model_name, folder, device, args.batch_size, w, args.n, backend, precision)))
+                for dec in decodes if ci == 0 else decodes[:1]:
+                    name = f"mmsearch[{backend}-{precision}] workers={'auto=' + str(default_workers()) if w is None else w}"
+                    name += f" gpu-decode={dec}" if len(decodes) > 1 or dec != "auto" else ""
+                    contenders.append((name, lambda w=w, backend=backend, precision=precision, dec=dec: run_mmsearch(
+                        model_name, folder, device, args.batch_size, w, args.n, backend, precision, dec)))
         if args.rclip and model_name == "ViT-B-32-256":
             contenders.append(("rclip", lambda: run_rclip(args.rclip, rclip_data, folder, args.n)))
         for r in range(args.repeat):
@@ -480,6 +506,8 @@ def main() -> None:
         del naive, encoders
         results["models"][model_name] = {"runs": runs, "model_only": ceilings}
         print_table(model_name, runs, ceilings, args.n)
+        if device.startswith("cuda"):
+            print_gpu_bar(runs)
     results["env"]["load_end"] = loadavg()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
@@ -503,18 +531,35 @@ def round_ratio(runs: list[dict], base: list[dict] | None) -> str:
 
 def print_table(model_name: str, runs: dict[str, list[dict]], ceilings: dict[str, dict | None], n: int) -> None:
     print(f"\n{model_name}: {n} photos; img/s: median run; x naive, x rclip: median of the per-round ratios")
-    print(f"{'contender':34s} {'img/s':>6s} {'x naive':>7s} {'x rclip':>7s}  {'all runs (img/s)':24s} where the time goes (s)")
+    w = max([34, *map(len, runs)])
+    print(f"{'contender':{w}s} {'img/s':>6s} {'x naive':>7s} {'x rclip':>7s}  {'all runs (img/s)':24s} where the time goes (s)")
     for name, rs in runs.items():
         m = median_run(rs)
         every = ", ".join(f"{r['ips']:.1f}" for r in rs)
-        print(f"{name:34s} {m['ips']:6.1f} {round_ratio(rs, runs.get('naive')):>7s} {round_ratio(rs, runs.get('rclip')):>7s}"
+        print(f"{name:{w}s} {m['ips']:6.1f} {round_ratio(rs, runs.get('naive')):>7s} {round_ratio(rs, runs.get('rclip')):>7s}"
               f"  {every:24s} {describe(name, m, ceilings.get(name.split()[0]))}")
     for key, ceiling in ceilings.items():
         if ceiling:
-            print(f"{key + ' model only':34s} {ceiling['ips']:6.1f}                  embed_pixels on ready pixels "
+            print(f"{key + ' model only':{w}s} {ceiling['ips']:6.1f}                  embed_pixels on ready pixels "
                   "(measured after the runs)"
                   + (f", host->device {ceiling['transfer_s_per_image'] * 1e3:.2f} ms/img" if ceiling["transfer_s_per_image"] else ""))
     sys.stdout.flush()
+
+
+#: Issue 13's bar for the GPU path (ViT-B-32, 1280x960 JPEGs): images/s, and times the naive loop in the same run.
+GPU_BAR = (4000.0, 5.0)
+
+
+def print_gpu_bar(runs: dict[str, list[dict]]) -> None:
+    """Whether the fastest mmsearch contender meets GPU_BAR."""
+    mine = {name: median_run(rs)["ips"] for name, rs in runs.items() if name.startswith("mmsearch")}
+    if not mine:
+        return
+    best = max(mine, key=mine.__getitem__)
+    ratio = round_ratio(runs[best], runs.get("naive"))
+    met = mine[best] >= GPU_BAR[0] and ratio != "-" and float(ratio) >= GPU_BAR[1]
+    print(f"GPU bar (>= {GPU_BAR[0]:.0f} img/s and >= {GPU_BAR[1]:.0f}x naive): {best}: {mine[best]:.0f} img/s, "
+          f"{ratio}x naive -> {'met' if met else 'NOT met'}")
 
 
 def describe(name: str, run: dict, ceiling: dict | None) -> str:
@@ -529,9 +574,12 @@ def describe(name: str, run: dict, ceiling: dict | None) -> str:
         transfer = 0.0
         if ceiling and ceiling["transfer_s_per_image"]:
             transfer = min(embed, ceiling["transfer_s_per_image"] * n)
-        other = total - b.get("wait_decode", 0) - embed - b.get("database", 0)
+        device_decode = b.get("device_decode", 0.0)
+        other = total - b.get("wait_decode", 0) - embed - b.get("database", 0) - device_decode
         return (f"total {total:.1f}: decode {b.get('decode', 0):.1f} (in the decoders, overlapped), waiting for "
-                f"decode {b.get('wait_decode', 0):.1f}, transfer {transfer:.1f}, model {embed - transfer:.1f}, "
+                f"decode {b.get('wait_decode', 0):.1f}, "
+                + (f"JPEG decode on the device {device_decode:.1f}, " if "device_decode" in b else "")
+                + f"transfer {transfer:.1f}, model {embed - transfer:.1f}, "
                 f"database {b.get('database', 0):.1f}, other {other:.1f}; model alone {n / max(embed - transfer, 1e-9):.1f} img/s")
     return f"index run {b['index_run']:.1f} - query-only run {b['query_only_run']:.1f}"
 

@@ -36,6 +36,7 @@ Environment variables:
   MMSEARCH_CACHE       exported models (default: $XDG_CACHE_HOME/mmsearch, ~/.cache/mmsearch)
   MMSEARCH_BACKEND     auto (onnxruntime on a CPU, torch on CUDA), torch or onnx
   MMSEARCH_OFFLINE     if set, never try to reach the model hub
+  MMSEARCH_GPU_DECODE  auto (JPEGs decoded on the GPU when the model runs on CUDA), on or off
   MMSEARCH_TOKEN       the secret of `serve --token`
   MMSEARCH_PRUNE_MAX_SHARE, MMSEARCH_PRUNE_MAX_FILES
                        a re-scan keeps a folder's missing files when more than this

@@ -371,8 +371,9 @@ class Encoder:
                 out.append(self.model.encode_text(tokens, normalize=True).float().cpu().numpy())
         return np.concatenate(out)
 
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Embed uint8 [n, size, size, 3] pixels (from `images.fit`); returns float32 [n, dim], unit norm."""
+    def embed_pixels(self, pixels: np.ndarray | Any) -> np.ndarray:
+        """Embed uint8 [n, size, size, 3] pixels (from `images.fit`, or a torch tensor from `gpu_decode`
+        on the torch backend); returns float32 [n, dim], unit norm."""
         if self.onnx is not None:
             x = (pixels.transpose(0, 3, 1, 2).astype(np.float32) - self._mean) / self._std
             return self.onnx.embed_pixels(np.ascontiguousarray(x))
@@ -381,8 +382,8 @@ class Encoder:
         if self._torch_norm is None:
             self._torch_norm = (torch.from_numpy(self._mean).to(self.device), torch.from_numpy(self._std).to(self.device))
         mean, std = self._torch_norm
-        batch = torch.from_numpy(np.ascontiguousarray(pixels))
-        if self.device.startswith("cuda"):
+        batch = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.startswith("cuda") and batch.device.type == "cpu":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast():
             x = (batch.permute(0, 3, 1, 2).float() - mean) / std

@@ -41,6 +41,9 @@ class Geometry:
 
     size: int
     resize_mode: str = "shortest"
+    #: Plain JPEGs come back undecoded (`Decoded.jpeg`), to be decoded on the model's device
+    #: (`gpu_decode`); other files are decoded here as always.
+    jpeg_to_device: bool = False
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Decoded:
     pixels: np.ndarray | None  # uint8 [size, size, 3]
     error: str | None = None
     seconds: float = 0.0  # time spent reading, hashing and decoding it (in whichever process did)
+    jpeg: bytes | None = None  # the file's bytes, left for the device to decode (`Geometry.jpeg_to_device`)
+    orientation: int = 1  # its EXIF orientation (1-8), applied after that decode
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -176,11 +181,39 @@ def _decode_file(path: str, geometry: Geometry, draft: bool) -> Decoded:
     digest = hashlib.sha256(data).hexdigest()  # of the bytes we decode: the file is read once
     if not data:
         return Decoded(path, size, mtime, digest, None, "empty file")
+    if geometry.jpeg_to_device and (orientation := device_jpeg_orientation(data)) is not None:
+        return Decoded(path, size, mtime, digest, None, jpeg=data, orientation=orientation)
+    pixels, error = decode_data(data, geometry, draft)
+    return Decoded(path, size, mtime, digest, pixels, error)
+
+
+def decode_data(data: bytes, geometry: Geometry, draft: bool = True) -> tuple[np.ndarray | None, str | None]:
+    """(pixels, None) for the model, or (None, why not); never raises for bad data."""
     try:
-        img = open_image(data, draft=geometry.size if draft else None)
-        return Decoded(path, size, mtime, digest, fit(img, geometry))
+        return fit(open_image(data, draft=geometry.size if draft else None), geometry), None
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "skip this file"
-        return Decoded(path, size, mtime, digest, None, describe_error(exc))
+        return None, describe_error(exc)
+
+
+def device_jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation (1-8) of a JPEG that nvJPEG can take: 8-bit RGB or grayscale, within
+    MAX_PIXELS; None for anything else (CMYK, other formats, unreadable headers), decoded by PIL.
+
+    Reads the header only, not the pixels.
+    """
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over MAX_PIXELS: PIL's path refuses it
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if img.format != "JPEG" or img.mode not in ("RGB", "L") or width * height > MAX_PIXELS:
+                    return None
+                orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a header PIL cannot parse: leave the file to PIL's full decode and its error
+        return None
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
 def _decode_chunk(paths: list[str], geometry: Geometry, draft: bool) -> list[Decoded]:

@@ -23,6 +23,7 @@ import numpy as np
 from .config import PRUNE_MAX_FILES, PRUNE_MAX_SHARE, kind_of
 from .encoder import sha256_file
 from .errors import MMSearchError, NothingToIndex, PathNotFound, UnsupportedFile
+from .gpu_decode import for_encoder
 from .images import decode_many
 from .reader import is_under
 from .scan import Candidate, excluded, read_corpus, scan, type_counts
@@ -66,7 +67,8 @@ class IndexReport:
     #: Seconds spent on images: "images" (wall time of the image loop), "decode" (reading, hashing
     #: and decoding, summed over the decoders working in parallel with the rest), "wait_decode" (the
     #: loop waiting for decoded images), "embed" (batch stacking, host→device copy, model, copy
-    #: back), "database" (commits + vector-cache updates).
+    #: back), "database" (commits + vector-cache updates), and where JPEGs are decoded on the GPU
+    #: (`gpu_decode`), "device_decode" (that decode, with the CPU retries of files it rejects).
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -396,14 +398,21 @@ def _embed_images(storage: Storage, encoder: Encoder, images: list[str], changed
         timings.setdefault(key, 0.0)
     last_save = time.monotonic()
     started = time.perf_counter()
+    on_device = for_encoder(encoder)  # JPEGs decoded in batches on the GPU (see gpu_decode), or None
+    geometry = on_device.geometry if on_device else encoder.geometry
 
     def flush(batch: list) -> None:
+        if on_device:
+            start = time.perf_counter()
+            on_device.finish(batch, draft)
+            timings["device_decode"] = timings.get("device_decode", 0.0) + time.perf_counter() - start
         ok = [d for d in batch if d.pixels is not None]
         bad = [(d.path, d.error or "unreadable") for d in batch if d.pixels is None]
         added = []
         if ok:
             start = time.perf_counter()
-            vectors = encoder.embed_pixels(np.stack([d.pixels for d in ok]))
+            pixels = [d.pixels for d in ok]
+            vectors = encoder.embed_pixels(on_device.stack(pixels) if on_device else np.stack(pixels))
             timings["embed"] += time.perf_counter() - start
             added = [NewFile(d.path, "image", d.size, d.mtime, d.sha256, [0], [None], vectors[i : i + 1])
                      for i, d in enumerate(ok)]
@@ -420,7 +429,7 @@ def _embed_images(storage: Storage, encoder: Encoder, images: list[str], changed
         if progress:
             progress(len(batch))
 
-    decoded_stream = decode_many(images, encoder.geometry, workers, draft, ahead=max(2 * batch_size, 64))
+    decoded_stream = decode_many(images, geometry, workers, draft, ahead=max(2 * batch_size, 64))
     try:
         batch: list = []
         while True:
