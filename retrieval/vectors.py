@@ -433,7 +433,7 @@ class VectorIndex:
                            metric=faiss.METRIC_INNER_PRODUCT)
         slot_of = np.full(len(vectors), -1, dtype=np.int64)
         slot_of[order[:len(self)]] = np.arange(len(self))
-        truth = _drop_self(slot_of[pos], np.full(len(q), -1), k)
+        truth = _first_slots(slot_of[pos], k)  # held-out rows have no slot (-1)
         knob = "efSearch" if self._kind == "hnsw" else "nprobe"
         limit = MAX_EF_SEARCH if knob == "efSearch" else self._nlist()
         tried = [c for c in (EF_CANDIDATES if knob == "efSearch" else NPROBE_CANDIDATES)
@@ -941,11 +941,11 @@ def _rescored(q: np.ndarray, cand: np.ndarray, k: int,
     return d, i
 
 
-def _drop_self(found: np.ndarray, self_slot: np.ndarray, k: int) -> np.ndarray:
-    """First ``k`` of each row of ``found`` without the row's own slot (-1: keep all)."""
+def _first_slots(found: np.ndarray, k: int) -> np.ndarray:
+    """First ``k`` slots (>= 0) of each row of ``found``, padded with -1."""
     out = np.full((len(found), k), -1, dtype=np.int64)
-    for r, (row, own) in enumerate(zip(found, self_slot)):
-        row = row[(row != own) & (row >= 0)][:k]
+    for r, row in enumerate(found):
+        row = row[row >= 0][:k]
         out[r, :len(row)] = row
     return out
 
