@@ -89,14 +89,7 @@ def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Im
     with warnings.catch_warnings():
         # Large-but-allowed images warn; MAX_PIXELS is our limit and we check it ourselves.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(fp)
-        except Image.UnidentifiedImageError:
-            if not _register_heif():
-                raise
-            if isinstance(fp, io.BytesIO):
-                fp.seek(0)
-            img = Image.open(fp)
+        img = _open(fp)
         width, height = img.size
         if width * height > MAX_PIXELS:
             raise ValueError(f"image is {width}x{height}, over the {MAX_PIXELS // 1_000_000} MP limit")
@@ -106,6 +99,18 @@ def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Im
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
+
+
+def _open(fp: str | Path | io.BytesIO) -> Image.Image:
+    """PIL's lazy open (header only), trying pillow-heif where PIL cannot identify the file."""
+    try:
+        return Image.open(fp)
+    except Image.UnidentifiedImageError:
+        if not _register_heif():
+            raise
+        if isinstance(fp, io.BytesIO):
+            fp.seek(0)
+        return Image.open(fp)
 
 
 _heif_tried = False
@@ -161,7 +166,7 @@ def read_metadata(path: str) -> FileMetadata:
     """
     from datetime import datetime, timezone
 
-    with Image.open(path) as img:
+    with _open(path) as img:
         width, height = img.size
         exif = img.getexif()
         ifd = exif.get_ifd(_EXIF_IFD)
