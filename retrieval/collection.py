@@ -174,7 +174,7 @@ class Collection:
                     encoder = find_export(*self._new_model())
                 if encoder is None:
                     encoder = load_source(self._source(), self.device, self.backend)
-                encoder.set_precision(self.precision or self.precision_setting().get("requested") or "auto")
+                encoder.set_precision(self._requested_precision(self.precision_setting()))
                 self._encoder = encoder
         return self._encoder
 
@@ -186,6 +186,10 @@ class Collection:
         except ValueError:
             return {}
         return value if isinstance(value, dict) else {}
+
+    def _requested_precision(self, stored: dict[str, Any]) -> str:
+        """The precision asked for: this run's, else the one `stored` with the index, else auto."""
+        return self.precision or stored.get("requested") or "auto"
 
     def embed_query_text(self, text: str) -> np.ndarray:
         """The unit vector of one query text: from the query cache, else the fastest encoder at hand.
@@ -236,9 +240,10 @@ class Collection:
         name = encoder.manifest.name
         if name.lower().endswith(".json") and self.reader.setting(CONFIG_SETTING) is None:
             self.store.set_setting(CONFIG_SETTING, export_name(name))  # the config's content, as built
-        setting = {"requested": self.precision or self.precision_setting().get("requested") or "auto",
+        stored = self.precision_setting()
+        setting = {"requested": self._requested_precision(stored),
                    "used": encoder.precision, "int8_gate": encoder.int8_gate}
-        if setting != self.precision_setting():
+        if setting != stored:
             self.store.set_setting(PRECISION_SETTING, json.dumps(setting, sort_keys=True))
         return encoder
 
