@@ -370,7 +370,7 @@ def remove_paths(storage: Storage, paths: Sequence[str]) -> Removal:
     kept_roots = storage.reader.roots()
     for folder in folders:
         for root in kept_roots:
-            if folder.startswith(root.rstrip(os.sep) + os.sep) and os.path.exists(folder):
+            if is_under(folder, root) and os.path.exists(folder):  # folder itself was forgotten above
                 log.warning("%s lies in the indexed folder %s: its next re-scan adds it again", folder, root)
     return Removal(len(files), sum(len(v) for v in gone.values()), sorted(set(roots)))
 
