@@ -196,7 +196,6 @@ class Collection:
 
         Even beside a GPU, a single query runs on the ONNX text tower: no torch import, no CUDA start.
         """
-        from .encoder import load_export
         from .query_cache import QueryCache
 
         manifest = self.manifest
@@ -205,6 +204,8 @@ class Collection:
         if vector is None:
             with self._loading:
                 if self._query_encoder is None:
+                    from .encoder import load_export  # not for a cached query
+
                     exported = (load_export(manifest, self.reader.setting(CONFIG_SETTING))
                                 if manifest and self.backend != "torch" else None)
                     self._query_encoder = self._encoder or exported or self.encoder
