@@ -162,14 +162,14 @@ class Collection:
             return self._encoder
         with self._loading:
             if self._encoder is None:
-                from .encoder import find_export, gpu_likely, load_export, load_source
+                from .encoder import find_export, gpu_likely, load_source
 
                 manifest = self.manifest
                 cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
                 encoder = None
                 if manifest is not None and cpu and self.backend != "torch":
                     self._checked_request(manifest)
-                    encoder = load_export(manifest, self.reader.setting(CONFIG_SETTING))
+                    encoder = self._export(manifest)
                 elif cpu and self.backend != "torch":
                     encoder = find_export(*self._new_model())
                 if encoder is None:
@@ -177,6 +177,12 @@ class Collection:
                 encoder.set_precision(self._requested_precision(self.precision_setting()))
                 self._encoder = encoder
         return self._encoder
+
+    def _export(self, manifest: ModelManifest) -> Encoder | None:
+        """The index model's ONNX export (no torch), None where it was never exported."""
+        from .encoder import load_export  # not for a cached query
+
+        return load_export(manifest, self.reader.setting(CONFIG_SETTING))
 
     def precision_setting(self) -> dict[str, Any]:
         """The precision recorded by the last `add`: requested, used, and the int8 gate's outcome."""
@@ -204,10 +210,9 @@ class Collection:
         if vector is None:
             with self._loading:
                 if self._query_encoder is None:
-                    from .encoder import load_export  # not for a cached query
-
-                    exported = (load_export(manifest, self.reader.setting(CONFIG_SETTING))
-                                if manifest and self.backend != "torch" else None)
+                    # A loaded encoder is used as it is; the ONNX export is loaded only without one.
+                    exported = (self._export(manifest)
+                                if self._encoder is None and manifest and self.backend != "torch" else None)
                     self._query_encoder = self._encoder or exported or self.encoder
             vector = self._query_encoder.embed_texts([text])[0]
             if cache:
