@@ -15,12 +15,13 @@ AUTO_RELEVANCE, so a query that matches nothing in particular prints nothing.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .config import write_cache_file
 
 if TYPE_CHECKING:
     from .stores import MetadataReader
@@ -59,19 +60,10 @@ def load_sample(reader: MetadataReader, directory: Path, kind: str) -> np.ndarra
         pass  # no cache yet, or a damaged one: rebuilt below
     chunks = [vecs for _, vecs in reader.vectors(kind, sample_ids(reader.item_ids(kind)))]
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-    _save(path, generation, vectors)
+    data = io.BytesIO()
+    np.savez(data, generation=np.int64(generation), vectors=vectors)
+    write_cache_file(path, data.getvalue())  # skipped where the index is read-only
     return vectors
-
-
-def _save(path: Path, generation: int, vectors: np.ndarray) -> None:
-    """Write the cache atomically; silently skipped where the index is read-only."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, generation=np.int64(generation), vectors=vectors)
-        os.replace(tmp, path)
-    except OSError:
-        return
 
 
 class Calibration:

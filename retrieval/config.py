@@ -7,6 +7,7 @@ help and the query path stay fast.
 from __future__ import annotations
 
 import os
+import tempfile
 from importlib import resources
 from importlib.util import find_spec
 from pathlib import Path
@@ -98,6 +99,18 @@ def cache_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return _xdg("XDG_CACHE_HOME", ".cache") / "mmsearch"
+
+
+def write_cache_file(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all; a cache that cannot be written is simply skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        return
 
 
 def default_model() -> tuple[str, str | None]:

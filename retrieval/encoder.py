@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import BUNDLED_DIR, DEFAULT_TAGS, cache_dir
+from .config import BUNDLED_DIR, DEFAULT_TAGS, cache_dir, write_cache_file
 from .errors import DeviceUnavailable, ModelUnavailable
 from .images import Geometry, fit, open_image, to_rgb
 from .records import ModelManifest
@@ -78,13 +78,8 @@ def cached_sha256(path: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     digest = sha256_file(path)
-    try:  # a cache: any failure to write it only means hashing again next time
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"file": stamp, "sha256": digest}))
-        os.replace(tmp, record)
-    except OSError:
-        pass
+    # a cache: any failure to write it only means hashing again next time
+    write_cache_file(record, json.dumps({"file": stamp, "sha256": digest}).encode())
     return digest
 
 

@@ -12,13 +12,12 @@ import hashlib
 import html
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import cache_dir
+from .config import cache_dir, write_cache_file
 from .errors import MMSearchError
 
 if TYPE_CHECKING:
@@ -130,20 +129,8 @@ class Thumbnails:
             from .images import describe_error
 
             raise FileChanged(f"item {item_id} cannot be decoded: {describe_error(exc)}") from None
-        _write_atomic(cached, thumb)
+        write_cache_file(cached, thumb)
         return thumb
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all; a cache that cannot be written is simply skipped."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except OSError:
-        return
 
 
 def results_html(query: str, results: Sequence[Result], thumbnails: Thumbnails) -> str:

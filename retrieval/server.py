@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .compose import item_vectors
 from .errors import BadQuery, EmptyIndex, MMSearchError
 from .gallery import FileChanged, ItemNotFound, Thumbnails, image_file, item_row
 from .search import TARGETS
@@ -420,9 +421,9 @@ def similar_items(collection: Collection, item_id: int, *, k: int = 20, target: 
     `target` defaults to the item's own kind (more images like an image, texts like a text).
     """
     item = item_row(collection, item_id)
-    ids, vectors = next(collection.reader.vectors(item.kind, np.array([item_id], dtype=np.int64)))
+    vector = item_vectors(collection.reader, item.kind, [item_id])[item_id]
     target = target or ("images" if item.kind == "image" else "texts")
-    found = collection.search(vectors[0], k=k + 1, target=target, min_score=min_score, under=under)
+    found = collection.search(vector, k=k + 1, target=target, min_score=min_score, under=under)
     return [replace(r, rank=rank) for rank, r in enumerate((r for r in found if r.id != item_id), 1)][:k]
 
 

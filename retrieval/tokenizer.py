@@ -1,7 +1,7 @@
 """A torch-free CLIP BPE tokenizer, id-for-id identical to open_clip's default ``SimpleTokenizer``.
 
 The query path must not import torch (``import torch, open_clip`` alone costs about 4 s), so text
-queries are tokenized here and encoded by the ONNX text tower (``retrieval.onnx_backend``).
+queries are tokenized here and encoded by the ONNX text tower (``retrieval.onnx_runtime``).
 
 What is replicated exactly from ``open_clip.tokenizer.SimpleTokenizer`` (clean='lower', no reduction):
 - cleaning: ``ftfy.fix_text`` -> ``html.unescape`` twice -> strip -> whitespace collapse -> ``lower()``;
@@ -17,7 +17,7 @@ Differences that do not change any id:
   per word instead of open_clip's O(n) per merge step (a 20,000-letter word takes open_clip about
   7 s). The result is the same because in this vocabulary a merged symbol only ever takes part in
   later (higher-ranked) merges, so all occurrences of the current best pair are merged, left to
-  right, before any other pair (``tests/test_onnx_backend.py`` checks that property on the file).
+  right, before any other pair (``tests/test_onnx.py`` checks that property on the file).
 - ``__call__`` stops tokenizing a text once it has enough tokens to fill ``context_length``.
 - bpe() results are kept in a bounded ``functools.lru_cache`` (open_clip's dict grows without bound).
 

@@ -433,7 +433,7 @@ class VectorIndex:
                            metric=faiss.METRIC_INNER_PRODUCT)
         slot_of = np.full(len(vectors), -1, dtype=np.int64)
         slot_of[order[:len(self)]] = np.arange(len(self))
-        truth = _drop_self(slot_of[pos], np.full(len(q), -1), k)
+        truth = _first_slots(slot_of[pos], k)  # held-out rows have no slot (-1)
         knob = "efSearch" if self._kind == "hnsw" else "nprobe"
         limit = MAX_EF_SEARCH if knob == "efSearch" else self._nlist()
         tried = [c for c in (EF_CANDIDATES if knob == "efSearch" else NPROBE_CANDIDATES)
@@ -668,6 +668,12 @@ class VectorIndex:
     def _refined(self) -> bool:
         return isinstance(faiss.downcast_index(self._index), faiss.IndexRefine)
 
+    def _flat_codes(self) -> faiss.Index:
+        """The codes that can be decoded or scanned by slot: an HNSW graph's storage, or a
+        Refine layout's float16 copy."""
+        index = faiss.downcast_index(self._index)
+        return faiss.downcast_index(index.storage if self._kind == "hnsw" else index.refine_index)
+
     def _nlist(self) -> int:
         return int(faiss.extract_index_ivf(self._index).nlist)
 
@@ -676,13 +682,7 @@ class VectorIndex:
                   ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of a few slots: decode (or ``fetch``) just those rows instead of
         scanning them all."""
-        index = faiss.downcast_index(self._index)
-        if fetch is not None:
-            vecs = fetch(slots)
-        elif isinstance(index, faiss.IndexRefine):  # its float16 copy
-            vecs = faiss.downcast_index(index.refine_index).reconstruct_batch(slots)
-        else:
-            vecs = faiss.downcast_index(index.storage).reconstruct_batch(slots)
+        vecs = fetch(slots) if fetch is not None else self._flat_codes().reconstruct_batch(slots)
         scores = q @ vecs.T
         kk = min(k, len(slots))
         top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
@@ -699,10 +699,8 @@ class VectorIndex:
                ) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force scan of the stored codes, restricted by ``sel`` (a Refine layout: its
         float16 copy; other IVF layouts: every list, re-ranked like any of their searches)."""
-        index = faiss.downcast_index(self._index)
         if self._kind == "hnsw" or self._refined():
-            codes = index.storage if self._kind == "hnsw" else index.refine_index
-            return faiss.downcast_index(codes).search(q, k, params=faiss.SearchParameters(sel=sel))
+            return self._flat_codes().search(q, k, params=faiss.SearchParameters(sel=sel))
         return self._search_slots(q, k, self._search_params(sel, nprobe=self._nlist()), fetch)
 
     # -- persistence ----------------------------------------------------------------------
@@ -941,11 +939,11 @@ def _rescored(q: np.ndarray, cand: np.ndarray, k: int,
     return d, i
 
 
-def _drop_self(found: np.ndarray, self_slot: np.ndarray, k: int) -> np.ndarray:
-    """First ``k`` of each row of ``found`` without the row's own slot (-1: keep all)."""
+def _first_slots(found: np.ndarray, k: int) -> np.ndarray:
+    """First ``k`` slots (>= 0) of each row of ``found``, padded with -1."""
     out = np.full((len(found), k), -1, dtype=np.int64)
-    for r, (row, own) in enumerate(zip(found, self_slot)):
-        row = row[(row != own) & (row >= 0)][:k]
+    for r, row in enumerate(found):
+        row = row[row >= 0][:k]
         out[r, :len(row)] = row
     return out
 
