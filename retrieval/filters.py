@@ -26,10 +26,6 @@ class Filters:
     exts: tuple[str, ...] = ()
     min_size: tuple[int, int] | None = None
 
-    def needs_metadata(self) -> bool:
-        """Whether a condition reads the columns of migration 0003 (all but --ext)."""
-        return self.after is not None or self.before is not None or self.camera is not None or self.min_size is not None
-
     def sql(self) -> tuple[str, list[object]]:
         """One SQL condition on the files table (and its parameters), 'a AND b ...'."""
         conds: list[str] = []
@@ -57,7 +53,7 @@ class Filters:
         return " AND ".join(conds) or "1", params
 
     def __bool__(self) -> bool:
-        return self.needs_metadata() or bool(self.exts)
+        return self != Filters()
 
 
 def _instant(name: str, value: str) -> tuple[float, bool]:
@@ -77,7 +73,7 @@ def parse_filters(*, after: str | None = None, before: str | None = None, camera
 
     `after`/`before`: ISO dates or date-times (`before` excludes its bound); `camera`: a
     case-insensitive part of the EXIF make and model; `ext`: extensions, "jpg,png" or a list
-    (jpg also matches .jpeg); `min_size`: "WIDTHxHEIGHT", both at least that.
+    (jpg and jpeg, tif and tiff, are one); `min_size`: "WIDTHxHEIGHT", both at least that.
     """
     lower = _instant("after", after) if after is not None else None
     upper = _instant("before", before) if before is not None else None
@@ -91,8 +87,9 @@ def parse_filters(*, after: str | None = None, before: str | None = None, camera
         exts = tuple(dict.fromkeys(n.strip().lower().lstrip(".") for n in names))
         if not exts or any(not e or not e.isalnum() for e in exts):
             raise BadQuery(f"--ext must be extensions separated by commas (jpg,png), not {ext!r}")
-        if "jpg" in exts and "jpeg" not in exts:
-            exts += ("jpeg",)
+        for a, b in (("jpg", "jpeg"), ("jpeg", "jpg"), ("tif", "tiff"), ("tiff", "tif")):
+            if a in exts and b not in exts:
+                exts += (b,)
     size = None
     if min_size is not None:
         width, sep, height = min_size.lower().partition("x")

@@ -158,7 +158,8 @@ _EXIF_IFD, _TAKEN, _OFFSET, _MAKE, _MODEL = 0x8769, 36867, 36881, 271, 272
 
 
 def read_metadata(path: str) -> FileMetadata:
-    """Capture time, camera and pixel size of an image, from its header only (no pixels decoded).
+    """Capture time, camera and pixel size (as shown, EXIF orientation applied) of an image, from its
+    header only (no pixels decoded).
 
     The capture time is EXIF DateTimeOriginal, read as UTC shifted by OffsetTimeOriginal where that
     is present and as the camera's local time otherwise; without an EXIF date, the file's mtime
@@ -169,6 +170,8 @@ def read_metadata(path: str) -> FileMetadata:
     with _open(path) as img:
         width, height = img.size
         exif = img.getexif()
+        if exif.get(0x0112) in (5, 6, 7, 8):  # turned a quarter: the size as shown, as decoding does
+            width, height = height, width
         ifd = exif.get_ifd(_EXIF_IFD)
         taken = ifd.get(_TAKEN) or exif.get(_TAKEN)
         offset_text = ifd.get(_OFFSET)

@@ -96,7 +96,7 @@ FILES = Table("files", (
     Column("taken_offset", "integer", nullable=True),
     #: EXIF Make and Model, joined by a space.
     Column("camera", "string", nullable=True),
-    #: Pixel size as stored (before EXIF orientation); a file whose metadata was read has a width.
+    #: Pixel size as shown (EXIF orientation applied); a file whose metadata was read has a width.
     Column("width", "integer", nullable=True),
     Column("height", "integer", nullable=True),
 ))

@@ -49,7 +49,7 @@ def exif_bytes(taken: str | None = None, offset: str | None = None, make: str | 
 
 @pytest.fixture
 def library(tmp_path: Path) -> Path:
-    """Twelve red circles (no EXIF), three blue squares from a Pixel, and three dated images."""
+    """Twelve red circles (no EXIF), three blue squares from a Pixel, three dated images, one turned."""
     root = tmp_path / "photos"
     for i in range(12):
         solid_image(root / f"red_{i:02}.jpg", (230, 20 + i, 20), size=(64, 64))
@@ -59,12 +59,16 @@ def library(tmp_path: Path) -> Path:
     # 01:00 at +02:00 is 2023-12-31T23:00Z; 00:30 with no offset is the camera's clock as written.
     solid_image(root / "offset.jpg", (20, 200, 20), exif=exif_bytes("2024:01:01 01:00:00", "+02:00", "Canon", "EOS R6"))
     solid_image(root / "local.jpg", (200, 200, 20), exif=exif_bytes("2024:01:01 00:30:00", make="Canon", model="EOS R6"))
+    # Stored 600x900 but turned a quarter (EXIF orientation 6): shown 900x600.
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    solid_image(root / "turned.jpeg", (20, 230, 230), size=(600, 900), exif=turned.tobytes())
     old = solid_image(root / "scan.png", (120, 20, 200))
     when = datetime(2001, 6, 1, 12, tzinfo=timezone.utc).timestamp()
     os.utime(old, (when, when))
     index = tmp_path / "index"
     with retrieval.open_index(index, model="shapes-mini") as idx:
-        assert idx.add([root], workers=0).added == 18
+        assert idx.add([root], workers=0).added == 19
     return index
 
 
@@ -76,8 +80,12 @@ def test_a_filter_returns_k_passing_items_when_the_unfiltered_top_k_holds_none(l
     with retrieval.open_index(library, create=False) as idx:
         assert not any(n.startswith("pixel") for n in paths(idx.search("a red circle", k=3)))
         assert sorted(paths(idx.search("a red circle", k=3, camera="PIXEL"))) == ["pixel_0.jpg", "pixel_1.jpg", "pixel_2.jpg"]
-        assert sorted(paths(idx.search("a red circle", k=3, min_size="800x600"))) == ["pixel_0.jpg", "pixel_1.jpg", "pixel_2.jpg"]
+        assert sorted(paths(idx.search("a red circle", k=3, min_size="1000x800"))) == ["pixel_0.jpg", "pixel_1.jpg", "pixel_2.jpg"]
         assert paths(idx.search("a red circle", k=3, ext="png")) == ["scan.png"]
+        # The size as shown: the turned image is 900 wide (its stored 600x900 would pass 600x900); jpg is jpeg.
+        assert sorted(paths(idx.search("a red circle", k=10, ext="jpg", min_size="900x600")))[-1] == "turned.jpeg"
+        assert len(idx.search("a red circle", k=10, min_size="900x600")) == 4
+        assert idx.search("a red circle", k=10, min_size="600x900") == []
         assert set(paths(idx.search("a red circle", k=5, camera="canon"))) == {"offset.jpg", "local.jpg"}
         # Combined with each other and with --under: every condition holds.
         assert paths(idx.search("a red circle", k=5, camera="pixel", ext="png")) == []
@@ -98,7 +106,7 @@ def test_dates_are_capture_times_with_their_offset_else_local_else_mtime(library
         assert taken(after="2023-07-01", before="2023-07-02") == {"pixel_0.jpg", "pixel_1.jpg", "pixel_2.jpg"}
         # No EXIF date: the file's mtime (the red circles were written today, the scan in 2001).
         assert taken(before="2002-01-01") == {"scan.png"}
-        assert len(taken(after="2025-01-01")) == 12
+        assert len(taken(after="2025-01-01")) == 13
 
 
 @pytest.mark.parametrize("option", [["--after", "yesterday"], ["--before", "2024-13-01"], ["--min-size", "800"],
