@@ -7,6 +7,9 @@ import errno
 import io
 import logging
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ from PIL import Image
 
 import retrieval
 from retrieval.watch import Watcher
-from tests.conftest import solid_image
+from conftest import REPO, solid_image
 
 pytest.importorskip("watchdog")
 
@@ -206,3 +209,24 @@ def test_max_batches_bounds_the_loop(indexed) -> None:
     start = time.monotonic()
     assert Watcher(idx, [str(photos)], settle=0.1, interval=0.05).run(max_batches=1) == 1
     assert time.monotonic() - start < 10
+
+
+def test_cli_watch_indexes_a_new_file_and_stops_on_sigterm(indexed) -> None:
+    idx, photos = indexed
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "watch", "--index", str(idx.directory),
+                             "--settle", "0.3", "--interval", "0.1"], stderr=subprocess.PIPE, text=True)
+    deadline = threading.Timer(20, proc.kill)  # a readline never blocks the suite for long
+    deadline.start()
+    try:
+        lines = [proc.stderr.readline(), proc.stderr.readline()]  # "watching ...", the catch-up batch
+        solid_image(photos / "cli.png", (33, 66, 99))
+        lines.append(proc.stderr.readline())
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=15)[1]
+    finally:
+        deadline.cancel()
+        proc.kill()
+    assert lines[0].startswith("watching ") and str(photos) in lines[0]
+    assert "added 1," in lines[2], lines
+    assert proc.returncode == 0 and rest.strip().endswith("stopped; everything committed is kept")
+    assert "cli.png" in indexed_paths(idx, photos)
