@@ -162,21 +162,27 @@ class Collection:
             return self._encoder
         with self._loading:
             if self._encoder is None:
-                from .encoder import find_export, gpu_likely, load_export, load_source
+                from .encoder import find_export, gpu_likely, load_source
 
                 manifest = self.manifest
                 cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
                 encoder = None
                 if manifest is not None and cpu and self.backend != "torch":
                     self._checked_request(manifest)
-                    encoder = load_export(manifest, self.reader.setting(CONFIG_SETTING))
+                    encoder = self._export(manifest)
                 elif cpu and self.backend != "torch":
                     encoder = find_export(*self._new_model())
                 if encoder is None:
                     encoder = load_source(self._source(), self.device, self.backend)
-                encoder.set_precision(self.precision or self.precision_setting().get("requested") or "auto")
+                encoder.set_precision(self._requested_precision(self.precision_setting()))
                 self._encoder = encoder
         return self._encoder
+
+    def _export(self, manifest: ModelManifest) -> Encoder | None:
+        """The index model's ONNX export (no torch), None where it was never exported."""
+        from .encoder import load_export  # not for a cached query
+
+        return load_export(manifest, self.reader.setting(CONFIG_SETTING))
 
     def precision_setting(self) -> dict[str, Any]:
         """The precision recorded by the last `add`: requested, used, and the int8 gate's outcome."""
@@ -187,12 +193,15 @@ class Collection:
             return {}
         return value if isinstance(value, dict) else {}
 
+    def _requested_precision(self, stored: dict[str, Any]) -> str:
+        """The precision asked for: this run's, else the one `stored` with the index, else auto."""
+        return self.precision or stored.get("requested") or "auto"
+
     def embed_query_text(self, text: str) -> np.ndarray:
         """The unit vector of one query text: from the query cache, else the fastest encoder at hand.
 
         Even beside a GPU, a single query runs on the ONNX text tower: no torch import, no CUDA start.
         """
-        from .encoder import load_export
         from .query_cache import QueryCache
 
         manifest = self.manifest
@@ -201,8 +210,9 @@ class Collection:
         if vector is None:
             with self._loading:
                 if self._query_encoder is None:
-                    exported = (load_export(manifest, self.reader.setting(CONFIG_SETTING))
-                                if manifest and self.backend != "torch" else None)
+                    # A loaded encoder is used as it is; the ONNX export is loaded only without one.
+                    exported = (self._export(manifest)
+                                if self._encoder is None and manifest and self.backend != "torch" else None)
                     self._query_encoder = self._encoder or exported or self.encoder
             vector = self._query_encoder.embed_texts([text])[0]
             if cache:
@@ -236,9 +246,10 @@ class Collection:
         name = encoder.manifest.name
         if name.lower().endswith(".json") and self.reader.setting(CONFIG_SETTING) is None:
             self.store.set_setting(CONFIG_SETTING, export_name(name))  # the config's content, as built
-        setting = {"requested": self.precision or self.precision_setting().get("requested") or "auto",
+        stored = self.precision_setting()
+        setting = {"requested": self._requested_precision(stored),
                    "used": encoder.precision, "int8_gate": encoder.int8_gate}
-        if setting != self.precision_setting():
+        if setting != stored:
             self.store.set_setting(PRECISION_SETTING, json.dumps(setting, sort_keys=True))
         return encoder
 

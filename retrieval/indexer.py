@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+# The encoder, image and GPU decoding modules (PIL) load where files are hashed or decoded:
+# `import retrieval` imports this module, and a query needs none of them.
 from .config import PRUNE_MAX_FILES, PRUNE_MAX_SHARE, kind_of
-from .encoder import sha256_file
 from .errors import MMSearchError, NothingToIndex, PathNotFound, UnsupportedFile
-from .gpu_decode import for_encoder
-from .images import decode_many
 from .reader import is_under
 from .scan import Candidate, excluded, read_corpus, scan, type_counts
 from .records import FileRow, NewFile, RootOptions
@@ -271,6 +270,8 @@ def _apply_prune_rule(gone: list[FileRow], options: dict[str, RootOptions], know
 
 def sha256_file_safe(path: str) -> str:
     """Content hash, or '' when the file cannot be read (it then counts as changed)."""
+    from .encoder import sha256_file
+
     try:
         return sha256_file(Path(path))
     except OSError:
@@ -370,7 +371,7 @@ def remove_paths(storage: Storage, paths: Sequence[str]) -> Removal:
     kept_roots = storage.reader.roots()
     for folder in folders:
         for root in kept_roots:
-            if folder.startswith(root.rstrip(os.sep) + os.sep) and os.path.exists(folder):
+            if is_under(folder, root) and os.path.exists(folder):  # folder itself was forgotten above
                 log.warning("%s lies in the indexed folder %s: its next re-scan adds it again", folder, root)
     return Removal(len(files), sum(len(v) for v in gone.values()), sorted(set(roots)))
 
@@ -393,6 +394,9 @@ def _embed_images(storage: Storage, encoder: Encoder, images: list[str], changed
     next batch enters the model: a kill at any moment loses at most the batch in the model (and
     the decoded images waiting behind it). The decoders keep working during the commit.
     """
+    from .gpu_decode import for_encoder
+    from .images import decode_many
+
     timings = report.timings
     for key in ("decode", "wait_decode", "embed", "database"):
         timings.setdefault(key, 0.0)
@@ -456,6 +460,8 @@ def _embed_images(storage: Storage, encoder: Encoder, images: list[str], changed
 def _index_corpus(storage: Storage, encoder: Encoder, path: str, text_field: str | None, changed: bool, report: IndexReport) -> None:
     """Read and embed one corpus, replacing what it yielded before; a corpus that cannot be read,
     or of which every record is skipped, is reported and what it yielded before stays."""
+    from .encoder import sha256_file
+
     try:
         st = os.stat(path)
         sha = sha256_file(Path(path))

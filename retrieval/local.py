@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import DB_NAME, LOCK_NAME
-from .errors import EmptyIndex, IndexInUse, IndexReadOnly
+from .errors import IndexInUse, IndexReadOnly
 from .reader import StoreReader
 from .stores import Storage
 
@@ -86,10 +86,10 @@ class LocalStorage(Storage):
             from .faiss_store import FaissVectorStore
 
             with self._opening:
-                manifest, model = self.manifest(), self.model()
-                if manifest is None or model is None:
-                    raise EmptyIndex(f"index {self.location} is empty: run `mmsearch index PATH` first")
                 if self._vectors is None:
+                    manifest, model = self.manifest(), self.model()
+                    if manifest is None or model is None:
+                        raise self._empty_index()
                     self._vectors = FaissVectorStore(self.directory, self.reader, manifest.dim, model,
                                                      lambda: self.writer)
         return self._vectors

@@ -190,8 +190,12 @@ class Storage(ABC):
         """The vector set of `kind` for the index's model."""
         model = self.model()
         if model is None:
-            raise EmptyIndex(f"index {self.location} is empty: run `mmsearch index PATH` first")
+            raise self._empty_index()
         return VectorKey(model, kind)
+
+    def _empty_index(self) -> EmptyIndex:
+        """The error for an index that has no model recorded yet, hence no vectors."""
+        return EmptyIndex(f"index {self.location} is empty: run `mmsearch index PATH` first")
 
     def vector_set(self, kind: str) -> VectorSet:
         """The searchable vectors of one kind, up to date with the metadata store."""
