@@ -193,13 +193,14 @@ def test_emptied_or_vanished_folder_loses_nothing_and_is_picked_up_again(indexed
     assert indexed_paths(idx, photos) == {f"p{i:02d}.png" for i in range(12)} | {"back.png"}
 
 
-def test_another_writer_is_waited_for(indexed) -> None:
+def test_another_writer_is_waited_for(indexed, caplog) -> None:
     idx, photos = indexed
-    with retrieval.open_index(idx.directory, create=False) as other, Run(idx, photos) as run:
+    with (caplog.at_level(logging.WARNING, "mmsearch"), retrieval.open_index(idx.directory, create=False) as other,
+          Run(idx, photos) as run):
         with other.writing():  # another process indexing
             solid_image(photos / "later.png", (120, 0, 120))
             time.sleep(4 * SETTLE)
-            assert len(run.batches) == 1
+            assert len(run.batches) == 1 and "retrying" in caplog.text
         run.wait_batches(2)
     assert "later.png" in indexed_paths(idx, photos)
 
