@@ -498,6 +498,64 @@ def serve(index_dir: Path | None, host: str, port: int, token: str | None, no_au
         uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])
 
 
+WATCH_HELP = """Keep the index current: index new and changed files under PATHS as they appear.
+
+With no PATHS, watches every folder indexed before. Bursts are batched: a folder is re-scanned
+(incrementally) after --settle seconds without changes, once every changed file has kept its
+size and mtime that long (a photo still being copied waits). Deleted files leave through the
+re-scan's prune rule, so an unmounted drive never empties the index; a vanished folder is
+waited for. Ctrl-C or SIGTERM stops; everything committed is kept.
+
+\b
+Examples:
+  mmsearch watch                       # every indexed folder
+  mmsearch watch ~/photos --settle 5   # wait for 5 quiet seconds
+  mmsearch watch /mnt/nas/photos --poll --interval 30   # network/FUSE mount: inotify sees nothing
+"""
+
+
+@cli.command(help=WATCH_HELP)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@_index_option
+@click.option("--interval", type=click.FloatRange(0.05), default=1.0, show_default=True, metavar="SECONDS",
+              help="How often roots are checked (and, with --poll, scanned for changes).")
+@click.option("--settle", type=click.FloatRange(0), default=2.0, show_default=True, metavar="SECONDS",
+              help="Quiet time before a batch, and how long a file must keep its size and mtime.")
+@click.option("--poll", is_flag=True, help="Poll instead of inotify (network and FUSE mounts); "
+              "also used by itself where inotify is unavailable or out of watches.")
+@_device_option
+@_wait_option
+@_quiet_option
+@_reports_errors
+def watch(paths: tuple[Path, ...], index_dir: Path | None, interval: float, settle: float, poll: bool,
+          device: str, wait: float, quiet: bool) -> None:
+    import signal
+    import threading
+    import time
+
+    from retrieval.watch import Watcher, watch_roots
+
+    _setup_logging(quiet)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_batch(roots: list[str], report: Any) -> None:
+        if not quiet:
+            click.echo(f"{time.strftime('%H:%M:%S')} {_shown(', '.join(roots))}: {report.summary()}", err=True)
+
+    # A held lock is waited for at least one --interval per try, then retried (with a warning).
+    with retrieval.open_index(index_dir, device=device, wait=max(wait, interval), create=False) as idx:
+        roots = watch_roots(idx, [str(p) for p in paths])
+        watcher = Watcher(idx, roots, settle=settle, interval=interval, poll=poll, on_batch=on_batch)
+        if not quiet:
+            click.echo(f"watching {_shown(', '.join(roots))} ({'polling' if poll else 'inotify'}; Ctrl-C stops)", err=True)
+        try:
+            watcher.run(stop)
+        except KeyboardInterrupt:
+            pass
+    click.echo("stopped; everything committed is kept", err=True)
+
+
 def main() -> None:
     """Console-script entry point.
 
