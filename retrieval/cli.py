@@ -226,6 +226,7 @@ Examples:
   mmsearch query --image a.jpg --image b.jpg     # several images, averaged
   mmsearch query "a blue star" --min-score auto --json   # only clear matches; JSON has `relevance`
   mmsearch query "a red circle" --within 0.05 --collapse
+  mmsearch query "a beach" --after 2024-06-01 --before 2024-09-01 --camera pixel --min-size 800x600
 """
 
 
@@ -249,6 +250,12 @@ Examples:
               help="Keep results scoring at most DELTA below the best one (e.g. 0.05).")
 @click.option("--collapse", is_flag=True, help="One result per group of near-duplicates (cosine >= 0.95).")
 @click.option("--under", type=click.Path(path_type=Path), help="Only items whose file lies in this folder.")
+@click.option("--after", metavar="DATE", help="Only images taken at or after DATE (ISO: 2024-05-31, 2024-05-31T18:00, "
+              "with +02:00 for an instant; without, each photo's local time). Capture time: EXIF, else the file's mtime.")
+@click.option("--before", metavar="DATE", help="Only images taken before DATE (as --after).")
+@click.option("--camera", metavar="TEXT", help="Only images whose EXIF make or model contains TEXT (any case).")
+@click.option("--ext", metavar="EXTS", help="Only files with these extensions, e.g. jpg,png.")
+@click.option("--min-size", metavar="WxH", help="Only images at least W pixels wide and H high, e.g. 800x600.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (with each result's relevance).")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as a self-contained web page (thumbnails inside) to this file.")
@@ -258,8 +265,8 @@ Examples:
 def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subtract: tuple[str, ...],
           exclude: tuple[str, ...], index_dir: Path | None, target: str | None, k: int, min_score: float | str | None,
           within: float | None, collapse: bool, under: Path | None, as_json: bool, html_file: Path | None, device: str,
-          quiet: bool) -> None:
-    """The `query` command (its help is QUERY_HELP)."""
+          quiet: bool, **filters: str | None) -> None:
+    """The `query` command (its help is QUERY_HELP); `filters` are --after, --before, --camera, --ext, --min-size."""
     _setup_logging(quiet)
     if text is None and not images:
         raise click.UsageError("give a TEXT query, --image PATH, or both")
@@ -269,7 +276,7 @@ def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subt
     with retrieval.open_index(index_dir, device=device, create=False) as idx:
         results = idx.search(parts[0] if len(parts) == 1 else parts, k=k, target=target, min_score=min_score,
                              under=under, add=add, subtract=subtract, exclude=exclude, within=within,
-                             collapse=DEFAULT_THRESHOLD if collapse else None)
+                             collapse=DEFAULT_THRESHOLD if collapse else None, **filters)
         if html_file:
             from retrieval.gallery import Thumbnails, results_html
 

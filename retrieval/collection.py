@@ -324,7 +324,8 @@ class Collection:
         """Search by text, image (path or PIL image), vector, or a list of texts and images combined.
 
         Options include `k`, `target`, `under`, `add`/`subtract` (texts, "text::weight"), `exclude`
-        (texts), `min_score` (a cosine or 'auto'), `within` and `collapse`; see `search.search`.
+        (texts), `min_score` (a cosine or 'auto'), `within`, `collapse` and the filters `after`, `before`,
+        `camera`, `ext`, `min_size`; see `search.search`.
         """
         from .search import Searcher, search
 

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .config import HEIF_READABLE
+from .records import FileMetadata
 
 #: Larger images are refused as decompression bombs (a 12000x9000 photo, 108 MP, passes).
 MAX_PIXELS = 180_000_000
@@ -88,14 +89,7 @@ def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Im
     with warnings.catch_warnings():
         # Large-but-allowed images warn; MAX_PIXELS is our limit and we check it ourselves.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(fp)
-        except Image.UnidentifiedImageError:
-            if not _register_heif():
-                raise
-            if isinstance(fp, io.BytesIO):
-                fp.seek(0)
-            img = Image.open(fp)
+        img = _open(fp)
         width, height = img.size
         if width * height > MAX_PIXELS:
             raise ValueError(f"image is {width}x{height}, over the {MAX_PIXELS // 1_000_000} MP limit")
@@ -105,6 +99,18 @@ def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Im
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
+
+
+def _open(fp: str | Path | io.BytesIO) -> Image.Image:
+    """PIL's lazy open (header only), trying pillow-heif where PIL cannot identify the file."""
+    try:
+        return Image.open(fp)
+    except Image.UnidentifiedImageError:
+        if not _register_heif():
+            raise
+        if isinstance(fp, io.BytesIO):
+            fp.seek(0)
+        return Image.open(fp)
 
 
 _heif_tried = False
@@ -145,6 +151,47 @@ def fit(img: Image.Image, geometry: Geometry) -> np.ndarray:
         left = int(round((width - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)
+
+
+#: EXIF tags: DateTimeOriginal, OffsetTimeOriginal (both in the Exif IFD), Make, Model.
+_EXIF_IFD, _TAKEN, _OFFSET, _MAKE, _MODEL = 0x8769, 36867, 36881, 271, 272
+
+
+def read_metadata(path: str) -> FileMetadata:
+    """Capture time, camera and pixel size (as shown, EXIF orientation applied) of an image, from its
+    header only (no pixels decoded).
+
+    The capture time is EXIF DateTimeOriginal, read as UTC shifted by OffsetTimeOriginal where that
+    is present and as the camera's local time otherwise; without an EXIF date, the file's mtime
+    (with this machine's UTC offset at that time). Raises OSError or a decoder error for unreadable files.
+    """
+    from datetime import datetime, timezone
+
+    with _open(path) as img:
+        width, height = img.size
+        exif = img.getexif()
+        if exif.get(0x0112) in (5, 6, 7, 8):  # turned a quarter: the size as shown, as decoding does
+            width, height = height, width
+        ifd = exif.get_ifd(_EXIF_IFD)
+        taken = ifd.get(_TAKEN) or exif.get(_TAKEN)
+        offset_text = ifd.get(_OFFSET)
+        camera = " ".join(str(exif.get(t, "")).strip("\x00 ") for t in (_MAKE, _MODEL)).strip() or None
+    try:
+        wall = datetime.strptime(str(taken).strip("\x00 "), "%Y:%m:%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError):
+        mtime = os.stat(path).st_mtime
+        return FileMetadata(mtime, time.localtime(mtime).tm_gmtoff, camera, width, height)
+    offset = _offset_seconds(str(offset_text)) if offset_text else None
+    return FileMetadata(wall.timestamp() - (offset or 0), offset, camera, width, height)
+
+
+def _offset_seconds(text: str) -> int | None:
+    """'+02:00' → 7200; None for anything else."""
+    text = text.strip("\x00 ")
+    if len(text) != 6 or text[0] not in "+-" or text[3] != ":" or not (text[1:3] + text[4:]).isdigit():
+        return None
+    seconds = int(text[1:3]) * 3600 + int(text[4:]) * 60
+    return -seconds if text[0] == "-" else seconds
 
 
 def describe_error(exc: BaseException) -> str:

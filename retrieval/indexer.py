@@ -329,10 +329,27 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
         _index_corpus(storage, encoder, path, work.text_fields.get(path), path in changed, report)
         if progress:
             progress(1)
+    fill_metadata(storage)
     # Stored last: a run cut short re-reads, next time, the corpora a changed text field affects.
     storage.writer.set_root_options({root: opts for root, opts in options.items() if stored.get(root) != opts})
     report.empty_paths = [raw for raw, root in zip(paths, roots) if not reader.has_items(root)]
     return report
+
+
+def fill_metadata(storage: Storage) -> int:
+    """Read capture time, camera and pixel size (see `images.read_metadata`) of the image files that
+    lack them: those just added, and every file of an index built before migration 0003, whose next
+    scan fills them in without re-embedding anything. Returns how many were read."""
+    from .images import read_metadata
+
+    rows = []
+    for file_id, path in storage.reader.files_without_metadata():
+        try:
+            rows.append((file_id, read_metadata(path)))
+        except Exception:  # noqa: BLE001 - gone or unreadable since it was embedded: left empty, tried next scan
+            continue
+    storage.writer.set_file_metadata(rows)
+    return len(rows)
 
 
 @dataclass

@@ -16,14 +16,17 @@ import threading
 from dataclasses import fields
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from .config import DB_NAME, KINDS
-from .errors import IndexDamaged, IndexInUse, IndexNotFound, IndexReadOnly, IndexTooNew, MMSearchError
+from .errors import BadQuery, IndexDamaged, IndexInUse, IndexNotFound, IndexReadOnly, IndexTooNew, MMSearchError
 from .records import FileRow, ItemRow, ModelManifest, RootOptions
 from .schema import FAILURES, FILES, IGNORED, ITEMS, META, MIGRATIONS, ROOTS, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from .filters import Filters
 
 T = TypeVar("T")
 
@@ -227,6 +230,25 @@ class StoreReader:
         rows = self._all(f"SELECT {ITEMS.cols('id')} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
                          f"WHERE {ITEMS.cols('kind')} = ? AND {where}", [kind, *params])
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def ids_filtered(self, kind: str, folder: str | None, filters: Filters) -> np.ndarray:
+        """Item ids of one kind whose file lies under `folder` (None: anywhere) and passes `filters`.
+
+        Raises BadQuery when a filter needs the metadata of migration 0003 and the index (read-only,
+        so not migrated) lacks it."""
+        where, params = _under(FILES.cols("path"), folder) if folder else ("1", [])
+        cond, more = filters.sql()
+        rows = self._newer(f"SELECT {ITEMS.cols('id')} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
+                           f"WHERE {ITEMS.cols('kind')} = ? AND {where} AND {cond}", [kind, *params, *more])
+        if rows is None:
+            raise BadQuery(f"index at {self.directory} was built before date, camera and size filters: "
+                           "run `mmsearch index` on it once (with write access) to read them")
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def files_without_metadata(self) -> list[tuple[int, str]]:
+        """(id, path) of the image files whose metadata (migration 0003) has not been read yet."""
+        return [(i, p) for i, p in self._newer(
+            f"SELECT id, path FROM {FILES} WHERE kind = 'image' AND width IS NULL ORDER BY id") or []]
 
     def _by_ids(self, sql: str, ids: Iterable[int]) -> Iterator[list[tuple]]:
         """Rows of `sql`, whose `{ids}` is an IN list, for `ids` sent CHUNK at a time."""

@@ -85,3 +85,14 @@ class RootOptions:
             return cls()
         data = json.loads(raw)
         return cls(tuple(data.get("exclude", ())), bool(data.get("include_hidden", False)), data.get("text_field"))
+
+
+@dataclass(frozen=True)
+class FileMetadata:
+    """What the search filters read of an image file (see `schema.FILES`)."""
+
+    taken_at: float
+    taken_offset: int | None
+    camera: str | None
+    width: int
+    height: int

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 #: Name of the last migration in `store.MIGRATIONS`: an index without it is opened for writing
 #: once (which migrates it) before it is read; one with a later name was written by a newer mmsearch.
-SCHEMA_VERSION = "0002_root_options_ignored"
+SCHEMA_VERSION = "0003_file_metadata"
 
 #: Column types, as portable names (`store` maps each to an SQLAlchemy type).
 TYPES = ("string", "text", "integer", "float", "blob")
@@ -88,6 +88,17 @@ FILES = Table("files", (
     Column("size", "integer"),
     Column("mtime", "float"),
     Column("sha256", "string", index=True),
+    # Image metadata for the search filters (0003; NULL for texts, and until a scan reads it).
+    #: Capture time, epoch seconds: EXIF DateTimeOriginal (UTC when `taken_offset` came from EXIF's
+    #: OffsetTimeOriginal; the camera's local time as written when the offset is unknown), else the mtime.
+    Column("taken_at", "float", nullable=True),
+    #: Seconds east of UTC of `taken_at`'s local time (NULL: unknown, the camera's clock as written).
+    Column("taken_offset", "integer", nullable=True),
+    #: EXIF Make and Model, joined by a space.
+    Column("camera", "string", nullable=True),
+    #: Pixel size as shown (EXIF orientation applied); a file whose metadata was read has a width.
+    Column("width", "integer", nullable=True),
+    Column("height", "integer", nullable=True),
 ))
 
 #: One embedded thing; its id is the key of its vector in the vector store.

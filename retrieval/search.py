@@ -18,6 +18,7 @@ import numpy as np
 from .calibrate import AUTO_RELEVANCE, Calibration, load_sample
 from .compose import exclusion, query_of
 from .errors import BadQuery, EmptyIndex
+from .filters import Filters, parse_filters
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -96,7 +97,9 @@ def query_vector(searcher: Searcher, query: str | Path | Image.Image | np.ndarra
 def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = None,
            min_score: float | str | None = None, under: str | Path | None = None, add: Sequence[str] = (),
            subtract: Sequence[str] = (), exclude: Sequence[str] = (), within: float | None = None,
-           collapse: float | None = None) -> list[Result]:
+           collapse: float | None = None, after: str | None = None, before: str | None = None,
+           camera: str | None = None, ext: str | Sequence[str] | None = None,
+           min_size: str | None = None) -> list[Result]:
     """Rank the index's items against a text, image (Path or PIL image) or vector query.
 
     `query` may also be a list of texts and images: with `add` and `subtract` ("text" or
@@ -107,6 +110,9 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
     that folder, still returning `k` when enough exist. Cut-offs: `min_score` a cosine, or 'auto'
     (relevance at least `calibrate.AUTO_RELEVANCE`); `within` keeps results scoring at most that
     much below the best one. `collapse`: hide a result whose cosine to one ranked above reaches it.
+    Filters on what indexing read of each file (see `filters.parse_filters`): `after`/`before` (ISO
+    dates, on the capture time), `camera`, `ext` ("jpg,png"), `min_size` ("800x600"); like `under`
+    they restrict the search itself, so `k` results come back whenever `k` items pass.
     """
     if k < 1:
         raise BadQuery("k must be at least 1")
@@ -121,6 +127,7 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
         raise BadQuery(f"within must be a score difference between 0 and 2, not {within}")
     if collapse is not None and not 0.0 < collapse <= 1.0:
         raise BadQuery(f"collapse threshold must be a cosine similarity in (0, 1], not {collapse}")
+    filters = parse_filters(after=after, before=before, camera=camera, ext=ext, min_size=min_size)
     storage = searcher.storage
     present = storage.reader.kinds() if storage.manifest() is not None else set()
     if not present:
@@ -138,7 +145,7 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
         calibration = Calibration(load_sample(storage.reader, storage.cache_dir, kind), vec)
         keep = exclusion(searcher, kind, vec, exclude, collapse, k)
         found.extend((score, row, calibration.relevance(score))
-                     for score, row in _search_kind(storage, kind, vec, k, folder, keep))
+                     for score, row in _search_kind(storage, kind, vec, k, folder, keep, filters))
     found.sort(key=lambda hit: -hit[0])
     floor = max(min_score if not auto and min_score is not None else -math.inf,
                 found[0][0] - within if found and within is not None else -math.inf)
@@ -166,9 +173,12 @@ def _stored(storage: Storage, kind: str, ids: np.ndarray) -> np.ndarray:
 
 def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: str | None,
                  keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
-                 ) -> list[tuple[float, Any]]:
+                 filters: Filters | None = None) -> list[tuple[float, Any]]:
     index = storage.vector_set(kind)
-    allowed = storage.reader.ids_under(folder, kind) if folder else None
+    if filters:
+        allowed = storage.reader.ids_filtered(kind, folder, filters)
+    else:
+        allowed = storage.reader.ids_under(folder, kind) if folder else None
     if allowed is not None and not len(allowed):
         return []
     fetch = k

@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -48,7 +49,7 @@ from .config import DB_NAME
 from .errors import IndexReadOnly, ModelMismatch
 from .reader import chunks, database_error, is_under
 from .schema import SCHEMA_VERSION
-from .records import ModelManifest, NewFile, RootOptions
+from .records import FileMetadata, ModelManifest, NewFile, RootOptions
 
 
 #: SQLAlchemy type of each `schema.TYPES` name.
@@ -98,8 +99,17 @@ def _m0002_root_options_ignored(conn: Connection) -> None:
     _create(conn, Ignored)
 
 
+def _m0003_file_metadata(conn: Connection) -> None:
+    # Nullable columns: an older index gets them empty, filled by its next scan without re-embedding.
+    have = {c["name"] for c in inspect(conn).get_columns("files")}
+    for column in schema.FILES.columns:
+        if column.name not in have:
+            conn.execute(text(f"ALTER TABLE files ADD COLUMN {column.name} {_TYPES[column.type]().compile(conn.dialect)}"))
+
+
 #: Named schema migrations, applied once each, in order; the last is `reader.SCHEMA_VERSION`.
-MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_root_options_ignored", _m0002_root_options_ignored)]
+MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_root_options_ignored", _m0002_root_options_ignored),
+              ("0003_file_metadata", _m0003_file_metadata)]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION, "reader.SCHEMA_VERSION must name the last migration"
 
 
@@ -236,6 +246,13 @@ class Store:
             rows = [{"path": p, "at": now} for p in wanted if p not in stored]
             if rows:  # only what changed is written: a re-scan of an unchanged folder writes nothing
                 conn.execute(insert(Ignored), rows)
+
+    def set_file_metadata(self, rows: Iterable[tuple[int, FileMetadata]]) -> None:
+        """Store the image metadata read for files (by id)."""
+        values = [{"fid": file_id, **asdict(meta)} for file_id, meta in rows]
+        if values:
+            with self.engine.begin() as conn:
+                conn.execute(update(File).where(File.c.id == bindparam("fid")), values)
 
     def commit(
         self,

@@ -22,29 +22,30 @@ sys.path.insert(0, str(HERE.parent.parent))
 import retrieval  # noqa: E402
 from retrieval.config import BUNDLED_DIR  # noqa: E402
 
-SOURCE = Path("/tmp/mmsearch-index-v1")
 IMAGES = ["red_circle_01.jpg", "blue_square_01.jpg", "green_circle_01.png", "black_star_01.jpg",
           "purple_cross_01.jpg", "orange_triangle_01.png"]
 CAPTIONS = ["a red circle", "a blue square", "a green circle", "a black star"]
 
 
-def main() -> None:
-    shutil.rmtree(SOURCE, ignore_errors=True)
-    (SOURCE / "photos").mkdir(parents=True)
-    for name in IMAGES:
-        shutil.copy(BUNDLED_DIR / "demo" / name, SOURCE / "photos" / name)
-    (SOURCE / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
-    index = SOURCE / "index"
+def build(name: str) -> None:
+    """Index the sources, copied to /tmp/mmsearch-NAME, and write tests/data/NAME (also used by make_index_v2)."""
+    source = Path(f"/tmp/mmsearch-{name}")
+    shutil.rmtree(source, ignore_errors=True)
+    (source / "photos").mkdir(parents=True)
+    for image in IMAGES:
+        shutil.copy(BUNDLED_DIR / "demo" / image, source / "photos" / image)
+    (source / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
+    index = source / "index"
     with retrieval.open_index(index, model="shapes-mini") as idx:
-        report = idx.add([SOURCE / "photos", SOURCE / "captions.txt"], workers=0)
+        report = idx.add([source / "photos", source / "captions.txt"], workers=0)
         assert (report.added, report.texts) == (7, 4), report
         vector = idx.embed_texts(["a red circle"])[0]
         hits = idx.search(vector, k=10, target="all")
-    out = HERE / "index-v1"
+    out = HERE / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    for name in ["mmsearch.db", "vectors-image.faiss", "vectors-text.faiss"]:
-        shutil.copy(index / name, out / name)
+    for file in ["mmsearch.db", "vectors-image.faiss", "vectors-text.faiss"]:
+        shutil.copy(index / file, out / file)
     expected = {"query": "a red circle", "vector": [float(x) for x in vector.astype(np.float32)],
                 "paths": [h.path for h in hits], "texts": [h.text for h in hits]}
     (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
@@ -52,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    build("index-v1")

@@ -20,7 +20,7 @@ CREATE TABLE files (
 	kind VARCHAR NOT NULL, 
 	size INTEGER NOT NULL, 
 	mtime FLOAT NOT NULL, 
-	sha256 VARCHAR NOT NULL, 
+	sha256 VARCHAR NOT NULL, taken_at FLOAT, taken_offset INTEGER, camera VARCHAR, width INTEGER, height INTEGER, 
 	PRIMARY KEY (id), 
 	UNIQUE (path)
 );
