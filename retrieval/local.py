@@ -89,7 +89,7 @@ class LocalStorage(Storage):
                 if self._vectors is None:
                     manifest, model = self.manifest(), self.model()
                     if manifest is None or model is None:
-                        raise self._empty_index()
+                        raise self.empty_index_error()
                     self._vectors = FaissVectorStore(self.directory, self.reader, manifest.dim, model,
                                                      lambda: self.writer)
         return self._vectors

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
+
+from .config import write_cache_file
 
 #: Files kept; beyond this the least recently written are dropped.
 MAX_ENTRIES = 2000
@@ -33,12 +34,10 @@ class QueryCache:
 
     def put(self, text: str, vector: np.ndarray) -> None:
         """Remember `vector` for `text` (atomically); silently skipped where the index is read-only."""
+        data = io.BytesIO()
+        np.save(data, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+        write_cache_file(self._path(text), data.getvalue())
         try:
-            self.directory.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.asarray(vector, dtype=np.float32), allow_pickle=False)
-            os.replace(tmp, self._path(text))
             self._prune()
         except OSError:
             return

@@ -131,7 +131,7 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
     storage = searcher.storage
     present = storage.reader.kinds() if storage.manifest() is not None else set()
     if not present:
-        raise EmptyIndex(f"index {storage.location} is empty: run `mmsearch index PATH` first")
+        raise storage.empty_index_error()
     vec, default_target = query_of(searcher, query, add, subtract)
     kinds = [kind for kind in TARGETS[target or default_target] if kind in present]
     if not kinds:

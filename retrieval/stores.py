@@ -196,10 +196,10 @@ class Storage(ABC):
         """The vector set of `kind` for the index's model."""
         model = self.model()
         if model is None:
-            raise self._empty_index()
+            raise self.empty_index_error()
         return VectorKey(model, kind)
 
-    def _empty_index(self) -> EmptyIndex:
+    def empty_index_error(self) -> EmptyIndex:
         """The error for an index that has no model recorded yet, hence no vectors."""
         return EmptyIndex(f"index {self.location} is empty: run `mmsearch index PATH` first")
 
