@@ -7,11 +7,12 @@ whenever k items pass, however few do. No SQLAlchemy: a query imports this modul
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .errors import BadQuery
-from .schema import FILES
+from .schema import ANY_ROW, FILES
 
 
 @dataclass(frozen=True)
@@ -26,31 +27,31 @@ class Filters:
     exts: tuple[str, ...] = ()
     min_size: tuple[int, int] | None = None
 
-    def sql(self) -> tuple[str, list[object]]:
-        """One SQL condition on the files table (and its parameters), 'a AND b ...'."""
+    def sql(self) -> tuple[str, dict[str, object]]:
+        """One SQL condition on the files table and its named parameters, 'a AND b ...'; portable
+        SQL (LIKE, not SQLite's instr or negative substr) that PostgreSQL runs too."""
         conds: list[str] = []
-        params: list[object] = []
+        params: dict[str, object] = {}
         taken, offset = FILES.cols("taken_at"), FILES.cols("taken_offset")
-        for bound, op in ((self.after, ">="), (self.before, "<")):
+        for name, bound, op in (("after", self.after, ">="), ("before", self.before, "<")):
             if bound is not None:
                 value, aware = bound
                 # A bound with an offset is an instant (UTC); one without is a wall-clock time, compared
                 # with each photo's local time (the camera's clock as written when its offset is unknown).
                 column = taken if aware else f"({taken} + COALESCE({offset}, 0))"
-                conds.append(f"{column} {op} ?")
-                params.append(value)
+                conds.append(f"{column} {op} :f_{name}")
+                params[f"f_{name}"] = value
         if self.camera is not None:
-            conds.append(f"instr(lower({FILES.cols('camera')}), ?) > 0")
-            params.append(self.camera.lower())
+            conds.append(f"lower({FILES.cols('camera')}) LIKE :f_camera ESCAPE '\\'")
+            params["f_camera"] = "%" + re.sub(r"([\\%_])", r"\\\1", self.camera.lower()) + "%"
         if self.exts:
             path = f"lower({FILES.cols('path')})"
-            conds.append("(" + " OR ".join(f"substr({path}, -?) = ?" for _ in self.exts) + ")")
-            for ext in self.exts:
-                params.extend([len(ext) + 1, "." + ext])
+            conds.append("(" + " OR ".join(f"{path} LIKE :f_ext{n}" for n in range(len(self.exts))) + ")")
+            params.update({f"f_ext{n}": f"%.{ext}" for n, ext in enumerate(self.exts)})  # alphanumeric: no wildcards
         if self.min_size is not None:
-            conds.append(f"{FILES.cols('width')} >= ? AND {FILES.cols('height')} >= ?")
-            params.extend(self.min_size)
-        return " AND ".join(conds) or "1", params
+            conds.append(f"{FILES.cols('width')} >= :f_width AND {FILES.cols('height')} >= :f_height")
+            params.update(f_width=self.min_size[0], f_height=self.min_size[1])
+        return " AND ".join(conds) or ANY_ROW, params
 
     def __bool__(self) -> bool:
         return self != Filters()
