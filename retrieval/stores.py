@@ -128,6 +128,19 @@ class VectorStore(Protocol):
     def rebuild(self, keys: Sequence[VectorKey], layout: str | None = None) -> Mapping[VectorKey, VectorSet]: ...
 
 
+#: Makes the vector store of an index: (metadata reader, dimension, `model_key` of the index's model,
+#: opener of the metadata writer) -> VectorStore.
+VectorStoreFactory = Callable[[MetadataReader, int, str, Callable[[], MetadataWriter]], VectorStore]
+
+
+class VectorBackend(NamedTuple):
+    """A vector store chosen where the index is opened (`backends`): what and where, and its factory."""
+
+    kind: str  # "faiss", "milvus"
+    where: str  # for `info`: a directory, a URI without its password
+    factory: VectorStoreFactory
+
+
 class Storage(ABC):
     """The stores of one index and its write lock; the seam between an index and its back ends.
 
@@ -136,7 +149,7 @@ class Storage(ABC):
     batch is applied exactly once); a write holds the lock and saves the vector sets on exit.
     """
 
-    #: Where the index is, for messages and `info` (a directory, or later a database URL).
+    #: Where the index is, for messages and `info` (a directory, or a database URL without its password).
     location: str
 
     def __init__(self) -> None:
@@ -166,6 +179,11 @@ class Storage(ABC):
     @abstractmethod
     def cache_dir(self) -> Path:
         """A directory for caches derived from the index (query vectors, calibration samples)."""
+
+    @abstractmethod
+    def backends(self) -> dict[str, dict[str, str]]:
+        """What holds the metadata and the vectors, and where, for `info`:
+        {"metadata": {"kind": "sqlite", "where": ...}, "vectors": {"kind": "faiss", "where": ...}}."""
 
     @abstractmethod
     def lock(self, wait: float) -> AbstractContextManager[None]:
@@ -202,6 +220,13 @@ class Storage(ABC):
     def empty_index_error(self) -> EmptyIndex:
         """The error for an index that has no model recorded yet, hence no vectors."""
         return EmptyIndex(f"index {self.location} is empty: run `mmsearch index PATH` first")
+
+    def open_vectors(self, factory: VectorStoreFactory) -> VectorStore:
+        """The vector store `factory` makes for the index's model (EmptyIndex while none is recorded)."""
+        manifest, model = self.manifest(), self.model()
+        if manifest is None or model is None:
+            raise self.empty_index_error()
+        return factory(self.reader, manifest.dim, model, lambda: self.writer)
 
     def vector_set(self, kind: str) -> VectorSet:
         """The searchable vectors of one kind, up to date with the metadata store."""
