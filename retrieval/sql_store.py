@@ -1,0 +1,243 @@
+"""Metadata in a database given by an SQLAlchemy URL (`--db`): PostgreSQL through psycopg 3, or `sqlite:///`.
+
+The same tables and migrations as an index directory's SQLite file (`schema`, `store`), the
+same reads (`reader.StoreReader`'s SQL, run here over SQLAlchemy), vectors kept in the
+database as float32 blobs (bytea). The searchable vectors are a cache, by default FAISS files
+in the per-user cache directory keyed by the URL (without its password), with the query cache
+and calibration samples. One writer at a time: a PostgreSQL advisory lock (an flock beside the
+file for `sqlite:///`). Imported only when a URL is given: the embedded default never loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import URL, Engine, ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+from . import schema
+from .config import cache_dir
+from .errors import DatabaseUnavailable, IndexDamaged, IndexNotFound, MMSearchError
+from .local import acquire, faiss_vectors, file_lock
+from .reader import StoreReader
+from .store import Store, _sqlite_pragmas
+from .stores import Storage, VectorBackend, VectorStore
+
+#: The fix named when the PostgreSQL driver is missing.
+INSTALL_HINT = "pip install 'mmsearch[cluster]'"
+#: Seconds to wait for a database server to answer before giving up (a server down fails fast).
+CONNECT_TIMEOUT = 5
+
+
+def parse_url(db: str) -> URL:
+    """The SQLAlchemy URL of `--db` (`postgresql://` means psycopg 3); DatabaseUnavailable for
+    anything but a PostgreSQL or SQLite URL."""
+    try:
+        url = make_url(db)
+    except ArgumentError:
+        raise DatabaseUnavailable(f"--db {db.split('@')[-1]!r} is not a database URL: use "
+                                  "postgresql+psycopg://USER@HOST/DB or sqlite:///PATH") from None
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise DatabaseUnavailable("--db sqlite:/// needs a file (sqlite:///PATH): an index in memory would be lost")
+    if url.get_backend_name() not in ("postgresql", "sqlite"):
+        raise DatabaseUnavailable(f"--db {shown(url)}: only PostgreSQL (postgresql+psycopg://) and SQLite "
+                                  "(sqlite:///PATH) databases are supported")
+    return url
+
+
+def shown(url: URL) -> str:
+    """`url` as printed and as the key of its caches: never with its password."""
+    return url.set(password=None).render_as_string(hide_password=False)
+
+
+def connect(url: URL) -> Engine:
+    """An engine for `url` whose failures are typed errors; one round trip checks that it answers."""
+    where = shown(url)
+    try:
+        if url.get_backend_name() == "postgresql":
+            engine = create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT}, pool_pre_ping=True)
+        else:
+            engine = create_engine(url)
+            event.listen(engine, "connect", _sqlite_pragmas)
+    except ImportError as exc:
+        raise DatabaseUnavailable(f"--db {where} needs the database driver {exc.name}: {INSTALL_HINT}") from None
+    event.listen(engine, "handle_error", lambda context: _raise_typed(context, where))
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    return engine
+
+
+def _raise_typed(context: ExceptionContext, where: str) -> None:
+    """A database failure as one line: cannot connect (DatabaseUnavailable), else MMSearchError."""
+    original = context.original_exception
+    message = str(original).strip().splitlines()[0] if str(original).strip() else type(original).__name__
+    if context.connection is None or context.is_disconnect:
+        raise DatabaseUnavailable(f"cannot reach the database {where}: {message} "
+                                  "(is the server running, and the URL right?)") from None
+    if isinstance(context.sqlalchemy_exception, DBAPIError):
+        raise MMSearchError(f"database {where}: {message}") from None
+
+
+class SqlReader(StoreReader):
+    """`StoreReader`'s SQL run over SQLAlchemy: each read is one statement on a pooled connection
+    in autocommit mode, so it sees the latest committed state and holds nothing open."""
+
+    def __init__(self, engine: Engine, location: str) -> None:  # not StoreReader's: no sqlite3 connection here
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.directory = None
+        self.location = location
+
+    def _all(self, sql: str, params: Mapping[str, object] | None = None) -> list[tuple]:
+        with self._engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql), dict(params or {}))]
+
+    def _tables(self) -> set[str]:
+        return set(inspect(self._engine).get_table_names())
+
+    def _missing(self, message: str) -> bool:
+        return "does not exist" in message or "no such" in message
+
+    def _foreign(self) -> IndexDamaged:
+        return IndexDamaged(f"database {self.location} holds tables of something else, not an mmsearch index "
+                            "(no migrations table): use another database or schema")
+
+    def close(self) -> None:
+        """Nothing to release: the engine belongs to the storage."""
+
+
+class SqlStorage(Storage):
+    """An index whose metadata is at a database URL; `reader` is None until it is created by its first write."""
+
+    def __init__(self, url: URL, engine: Engine, reader: SqlReader | None, vectors: VectorBackend | None) -> None:
+        super().__init__()
+        self.url = url
+        self.location = shown(url)
+        self._engine = engine
+        self._reader = reader
+        self._store: Store | None = None
+        self._vector_backend = vectors
+        self._vectors: VectorStore | None = None
+        self._opening = threading.RLock()
+
+    @classmethod
+    def open(cls, db: str, *, create: bool = True, vectors: VectorBackend | None = None) -> SqlStorage:
+        """The index in the database `db` (a URL): a new one (created by its first write) when the
+        database holds none and `create`, else IndexNotFound. An older schema is migrated."""
+        url = parse_url(db)
+        engine = connect(url)
+        reader = SqlReader(engine, shown(url))
+        try:
+            reader.check_origin()
+            if schema.MIGRATIONS.name not in reader._tables():
+                if not create:
+                    raise IndexNotFound(f"no index in database {shown(url)} (run `mmsearch index PATH --db ...` first)")
+                return cls(url, engine, None, vectors)
+            storage = cls(url, engine, reader, vectors)
+            if reader.needs_migration():
+                storage.writer  # noqa: B018 - an index from an older mmsearch: migrate it before reading
+            return storage
+        except BaseException:
+            engine.dispose()
+            raise
+
+    @property
+    def exists(self) -> bool:
+        """Whether the index's tables exist (found or created)."""
+        return self._reader is not None
+
+    @property
+    def reader(self) -> SqlReader:
+        """Reads of the database; a new index's tables are created here, on first use."""
+        if self._reader is None:
+            with self._opening:
+                if self._reader is None:
+                    self.writer  # noqa: B018 - creates and migrates the tables
+                    self._reader = SqlReader(self._engine, self.location)
+        return self._reader
+
+    @property
+    def writer(self) -> Store:
+        """The database for writing, created and migrated on first use."""
+        if self._store is None:
+            with self._opening:
+                if self._store is None:
+                    self._store = Store.attach(self._engine)
+        return self._store
+
+    @property
+    def vectors(self) -> VectorStore:
+        """FAISS files in the per-user cache, or the `vectors` store given (EmptyIndex while no model is recorded)."""
+        if self._vectors is None:
+            with self._opening:
+                if self._vectors is None:
+                    self._vectors = self.open_vectors(self._vector_backend.factory if self._vector_backend
+                                                      else faiss_vectors(self._faiss_dir()))
+        return self._vectors
+
+    @property
+    def cache_dir(self) -> Path:
+        """`$XDG_CACHE_HOME/mmsearch/db/<hash of the URL without its password>`: query cache, samples, FAISS files."""
+        return cache_dir() / "db" / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+
+    def _faiss_dir(self) -> Path:
+        """The FAISS files of this database's index: keyed also by when its tables were created, so a
+        database dropped and made again at the same URL never meets the vectors of the old one."""
+        created = self.reader._all(f"SELECT applied_at FROM {schema.MIGRATIONS} WHERE name = :name",
+                                   {"name": "0001_initial"})
+        directory = self.cache_dir / f"vectors-{hashlib.sha256(repr(created).encode()).hexdigest()[:8]}"
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+    def backends(self) -> dict[str, dict[str, str]]:
+        """The database (its dialect, the URL without password), then the vectors' store."""
+        vectors = self._vector_backend
+        return {"metadata": {"kind": self.url.get_backend_name(), "where": self.location},
+                "vectors": {"kind": vectors.kind, "where": vectors.where} if vectors
+                else {"kind": "faiss", "where": str(self.cache_dir)}}
+
+    @contextmanager
+    def lock(self, wait: float) -> Iterator[None]:
+        """PostgreSQL: a session advisory lock keyed by the database and schema (released by the
+        server if this process dies); SQLite: an flock on `<file>.lock`."""
+        if self.url.get_backend_name() != "postgresql":
+            with file_lock(Path(f"{self.url.database}.lock"), self.location, wait):
+                yield
+            return
+        with self._engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            where = conn.execute(text("SELECT current_database(), current_schema()")).one()
+            key = _lock_key(f"mmsearch-index:{where[0]}:{where[1]}")
+            acquire(lambda: bool(conn.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key})),
+                    self.location, wait)
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+
+    def size_bytes(self) -> int:
+        """Bytes of the index's tables (PostgreSQL: with their indexes and TOAST; SQLite: the file),
+        plus the cache files."""
+        if self.url.get_backend_name() == "postgresql":
+            tables = [name for name in (t.name for t in schema.TABLES) if name in self.reader._tables()]
+            size = sum(self.reader._all("SELECT pg_total_relation_size(:name)", {"name": name})[0][0]
+                       for name in tables)
+        else:
+            size = Path(str(self.url.database)).stat().st_size
+        return size + sum(p.stat().st_size for p in self.cache_dir.rglob("*") if p.is_file())
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self._engine.dispose()
+
+
+def _lock_key(name: str) -> int:
+    """A signed 64-bit advisory lock key for `name`."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
