@@ -54,7 +54,8 @@ def parse_url(db: str) -> URL:
 
 def shown(url: URL) -> str:
     """`url` as printed and as the key of its caches: never with its password."""
-    return url.set(password=None).render_as_string(hide_password=False)
+    bare = URL.create(url.drivername, url.username, None, url.host, url.port, url.database, url.query)
+    return bare.render_as_string(hide_password=False)
 
 
 def connect(url: URL) -> Engine:
