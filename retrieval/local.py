@@ -71,7 +71,7 @@ class LocalStorage(Storage):
             with self._opening:
                 if self._reader is None:
                     self.writer  # noqa: B018 - creates and migrates the database
-                    self._reader = StoreReader.open(self.directory)
+                    self._reader = self._open_reader()
         return self._reader
 
     @property
@@ -80,7 +80,7 @@ class LocalStorage(Storage):
         if self._store is None:
             with self._opening:
                 if self._store is None:
-                    self._store = _open_store(self.directory)
+                    self._store = self._open_writer()
         return self._store
 
     @property
@@ -90,13 +90,28 @@ class LocalStorage(Storage):
             with self._opening:
                 if self._vectors is None:
                     self._vectors = self.open_vectors(self._vector_backend.factory if self._vector_backend
-                                                      else faiss_vectors(self.directory))
+                                                      else faiss_vectors(self._faiss_dir()))
         return self._vectors
 
+    # --- where things are (overridden by `sql_store.SqlStorage`) --------------------------------
+
+    def _open_reader(self) -> StoreReader:
+        return StoreReader.open(self.directory)
+
+    def _open_writer(self) -> Store:
+        return _open_store(self.directory)
+
+    def _faiss_dir(self) -> Path:
+        """Where the FAISS files are."""
+        return self.directory
+
+    def _metadata_backend(self) -> dict[str, str]:
+        return {"kind": "sqlite", "where": str(self.directory / DB_NAME)}
+
     def backends(self) -> dict[str, dict[str, str]]:
-        """SQLite in the directory; its FAISS files or the vector store given."""
+        """The metadata store; FAISS files or the vector store given."""
         vectors = self._vector_backend
-        return {"metadata": {"kind": "sqlite", "where": str(self.directory / DB_NAME)},
+        return {"metadata": self._metadata_backend(),
                 "vectors": {"kind": vectors.kind, "where": vectors.where} if vectors
                 else {"kind": "faiss", "where": str(self.directory)}}
 

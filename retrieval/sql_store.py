@@ -11,7 +11,6 @@ file for `sqlite:///`). Imported only when a URL is given: the embedded default 
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,10 +22,10 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from . import schema
 from .config import cache_dir
 from .errors import DatabaseUnavailable, IndexDamaged, IndexNotFound, MMSearchError
-from .local import acquire, faiss_vectors, file_lock
+from .local import LocalStorage, acquire, file_lock
 from .reader import StoreReader
 from .store import Store, _sqlite_pragmas
-from .stores import Storage, VectorBackend, VectorStore
+from .stores import VectorBackend
 
 #: The fix named when the PostgreSQL driver is missing.
 INSTALL_HINT = "pip install 'mmsearch[cluster]'"
@@ -113,22 +112,19 @@ class SqlReader(StoreReader):
         """Nothing to release: the engine belongs to the storage."""
 
 
-class SqlStorage(Storage):
-    """An index whose metadata is at a database URL; `reader` is None until it is created by its first write."""
+class SqlStorage(LocalStorage):
+    """An index whose metadata is at a database URL; its "directory" is the per-user cache directory
+    keyed by the URL (vector files, query cache, samples). `reader` is None until the index's tables
+    are created by its first write."""
 
     def __init__(self, url: URL, engine: Engine, reader: SqlReader | None, vectors: VectorBackend | None) -> None:
-        super().__init__()
+        super().__init__(_cache_dir(url), reader, None, vectors)
         self.url = url
         self.location = shown(url)
         self._engine = engine
-        self._reader = reader
-        self._store: Store | None = None
-        self._vector_backend = vectors
-        self._vectors: VectorStore | None = None
-        self._opening = threading.RLock()
 
     @classmethod
-    def open(cls, db: str, *, create: bool = True, vectors: VectorBackend | None = None) -> SqlStorage:
+    def open(cls, db: str, *, create: bool = True, vectors: VectorBackend | None = None) -> SqlStorage:  # type: ignore[override]
         """The index in the database `db` (a URL): a new one (created by its first write) when the
         database holds none and `create`, else IndexNotFound. An older schema is migrated."""
         url = parse_url(db)
@@ -148,60 +144,23 @@ class SqlStorage(Storage):
             engine.dispose()
             raise
 
-    @property
-    def exists(self) -> bool:
-        """Whether the index's tables exist (found or created)."""
-        return self._reader is not None
+    def _open_reader(self) -> SqlReader:
+        return SqlReader(self._engine, self.location)
 
-    @property
-    def reader(self) -> SqlReader:
-        """Reads of the database; a new index's tables are created here, on first use."""
-        if self._reader is None:
-            with self._opening:
-                if self._reader is None:
-                    self.writer  # noqa: B018 - creates and migrates the tables
-                    self._reader = SqlReader(self._engine, self.location)
-        return self._reader
-
-    @property
-    def writer(self) -> Store:
-        """The database for writing, created and migrated on first use."""
-        if self._store is None:
-            with self._opening:
-                if self._store is None:
-                    self._store = Store.attach(self._engine)
-        return self._store
-
-    @property
-    def vectors(self) -> VectorStore:
-        """FAISS files in the per-user cache, or the `vectors` store given (EmptyIndex while no model is recorded)."""
-        if self._vectors is None:
-            with self._opening:
-                if self._vectors is None:
-                    self._vectors = self.open_vectors(self._vector_backend.factory if self._vector_backend
-                                                      else faiss_vectors(self._faiss_dir()))
-        return self._vectors
-
-    @property
-    def cache_dir(self) -> Path:
-        """`$XDG_CACHE_HOME/mmsearch/db/<hash of the URL without its password>`: query cache, samples, FAISS files."""
-        return cache_dir() / "db" / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+    def _open_writer(self) -> Store:
+        return Store.attach(self._engine)
 
     def _faiss_dir(self) -> Path:
         """The FAISS files of this database's index: keyed also by when its tables were created, so a
         database dropped and made again at the same URL never meets the vectors of the old one."""
         created = self.reader._all(f"SELECT applied_at FROM {schema.MIGRATIONS} WHERE name = :name",
                                    {"name": "0001_initial"})
-        directory = self.cache_dir / f"vectors-{hashlib.sha256(repr(created).encode()).hexdigest()[:8]}"
+        directory = self.directory / f"vectors-{hashlib.sha256(repr(created).encode()).hexdigest()[:8]}"
         directory.mkdir(parents=True, exist_ok=True)
         return directory
 
-    def backends(self) -> dict[str, dict[str, str]]:
-        """The database (its dialect, the URL without password), then the vectors' store."""
-        vectors = self._vector_backend
-        return {"metadata": {"kind": self.url.get_backend_name(), "where": self.location},
-                "vectors": {"kind": vectors.kind, "where": vectors.where} if vectors
-                else {"kind": "faiss", "where": str(self.cache_dir)}}
+    def _metadata_backend(self) -> dict[str, str]:
+        return {"kind": self.url.get_backend_name(), "where": self.location}
 
     @contextmanager
     def lock(self, wait: float) -> Iterator[None]:
@@ -231,11 +190,16 @@ class SqlStorage(Storage):
                        for name in tables)
         else:
             size = Path(str(self.url.database)).stat().st_size
-        return size + sum(p.stat().st_size for p in self.cache_dir.rglob("*") if p.is_file())
+        return size + sum(p.stat().st_size for p in self.directory.rglob("*") if p.is_file())
 
     def close(self) -> None:
         """Release the database connections."""
         self._engine.dispose()
+
+
+def _cache_dir(url: URL) -> Path:
+    """`$XDG_CACHE_HOME/mmsearch/db/<hash of the URL without its password>`: what is cached of an index in a database."""
+    return cache_dir() / "db" / hashlib.sha256(shown(url).encode()).hexdigest()[:16]
 
 
 def _lock_key(name: str) -> int:
