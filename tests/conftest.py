@@ -146,55 +146,19 @@ def gallery_index(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -
     return root / "index"
 
 
-def _postgres_bin() -> Path | None:
-    """Debian's PostgreSQL binaries (/usr/lib/postgresql/<version>/bin), the newest; None without them."""
-    import glob
-
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3].split(".")[0]))
-    return Path(found[-1]).parent if found else None
-
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster for the run: initdb in a temp dir, a free port on 127.0.0.1
-    only, a private socket dir; as the `postgres` user when the tests run as root (initdb refuses
-    root). Durability is off (fsync): nothing outlives the run. Yields the server's URL without a
-    database; skips (with the reason) where PostgreSQL or psycopg is not installed."""
-    import shutil
-    import tempfile
+    """A throwaway PostgreSQL cluster for the run (see `pg_cluster`), durability off. Yields the
+    server's URL without a database; skips (with the reason) where PostgreSQL or psycopg is missing."""
+    from pg_cluster import Unavailable, cluster
 
     pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'mmsearch[cluster]')")
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("no PostgreSQL binaries (/usr/lib/postgresql/*/bin): apt-get install postgresql")
-    root = Path(tempfile.mkdtemp(prefix="mmsearch-pg-"))  # not under pytest's tmp: root-only parents
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data, log = root / "data", root / "log"
-
-    def run(*args: str) -> None:
-        done = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{args[0]} failed: {done.stdout}{done.stderr}")
-
     try:
-        run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-locale", "-E", "UTF8")
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start", "-o",
-            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off "
-            "-c synchronous_commit=off")
-    except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"PostgreSQL could not start here: {exc}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
-
+        with cluster(durable=False) as url:
+            yield url
+    except Unavailable as exc:
+        pytest.skip(str(exc))
 
 @pytest.fixture
 def pg_db(postgres: str, request: pytest.FixtureRequest) -> str:
