@@ -27,30 +27,30 @@ class Filters:
     exts: tuple[str, ...] = ()
     min_size: tuple[int, int] | None = None
 
-    def sql(self) -> tuple[str, dict[str, object]]:
-        """One SQL condition on the files table and its named parameters, 'a AND b ...'; portable
-        SQL (LIKE, not SQLite's instr or negative substr) that PostgreSQL runs too."""
+    def sql(self) -> tuple[str, list[object]]:
+        """One SQL condition on the files table (and its parameters), 'a AND b ...'; portable SQL
+        (LIKE, not SQLite's instr or negative substr) that PostgreSQL runs too."""
         conds: list[str] = []
-        params: dict[str, object] = {}
+        params: list[object] = []
         taken, offset = FILES.cols("taken_at"), FILES.cols("taken_offset")
-        for name, bound, op in (("after", self.after, ">="), ("before", self.before, "<")):
+        for bound, op in ((self.after, ">="), (self.before, "<")):
             if bound is not None:
                 value, aware = bound
                 # A bound with an offset is an instant (UTC); one without is a wall-clock time, compared
                 # with each photo's local time (the camera's clock as written when its offset is unknown).
                 column = taken if aware else f"({taken} + COALESCE({offset}, 0))"
-                conds.append(f"{column} {op} :f_{name}")
-                params[f"f_{name}"] = value
+                conds.append(f"{column} {op} ?")
+                params.append(value)
         if self.camera is not None:
-            conds.append(f"lower({FILES.cols('camera')}) LIKE :f_camera ESCAPE '\\'")
-            params["f_camera"] = "%" + re.sub(r"([\\%_])", r"\\\1", self.camera.lower()) + "%"
+            conds.append(f"lower({FILES.cols('camera')}) LIKE ? ESCAPE '\\'")
+            params.append("%" + re.sub(r"([\\%_])", r"\\\1", self.camera.lower()) + "%")
         if self.exts:
             path = f"lower({FILES.cols('path')})"
-            conds.append("(" + " OR ".join(f"{path} LIKE :f_ext{n}" for n in range(len(self.exts))) + ")")
-            params.update({f"f_ext{n}": f"%.{ext}" for n, ext in enumerate(self.exts)})  # alphanumeric: no wildcards
+            conds.append("(" + " OR ".join(f"{path} LIKE ?" for _ in self.exts) + ")")
+            params.extend(f"%.{ext}" for ext in self.exts)  # alphanumeric: no wildcards
         if self.min_size is not None:
-            conds.append(f"{FILES.cols('width')} >= :f_width AND {FILES.cols('height')} >= :f_height")
-            params.update(f_width=self.min_size[0], f_height=self.min_size[1])
+            conds.append(f"{FILES.cols('width')} >= ? AND {FILES.cols('height')} >= ?")
+            params.extend(self.min_size)
         return " AND ".join(conds) or ANY_ROW, params
 
     def __bool__(self) -> bool:

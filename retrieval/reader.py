@@ -4,8 +4,8 @@ The tables are defined in `schema`, which this SQL takes its names from; migrati
 every write live in `store` (SQLAlchemy). Reads come here
 because a query from the shell must start fast: importing SQLAlchemy costs about 0.25 s,
 most of a cached query's time (benchmarks/RESULTS.md, "Query latency"). The SQL is plain
-(JOIN, IN, substr, LIKE, GROUP BY, named parameters), so `sql_store` runs the same text over
-SQLAlchemy for a database given by URL (PostgreSQL).
+(JOIN, IN, substr, LIKE, GROUP BY, `?` parameters), so `sql_store.SqlReader` runs the same text over
+SQLAlchemy for a database given by URL (PostgreSQL), through a few overridable driver hooks.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 from dataclasses import fields
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -64,25 +64,18 @@ _ITEM_ROW = f"{ITEMS.cols('id', 'kind')}, {FILES.cols('path')}, {ITEMS.cols('lin
 _JOIN = f"{FILES.cols('id')} = {ITEMS.cols('file_id')}"
 
 
-def _under(column: str, folder: str) -> tuple[str, dict[str, object]]:
-    """SQL condition (and its named parameters) for `column` being `folder` or a path below it."""
+def _under(column: str, folder: str) -> tuple[str, list[object]]:
+    """SQL condition (and its parameters) for `column` being `folder` or a path below it."""
     prefix = folder.rstrip(os.sep) + os.sep
-    return (f"({column} = :under OR substr({column}, 1, :under_len) = :under_prefix)",
-            {"under": folder, "under_len": len(prefix), "under_prefix": prefix})
-
-
-def _anywhere(column: str, folder: str | None) -> tuple[str, dict[str, object]]:
-    """`_under`, or every row when `folder` is None."""
-    return _under(column, folder) if folder else (ANY_ROW, {})
+    return f"({column} = ? OR substr({column}, 1, ?) = ?)", [folder, len(prefix), prefix]
 
 
 class StoreReader:
     """Read-only view of one index database; every call sees the latest committed state.
 
-    The SQL is portable (named `:name` parameters, which both sqlite3 and SQLAlchemy's `text()`
-    take); this class runs it over the standard library's sqlite3 on an index directory's
-    database, and `sql_store.SqlReader` overrides the few driver hooks (`_all`, `_tables`,
-    `_missing`, `_foreign`, `close`) to run the same SQL over SQLAlchemy for a database URL.
+    Runs its SQL over the standard library's sqlite3 on an index directory's database;
+    `sql_store.SqlReader` overrides the driver hooks (`_all`, `_tables`, `_missing`, `_foreign`,
+    `close`) to run the same SQL over SQLAlchemy for a database URL.
     """
 
     def __init__(self, connection: sqlite3.Connection, directory: Path) -> None:
@@ -114,13 +107,32 @@ class StoreReader:
             raise
         return reader
 
+    def check_origin(self) -> None:
+        """Refuse a database that is not an index database of this mmsearch, before anything reads or writes it.
+
+        Migration names sort in the order they were added (`0001_…`, `0002_…`), so a name after
+        SCHEMA_VERSION is one a newer mmsearch applied: its index must not be "repaired" here.
+        """
+        tables = self._tables()
+        if tables and MIGRATIONS.name not in tables:
+            raise self._foreign()
+        newer = [r[0] for r in self._all(f"SELECT name FROM {MIGRATIONS} WHERE name > ? ORDER BY name",
+                                         [SCHEMA_VERSION])] if tables else []
+        if newer:
+            raise IndexTooNew(f"index at {self.location} was written by a newer mmsearch (schema {newer[-1]}; "
+                              f"this version knows up to {SCHEMA_VERSION}): upgrade mmsearch to use it")
+
     # --- driver hooks (overridden by `sql_store.SqlReader`) ----------------------------------
 
-    def _all(self, sql: str, params: Mapping[str, object] | None = None) -> list[tuple]:
-        """Every row of `sql` (named parameters); a database failure as a typed error."""
+    def close(self) -> None:
+        """Release the connection."""
+        self._conn.close()
+
+    def _all(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:
+        """Every row of `sql` (`?` parameters); a database failure as a typed error."""
         with self._lock:
             try:
-                return self._conn.execute(sql, dict(params or {})).fetchall()
+                return self._conn.execute(sql, tuple(params)).fetchall()
             except sqlite3.Error as exc:
                 raise database_error(str(exc), self.directory) from None
 
@@ -137,28 +149,9 @@ class StoreReader:
         return IndexDamaged(f"{self.directory / DB_NAME} is an SQLite database of something else, "
                             "not an mmsearch index: use another --index")
 
-    def close(self) -> None:
-        """Release the connection."""
-        self._conn.close()
-
     # --- the same for every database --------------------------------------------------------
 
-    def check_origin(self) -> None:
-        """Refuse a database that is not an index database of this mmsearch, before anything reads or writes it.
-
-        Migration names sort in the order they were added (`0001_…`, `0002_…`), so a name after
-        SCHEMA_VERSION is one a newer mmsearch applied: its index must not be "repaired" here.
-        """
-        tables = self._tables()
-        if tables and MIGRATIONS.name not in tables:
-            raise self._foreign()
-        newer = [r[0] for r in self._all(f"SELECT name FROM {MIGRATIONS} WHERE name > :version ORDER BY name",
-                                         {"version": SCHEMA_VERSION})] if tables else []
-        if newer:
-            raise IndexTooNew(f"index at {self.location} was written by a newer mmsearch (schema {newer[-1]}; "
-                              f"this version knows up to {SCHEMA_VERSION}): upgrade mmsearch to use it")
-
-    def _newer(self, sql: str, params: Mapping[str, object] | None = None) -> list[tuple] | None:
+    def _newer(self, sql: str, params: Iterable[object] = ()) -> list[tuple] | None:
         """Rows of `sql`, which reads a table or column added by a later migration; None on an
         index too old to have it (one that could not be migrated: a read-only directory)."""
         try:
@@ -169,7 +162,7 @@ class StoreReader:
             raise
 
     def _meta(self, key: str) -> str | None:
-        rows = self._all(f"SELECT value FROM {META} WHERE key = :key", {"key": key})
+        rows = self._all(f"SELECT value FROM {META} WHERE key = ?", [key])
         return rows[0][0] if rows else None
 
     # --- index-wide -------------------------------------------------------------------------
@@ -177,7 +170,7 @@ class StoreReader:
     def needs_migration(self) -> bool:
         """Whether the schema predates this version of mmsearch."""
         try:
-            return not self._all(f"SELECT 1 FROM {MIGRATIONS} WHERE name = :version", {"version": SCHEMA_VERSION})
+            return not self._all(f"SELECT 1 FROM {MIGRATIONS} WHERE name = ?", [SCHEMA_VERSION])
         except MMSearchError:
             return True  # no migrations table yet
 
@@ -196,8 +189,8 @@ class StoreReader:
 
     def kinds(self) -> set[str]:
         """The item kinds present, each found by one index lookup (counting is O(n))."""
-        exists = f"SELECT EXISTS (SELECT 1 FROM {ITEMS} WHERE kind = :kind)"
-        return {kind for kind in KINDS if self._all(exists, {"kind": kind})[0][0]}
+        exists = f"SELECT EXISTS (SELECT 1 FROM {ITEMS} WHERE kind = ?)"
+        return {kind for kind in KINDS if self._all(exists, [kind])[0][0]}
 
     def counts(self) -> dict[str, int]:
         """Number of items per kind, plus files and recorded failures."""
@@ -208,7 +201,7 @@ class StoreReader:
 
     def roots(self, under: str | None = None) -> list[str]:
         """Every root indexed so far (or those at or below the folder `under`)."""
-        where, params = _anywhere("path", under)
+        where, params = _under("path", under) if under else (ANY_ROW, [])
         return [r[0] for r in self._all(f"SELECT path FROM {ROOTS} WHERE {where} ORDER BY path", params)]
 
     def root_options(self) -> dict[str, RootOptions]:
@@ -220,7 +213,7 @@ class StoreReader:
 
     def ignored(self, under: str | None = None) -> list[str]:
         """Files skipped for their type at the last scan of their root (or only at or below `under`)."""
-        where, params = _anywhere("path", under)
+        where, params = _under("path", under) if under else (ANY_ROW, [])
         rows = self._newer(f"SELECT path FROM {IGNORED} WHERE {where} ORDER BY path", params)
         return [r[0] for r in rows or []]
 
@@ -232,7 +225,7 @@ class StoreReader:
 
     def failures(self, under: str | None = None) -> list[tuple[str, str]]:
         """(path, reason) of everything skipped and not indexed since (or only at or below `under`)."""
-        where, params = _anywhere("path", under)
+        where, params = _under("path", under) if under else (ANY_ROW, [])
         return [(p, r) for p, r in self._all(f"SELECT path, reason FROM {FAILURES} WHERE {where} ORDER BY path", params)]
 
     # --- files and items --------------------------------------------------------------------
@@ -245,19 +238,19 @@ class StoreReader:
 
     def file(self, path: str) -> FileRow | None:
         """The file recorded at exactly `path` (one index lookup), or None."""
-        rows = self._all(f"SELECT {_FILE_ROW} FROM {FILES} WHERE path = :path", {"path": path})
+        rows = self._all(f"SELECT {_FILE_ROW} FROM {FILES} WHERE path = ?", [path])
         return FileRow(*rows[0]) if rows else None
 
     def item_ids(self, kind: str) -> np.ndarray:
         """Every item id of one kind, ascending."""
-        rows = self._all(f"SELECT id FROM {ITEMS} WHERE kind = :kind ORDER BY id", {"kind": kind})
+        rows = self._all(f"SELECT id FROM {ITEMS} WHERE kind = ? ORDER BY id", [kind])
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def ids_under(self, folder: str, kind: str) -> np.ndarray:
         """Item ids of one kind whose file lies under `folder`."""
         where, params = _under(FILES.cols("path"), folder)
         rows = self._all(f"SELECT {ITEMS.cols('id')} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
-                         f"WHERE {ITEMS.cols('kind')} = :kind AND {where}", {"kind": kind, **params})
+                         f"WHERE {ITEMS.cols('kind')} = ? AND {where}", [kind, *params])
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def ids_filtered(self, kind: str, folder: str | None, filters: Filters) -> np.ndarray:
@@ -265,11 +258,10 @@ class StoreReader:
 
         Raises BadQuery when a filter needs the metadata of migration 0003 and the index (read-only,
         so not migrated) lacks it."""
-        where, params = _anywhere(FILES.cols("path"), folder)
+        where, params = _under(FILES.cols("path"), folder) if folder else (ANY_ROW, [])
         cond, more = filters.sql()
         rows = self._newer(f"SELECT {ITEMS.cols('id')} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
-                           f"WHERE {ITEMS.cols('kind')} = :kind AND {where} AND {cond}",
-                           {"kind": kind, **params, **more})
+                           f"WHERE {ITEMS.cols('kind')} = ? AND {where} AND {cond}", [kind, *params, *more])
         if rows is None:
             raise BadQuery(f"index at {self.location} was built before date, camera and size filters: "
                            "run `mmsearch index` on it once (with write access) to read them")
@@ -283,8 +275,7 @@ class StoreReader:
     def _by_ids(self, sql: str, ids: Iterable[int]) -> Iterator[list[tuple]]:
         """Rows of `sql`, whose `{ids}` is an IN list, for `ids` sent CHUNK at a time."""
         for part in chunks([int(i) for i in ids]):
-            names = [f"i{n}" for n in range(len(part))]
-            yield self._all(sql.format(ids=",".join(f":{name}" for name in names)), dict(zip(names, part)))
+            yield self._all(sql.format(ids=",".join("?" * len(part))), part)
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
         """Display rows for item ids that still exist (a missing id is simply absent)."""
@@ -303,8 +294,8 @@ class StoreReader:
         if ids is None:
             # Keyset pagination: each chunk is one short statement, so no read stays open between chunks.
             after = -1
-            while rows := self._all(f"SELECT id, vector FROM {ITEMS} WHERE kind = :kind AND id > :after "
-                                    "ORDER BY id LIMIT :n", {"kind": kind, "after": after, "n": CHUNK}):
+            while rows := self._all(f"SELECT id, vector FROM {ITEMS} WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+                                    [kind, after, CHUNK]):
                 after = rows[-1][0]
                 yield _unpack(rows)
             return

@@ -11,7 +11,9 @@ file for `sqlite:///`). Imported only when a URL is given: the embedded default 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+import itertools
+import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,9 +96,10 @@ class SqlReader(StoreReader):
         self.directory = None
         self.location = location
 
-    def _all(self, sql: str, params: Mapping[str, object] | None = None) -> list[tuple]:
+    def _all(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:
+        named, values = _named(sql, list(params))
         with self._engine.connect() as conn:
-            return [tuple(row) for row in conn.execute(text(sql), dict(params or {}))]
+            return [tuple(row) for row in conn.execute(text(named), values)]
 
     def _tables(self) -> set[str]:
         return set(inspect(self._engine).get_table_names())
@@ -153,8 +156,7 @@ class SqlStorage(LocalStorage):
     def _faiss_dir(self) -> Path:
         """The FAISS files of this database's index: keyed also by when its tables were created, so a
         database dropped and made again at the same URL never meets the vectors of the old one."""
-        created = self.reader._all(f"SELECT applied_at FROM {schema.MIGRATIONS} WHERE name = :name",
-                                   {"name": "0001_initial"})
+        created = self.reader._all(f"SELECT applied_at FROM {schema.MIGRATIONS} WHERE name = ?", ["0001_initial"])
         directory = self.directory / f"vectors-{hashlib.sha256(repr(created).encode()).hexdigest()[:8]}"
         directory.mkdir(parents=True, exist_ok=True)
         return directory
@@ -186,8 +188,7 @@ class SqlStorage(LocalStorage):
         plus the cache files."""
         if self.url.get_backend_name() == "postgresql":
             tables = [name for name in (t.name for t in schema.TABLES) if name in self.reader._tables()]
-            size = sum(self.reader._all("SELECT pg_total_relation_size(:name)", {"name": name})[0][0]
-                       for name in tables)
+            size = sum(self.reader._all("SELECT pg_total_relation_size(?)", [name])[0][0] for name in tables)
         else:
             size = Path(str(self.url.database)).stat().st_size
         return size + sum(p.stat().st_size for p in self.directory.rglob("*") if p.is_file())
@@ -200,6 +201,18 @@ class SqlStorage(LocalStorage):
 def _cache_dir(url: URL) -> Path:
     """`$XDG_CACHE_HOME/mmsearch/db/<hash of the URL without its password>`: what is cached of an index in a database."""
     return cache_dir() / "db" / hashlib.sha256(shown(url).encode()).hexdigest()[:16]
+
+
+def _named(sql: str, params: list[object]) -> tuple[str, dict[str, object]]:
+    """`reader`'s SQL with its `?` parameters (sqlite3's style) as `:p0, :p1, ...` (SQLAlchemy's
+    `text()`); a `?` inside a quoted literal stays as it is."""
+    count = itertools.count()
+    parts = sql.split("'")
+    parts[::2] = [re.sub(r"\?", lambda _: f":p{next(count)}", part) for part in parts[::2]]
+    names = next(count)
+    if names != len(params):
+        raise ValueError(f"{names} parameters in the SQL, {len(params)} given")
+    return "'".join(parts), {f"p{n}": value for n, value in enumerate(params)}
 
 
 def _lock_key(name: str) -> int:
