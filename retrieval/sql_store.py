@@ -70,19 +70,21 @@ def connect(url: URL) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
     except ImportError as exc:
         raise DatabaseUnavailable(f"--db {where} needs the database driver {exc.name}: {INSTALL_HINT}") from None
-    event.listen(engine, "handle_error", lambda context: _raise_typed(context, where))
+    hint = "is the server running, and the URL right?" if url.get_backend_name() == "postgresql" else \
+        "does its folder exist, and may it be written?"
+    event.listen(engine, "handle_error", lambda context: _raise_typed(context, where, hint))
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
     return engine
 
 
-def _raise_typed(context: ExceptionContext, where: str) -> None:
+def _raise_typed(context: ExceptionContext, where: str, hint: str) -> None:
     """A database failure as one line: cannot connect (DatabaseUnavailable), else MMSearchError."""
     original = context.original_exception
     message = str(original).strip().splitlines()[0] if str(original).strip() else type(original).__name__
     if context.connection is None or context.is_disconnect:
         raise DatabaseUnavailable(f"cannot reach the database {where}: {message} "
-                                  "(is the server running, and the URL right?)") from None
+                                  f"({hint})") from None
     if isinstance(context.sqlalchemy_exception, DBAPIError):
         raise MMSearchError(f"database {where}: {message}") from None
 
@@ -131,6 +133,8 @@ class SqlStorage(LocalStorage):
         """The index in the database `db` (a URL): a new one (created by its first write) when the
         database holds none and `create`, else IndexNotFound. An older schema is migrated."""
         url = parse_url(db)
+        if url.get_backend_name() == "sqlite" and not create and not Path(str(url.database)).exists():
+            raise IndexNotFound(f"no index in database {shown(url)} (run `mmsearch index PATH --db ...` first)")
         engine = connect(url)
         reader = SqlReader(engine, shown(url))
         try:

@@ -245,3 +245,15 @@ def test_vectors_in_milvus_when_available(runner, tmp_path, tiny_model, photos) 
                              "--json").stdout)
     assert hits[0]["path"] == str(photos / "img0.jpg")
     assert json.loads(invoke(runner, "info", *at, "--json").stdout)["backends"]["vectors"]["kind"] == "milvus"
+
+
+def test_reading_commands_create_no_index_in_a_database(runner, tmp_path, pg_db) -> None:
+    from sqlalchemy import create_engine, inspect
+
+    for db in (pg_db, f"sqlite:///{tmp_path / 'none.db'}"):
+        done = invoke(runner, "query", "a dog", "--db", db)
+        assert done.exit_code == 1 and "no index in database" in done.output
+    engine = create_engine(pg_db)
+    assert inspect(engine).get_table_names() == []
+    engine.dispose()
+    assert not (tmp_path / "none.db").exists()
