@@ -39,15 +39,10 @@ def open_storage(directory: Path | None, *, db: str | None = None, vectors: str 
 
 def vector_backend(uri: str) -> VectorBackend:
     """The Milvus vector store at `uri`: a server (`milvus://host:port`, `http(s)://host:port`) or a
-    milvus-lite file (`PATH.db`)."""
-    parts = urlsplit(uri)
-    if parts.scheme == "milvus":  # pymilvus speaks http(s); milvus:// is the issue's spelling of a server
-        uri = urlunsplit(("http", *parts[1:]))
-    elif parts.scheme not in ("http", "https"):
-        if not uri.endswith(".db"):
-            raise MMSearchError(f"--vectors {uri!r}: give milvus://HOST:PORT, http(s)://HOST:PORT "
-                                "(a Milvus server) or a file PATH.db (embedded milvus-lite)")
-        uri = str(Path(uri).expanduser().resolve())
+    milvus-lite file (`PATH.db`); `milvus_store` reads the URI itself (as pymilvus' client does)."""
+    if urlsplit(uri).scheme not in ("milvus", "http", "https") and not uri.endswith(".db"):
+        raise MMSearchError(f"--vectors {_without_password(uri)!r}: give milvus://HOST:PORT, http(s)://HOST:PORT "
+                            "(a Milvus server) or a file PATH.db (embedded milvus-lite)")
     try:
         from .milvus_store import MilvusVectorStore
     except ImportError as exc:
