@@ -230,9 +230,10 @@ def test_env_vars_choose_the_back_ends(runner, monkeypatch, tmp_path, tiny_model
     assert invoke(runner, "info", "--index", str(tmp_path / "other")).exit_code == 1
 
 
-def test_vectors_in_milvus_when_available(runner, tmp_path, tiny_model, photos) -> None:
-    """`--vectors PATH.db`: milvus-lite through `retrieval.milvus_store`; a clear error where it is absent."""
-    at = ["--index", str(tmp_path / "idx"), "--vectors", str(tmp_path / "vectors.db")]
+def test_vectors_in_milvus_when_available(runner, where, tmp_path, tiny_model, photos) -> None:
+    """`--vectors PATH.db` with each metadata store: milvus-lite through `retrieval.milvus_store`; a
+    clear error where that module is absent."""
+    at = [*cli_args(where), "--vectors", str(tmp_path / "vectors.db")]
     args = ["index", str(photos), *at, "--model", tiny_model, "--pretrained", "random", "--workers", "0"]
     if importlib.util.find_spec("retrieval.milvus_store") is None:
         done = run_mmsearch(*args)
