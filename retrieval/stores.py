@@ -96,11 +96,12 @@ class VectorKey(NamedTuple):
 
 
 def model_key(manifest: ModelManifest) -> str:
-    """A short, file-name-safe key of a model: its name and a hash of what identifies it."""
+    """A short, file-name-safe key of a model: its name (a config file's by its file name) and a hash
+    of what identifies it."""
     import hashlib
 
     digest = hashlib.sha256(repr(manifest.identity()).encode()).hexdigest()[:10]
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', manifest.name)}-{digest}"
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(manifest.name).name)}-{digest}"
 
 
 class VectorSet(Protocol):
