@@ -125,7 +125,7 @@ class Collection:
         name, pretrained = self._requested
         if name is not None and model_key(name) != manifest.name:
             raise ModelMismatch(f"this index was built with {manifest.describe()}, not {name}; "
-                                "use the same model or another --index")
+                                "use the same model or another --index (or add it with --add-model)")
         if pretrained is None:
             return None
         source = resolve_model(manifest.name, pretrained)
