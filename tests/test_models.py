@@ -168,6 +168,32 @@ def test_cli_add_model_query_info_dupes_and_remove(runner, tmp_path, corpus, tin
     assert [m["name"] for m in info["models"]] == ["shapes-mini"] and info["images"] == 10
 
 
+def test_http_api_takes_a_model_parameter(tmp_path, corpus, tiny_model) -> None:
+    pytest.importorskip("starlette", reason="the serve extra is not installed")
+    pytest.importorskip("httpx", reason="Starlette's test client needs httpx")
+    from starlette.testclient import TestClient
+
+    from retrieval import server
+
+    index = tmp_path / "idx"
+    with retrieval.open_index(index, model="shapes-mini") as idx:
+        idx.add([corpus], workers=0)
+        idx.add_model(tiny_model, "random", workers=0)
+    with retrieval.open_index(index, create=False) as idx:
+        client = TestClient(server.create_app(idx), base_url="http://127.0.0.1:8765")
+        for model in (None, tiny_model):
+            want = [h.path for h in idx.search("a red circle", k=4, model=model)]
+            got = client.get("/api/search", params={"q": "a red circle", "k": 4, **({"model": model} if model else {})})
+            assert got.status_code == 200 and [r["path"] for r in got.json()] == want
+            first = got.json()[0]["id"]
+            (_, stored), = idx.reader.vectors("image", [first], idx.model_of(model))  # its vector under that model
+            like = [h.path for h in idx.search(stored[0], k=4, target="images", model=model) if h.id != first][:3]
+            similar = client.get(f"/api/similar/{first}", params={"k": 3, **({"model": model} if model else {})})
+            assert [r["path"] for r in similar.json()] == like
+        assert client.get("/api/search", params={"q": "a red circle", "model": "nope"}).status_code == 400
+        assert [m["name"] for m in client.get("/api/info").json()["models"]] == ["shapes-mini", tiny_model]
+
+
 # --- the previous release's index (schema 0003) ---------------------------------------------
 
 def v3_copy(tmp_path: Path) -> Path:
