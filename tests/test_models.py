@@ -22,7 +22,7 @@ import retrieval
 from retrieval.config import BUNDLED_DIR
 from retrieval.errors import ModelInUse, ModelMismatch
 
-from conftest import REPO, invoke, solid_image
+from conftest import REPO, invoke, release_index_copy, solid_image
 from test_reliability import _read_only_runner
 
 DEMO = BUNDLED_DIR / "demo"
@@ -197,15 +197,7 @@ def test_http_api_takes_a_model_parameter(tmp_path, corpus, tiny_model) -> None:
 # --- the previous release's index (schema 0003) ---------------------------------------------
 
 def v3_copy(tmp_path: Path) -> Path:
-    """A copy of the previous release's index, its model's checkpoint pointed at this checkout's."""
-    index = tmp_path / "index-v3"
-    shutil.copytree(V3, index)
-    with sqlite3.connect(index / "mmsearch.db") as db:
-        model = json.loads(db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0])
-        model["pretrained"] = str(BUNDLED_DIR / "shapes-mini.pt")
-        db.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps(model),))
-    db.close()
-    return index
+    return release_index_copy("index-v3", tmp_path)
 
 
 def relocate_sources(index: Path, folder: Path) -> Path:
