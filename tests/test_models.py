@@ -45,10 +45,12 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def answers(idx: retrieval.Collection, corpus: Path, model: str | None = None) -> list[list[tuple[str, float]]]:
-    """Ranked (path or text, score) of text and image queries, with --not, --min-score auto, and combined."""
+    """Ranked (path or text, score) of text and image queries, with --not, --min-score auto, combined, a
+    filter and --collapse."""
     queries = [("a red circle", {}), (corpus / "blue_star_01.webp", {}), ("a star", {"target": "texts"}),
                (corpus / "red_circle_01.jpg", {"target": "images"}), ("a red circle", {"exclude": ["a blue star"]}),
-               ("a red circle", {"min_score": "auto"}), ([corpus / "red_circle_01.jpg", "a star"], {})]
+               ("a red circle", {"min_score": "auto"}), ([corpus / "red_circle_01.jpg", "a star"], {}),
+               ("a red circle", {"ext": "png"}), ("a red circle", {"collapse": 0.9, "subtract": ["a star::0.5"]})]
     return [[(h.text or Path(h.path).name, round(h.score, 5)) for h in idx.search(q, k=5, model=model, **opts)]
             for q, opts in queries]
 
