@@ -143,10 +143,10 @@ class LocalStorage(Storage):
 def faiss_vectors(directory: Path) -> VectorStoreFactory:
     """The factory of FAISS files in `directory` (the embedded vector store)."""
 
-    def make(reader: MetadataReader, dim: int, model: str, writer: Callable[[], MetadataWriter]) -> VectorStore:
+    def make(reader: MetadataReader, model: str, writer: Callable[[], MetadataWriter]) -> VectorStore:
         from .faiss_store import FaissVectorStore  # FAISS loads only when vectors are needed
 
-        return FaissVectorStore(directory, reader, dim, model, writer)
+        return FaissVectorStore(directory, reader, model, writer)
 
     return make
 

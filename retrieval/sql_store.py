@@ -93,9 +93,9 @@ class SqlReader(StoreReader):
     """`StoreReader`'s SQL run over SQLAlchemy: each read is one statement on a pooled connection
     in autocommit mode, so it sees the latest committed state and holds nothing open."""
 
-    def __init__(self, engine: Engine, location: str) -> None:  # not StoreReader's: no sqlite3 connection here
+    def __init__(self, engine: Engine, location: str) -> None:
+        super().__init__(None, None)
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self.directory = None
         self.location = location
 
     def _all(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:

@@ -70,6 +70,20 @@ def test_library_suite(where, tiny_model, photos) -> None:
         assert str(photos / "sub" / "img5.gif") not in {r.path for r in idx.search("a square", k=20)}
 
 
+def test_a_second_model_in_every_metadata_store(where, tiny_model, photos) -> None:
+    """Migration 0004's models and vectors tables: a second model answers as an index of its own."""
+    with retrieval.open_index(**open_kwargs(where), model="shapes-mini") as idx:
+        idx.add([photos], workers=0)
+        first = [(r.path, round(r.score, 4)) for r in idx.search(photos / "img0.jpg", target="images", k=6)]
+        assert idx.add_model(tiny_model, "random", workers=0).filled == {idx.model_of(tiny_model): 6}
+    with retrieval.open_index(**open_kwargs(where), create=False) as idx:
+        second = [(r.path, round(r.score, 4)) for r in idx.search(photos / "img0.jpg", target="images", k=6,
+                                                                  model=tiny_model)]
+        assert first[0][0] == second[0][0] == str(photos / "img0.jpg") and first != second  # another model's scores
+        assert [(r.path, round(r.score, 4)) for r in idx.search(photos / "img0.jpg", target="images", k=6)] == first
+        assert [(m["default"], m["images"]) for m in idx.info()["models"]] == [(True, 6), (False, 6)]
+
+
 def test_cli_suite(runner, where, tiny_model, photos) -> None:
     """`index`, `query` (text and --image), `remove` and `info --json` with --index or --db."""
     at = cli_args(where)
