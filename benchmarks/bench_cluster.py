@@ -27,7 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from retrieval.records import NewFile  # noqa: E402
+from retrieval.records import ModelManifest, NewFile  # noqa: E402
 from retrieval.store import Store  # noqa: E402
 
 
@@ -42,6 +42,7 @@ def batches(args: argparse.Namespace) -> list[list[NewFile]]:
 def insert_rate(open_store: Callable[[], Store], data: list[list[NewFile]]) -> float:
     """Items per second committed into a new store, one `commit` per batch."""
     store = open_store()
+    store.claim_model(ModelManifest("bench", None, "0" * 64, len(data[0][0].vectors[0])))  # whose vectors these are
     try:
         start = time.perf_counter()
         for batch in data:
