@@ -64,7 +64,9 @@ def connect(url: URL) -> Engine:
     where = shown(url)
     try:
         if url.get_backend_name() == "postgresql":
-            engine = create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT}, pool_pre_ping=True)
+            # No pre-ping (a round trip per checkout, so per read): a dropped connection fails its
+            # statement once, as a disconnect, and SQLAlchemy refreshes the pool.
+            engine = create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT})
         else:
             engine = create_engine(url)
             event.listen(engine, "connect", _sqlite_pragmas)
@@ -73,8 +75,12 @@ def connect(url: URL) -> Engine:
     hint = "is the server running, and the URL right?" if url.get_backend_name() == "postgresql" else \
         "does its folder exist, and may it be written?"
     event.listen(engine, "handle_error", lambda context: _raise_typed(context, where, hint))
-    with engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 
