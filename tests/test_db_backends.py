@@ -166,6 +166,30 @@ def test_second_writer_gets_in_use_then_waits(pg_db) -> None:
             pass
 
 
+def test_a_killed_writer_leaves_no_lock_behind(pg_db) -> None:
+    """The advisory lock is the writer's session's: the server drops it when the process dies (kill -9)."""
+    code = ("import sys, time, retrieval\n"
+            f"idx = retrieval.open_index(db={pg_db!r})\n"
+            "with idx.storage.lock(0):\n"
+            "    print('locked', flush=True)\n"
+            "    time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with retrieval.open_index(db=pg_db) as idx:
+            with pytest.raises(IndexInUse):
+                with idx.storage.lock(0):
+                    pass
+            holder.kill()
+            holder.wait()
+            with idx.storage.lock(10):  # the server notices the closed connection at once
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
 @pytest.mark.cluster
 def test_two_concurrent_writers_leave_one_row_per_file(pg_db, tiny_model, photos) -> None:
     args = ["index", str(photos), "--db", pg_db, "--model", tiny_model, "--pretrained", "random", "--workers", "0",
