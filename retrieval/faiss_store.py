@@ -43,6 +43,9 @@ class FaissVectorStore:
         self._writer = writer
         self._sets: dict[VectorKey, VectorIndex] = {}
         self._dirty: set[VectorKey] = set()
+        #: Sets built or synced from the metadata store when loaded and unchanged since, with the
+        #: generation read before their rows (see `persist_loaded`).
+        self._fresh: dict[VectorKey, int] = {}
         self._relayout: set[VectorKey] = set()  # sets to rebuild on save (a new memory budget)
         #: (inode, mtime, size) of each set's file as loaded or saved, to notice another process's save.
         self._loaded: dict[VectorKey, tuple[int, int, int]] = {}
@@ -92,6 +95,8 @@ class FaissVectorStore:
             self._sync(key, index)
         if stamp is not None:
             self._loaded[key] = stamp
+        if key in self._dirty:
+            self._fresh[key] = generation
         return index
 
     def refresh(self) -> list[VectorKey]:
@@ -123,11 +128,13 @@ class FaissVectorStore:
         """Add (or replace) vectors by item id."""
         self.get(key).add(ids, vectors)
         self._dirty.add(key)
+        self._fresh.pop(key, None)
 
     def remove(self, key: VectorKey, ids: np.ndarray) -> None:
         """Remove vectors by item id (unknown ids are ignored)."""
         self.get(key).remove(ids)
         self._dirty.add(key)
+        self._fresh.pop(key, None)
 
     def save(self) -> None:
         """Atomically write every changed set, re-laid out when it outgrew its layout."""
@@ -141,6 +148,19 @@ class FaissVectorStore:
             self._loaded[key] = _file_stamp(self.path(key)) or (0, 0, 0)
         self._dirty.clear()
         self._relayout.clear()
+        self._fresh.clear()
+
+    def persist_loaded(self) -> None:
+        """Write the sets that were built or synced from the metadata store when loaded (and not
+        changed since), so the next process starts from them; without the write lock: for a cache
+        of its own (the per-user cache of an index in a database). Each is stamped with the
+        generation read before its rows, so a commit made meanwhile has the next load sync it again."""
+        with self._loading:
+            for key, generation in sorted(self._fresh.items()):
+                self._sets[key].save(self.path(key), generation)
+                self._loaded[key] = _file_stamp(self.path(key)) or (0, 0, 0)
+                self._dirty.discard(key)
+            self._fresh.clear()
 
     def relayout(self, keys: Sequence[VectorKey]) -> None:
         """Rebuild these sets at the next save (the memory budget changed)."""
@@ -148,6 +168,7 @@ class FaissVectorStore:
             self.get(key)
             self._relayout.add(key)
             self._dirty.add(key)
+            self._fresh.pop(key, None)
 
     def rebuild(self, keys: Sequence[VectorKey], layout: str | None = None) -> dict[VectorKey, VectorIndex]:
         """Build the sets afresh from the metadata store, all or (BadQuery: a `layout` FAISS cannot
@@ -163,6 +184,7 @@ class FaissVectorStore:
             self._writer().set_setting(self._layout_setting(key), layout)
             self._sets[key] = index
             self._dirty.add(key)
+            self._fresh.pop(key, None)
             self._relayout.discard(key)  # just built with the budget
         return built
 
@@ -173,6 +195,7 @@ class FaissVectorStore:
                 self._sets.pop(key, None)
                 self._loaded.pop(key, None)
                 self._dirty.discard(key)
+                self._fresh.pop(key, None)
                 self._relayout.discard(key)
                 self.path(key).unlink(missing_ok=True)
                 self._writer().set_setting(self._layout_setting(key), None)

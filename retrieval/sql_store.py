@@ -27,7 +27,7 @@ from .errors import DatabaseUnavailable, IndexDamaged, IndexNotFound, MMSearchEr
 from .local import LocalStorage, acquire, file_lock
 from .reader import StoreReader
 from .store import Store, _sqlite_pragmas
-from .stores import VectorBackend
+from .stores import VectorBackend, VectorSet
 
 #: The fix named when the PostgreSQL driver is missing.
 INSTALL_HINT = "pip install 'mmsearch[cluster]'"
@@ -170,6 +170,15 @@ class SqlStorage(LocalStorage):
         directory = self.directory / f"vectors-{hashlib.sha256(repr(created).encode()).hexdigest()[:8]}"
         directory.mkdir(parents=True, exist_ok=True)
         return directory
+
+    def vector_set(self, kind: str, model: str | None = None) -> VectorSet:
+        """As `Storage.vector_set`; a FAISS set built or synced from the database is also kept in this
+        user's cache right away (a reading process holds no lock, and its cache is its own), so a
+        machine that only queries does not read every vector from the database again next time."""
+        index = super().vector_set(kind, model)
+        if self._vector_backend is None:
+            self.vectors.persist_loaded()  # type: ignore[attr-defined] - FAISS files (faiss_vectors)
+        return index
 
     def _metadata_backend(self) -> dict[str, str]:
         return {"kind": self.url.get_backend_name(), "where": self.location}

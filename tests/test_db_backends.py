@@ -166,6 +166,33 @@ def test_second_writer_gets_in_use_then_waits(pg_db) -> None:
             pass
 
 
+def test_another_machines_vector_cache_follows_the_database(pg_db, tmp_path, monkeypatch, model_cache, tiny_model,
+                                                            photos) -> None:
+    """Two per-user caches (two machines) on one database: each is brought up to the database's state."""
+    caches = {name: tmp_path / name for name in ("a", "b")}
+    for cache in caches.values():
+        shutil.copytree(model_cache, cache)  # the model's ONNX export, made once per run
+    monkeypatch.setenv("MMSEARCH_CACHE", str(caches["a"]))
+    with retrieval.open_index(db=pg_db, model=tiny_model, pretrained="random") as idx:
+        idx.add([photos], workers=0)
+    monkeypatch.setenv("MMSEARCH_CACHE", str(caches["b"]))
+    with retrieval.open_index(db=pg_db, create=False) as idx:
+        assert len(idx.search(photos / "img0.jpg", target="images", k=20)) == 6
+    monkeypatch.setenv("MMSEARCH_CACHE", str(caches["a"]))
+    new = solid_image(photos / "new.png", (250, 250, 0))
+    (photos / "img1.png").unlink()
+    with retrieval.open_index(db=pg_db, create=False) as idx:
+        idx.add([photos], workers=0)
+    monkeypatch.setenv("MMSEARCH_CACHE", str(caches["b"]))
+    with retrieval.open_index(db=pg_db, create=False) as idx:
+        found = {r.path for r in idx.search(new, target="images", k=20)}
+    assert str(new) in found and str(photos / "img1.png") not in found and len(found) == 6
+    # B kept what it synced: its next query reads no vector from the database.
+    with retrieval.open_index(db=pg_db, create=False) as idx:
+        monkeypatch.setattr(idx.reader, "vectors", lambda *a, **k: pytest.fail("vectors read from the database"))
+        assert {r.path for r in idx.search(new, target="images", k=20)} == found
+
+
 def test_a_killed_writer_leaves_no_lock_behind(pg_db) -> None:
     """The advisory lock is the writer's session's: the server drops it when the process dies (kill -9)."""
     code = ("import sys, time, retrieval\n"
