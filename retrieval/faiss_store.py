@@ -32,11 +32,16 @@ class FaissVectorStore:
 
     `primary` is the key of the index's default model (its sets keep the file names of one-model
     indexes); `writer` opens the metadata store for writing, where a layout chosen by `rebuild` is kept.
+    `follow`: `refresh` also takes up commits no file of this directory shows (an index in a database
+    written from another machine, whose cache is elsewhere), by the metadata store's generation.
     """
 
     def __init__(self, directory: Path, reader: MetadataReader, primary: str,
-                 writer: Callable[[], MetadataWriter]) -> None:
+                 writer: Callable[[], MetadataWriter], follow: bool = False) -> None:
         self.directory = directory
+        self._follow = follow
+        #: The metadata store's generation each loaded set reflects.
+        self._generation: dict[VectorKey, int] = {}
         self._reader = reader
         self._dims: dict[str, int] = {}  # of each model, by key
         self._primary = primary
@@ -97,6 +102,7 @@ class FaissVectorStore:
             self._loaded[key] = stamp
         if key in self._dirty:
             self._fresh[key] = generation
+        self._generation[key] = generation
         return index
 
     def refresh(self) -> list[VectorKey]:
@@ -116,13 +122,27 @@ class FaissVectorStore:
                 if stamp is None or stamp == self._loaded.get(key) or key in self._dirty:
                     continue
                 try:
-                    index, _ = VectorIndex.load(path, self._dim(key))
+                    index, saved = VectorIndex.load(path, self._dim(key))
                 except VectorFileDamaged:
                     continue  # keep answering from the one we have
                 self._sets[key] = index
                 self._loaded[key] = stamp
+                self._generation[key] = saved
                 swapped.append(key)
+            if self._follow:
+                swapped += self._follow_metadata()
         return swapped
+
+    def _follow_metadata(self) -> list[VectorKey]:
+        """Sets the metadata store's generation has moved past: loaded again (from this directory's
+        file, not the set in use: a running search keeps its own), synced by id, swapped in and kept."""
+        behind = [key for key in self._sets
+                  if key not in self._dirty and self._reader.generation(key.model) != self._generation.get(key)]
+        for key in behind:
+            self._sets[key] = self._load(key)
+        if behind:
+            self.persist_loaded()
+        return behind
 
     def add(self, key: VectorKey, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add (or replace) vectors by item id."""
@@ -146,6 +166,7 @@ class FaissVectorStore:
                 index = self._sets[key] = self._build(key, forced)
             index.save(self.path(key), generation)
             self._loaded[key] = _file_stamp(self.path(key)) or (0, 0, 0)
+            self._generation[key] = generation
         self._dirty.clear()
         self._relayout.clear()
         self._fresh.clear()

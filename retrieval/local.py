@@ -90,10 +90,14 @@ class LocalStorage(Storage):
             with self._opening:
                 if self._vectors is None:
                     self._vectors = self.open_vectors(self._vector_backend.factory if self._vector_backend
-                                                      else faiss_vectors(self._faiss_dir()))
+                                                      else faiss_vectors(self._faiss_dir(), self.follows))
         return self._vectors
 
     # --- where things are (overridden by `sql_store.SqlStorage`) --------------------------------
+
+    #: Whether the FAISS files must follow commits that no file here shows (see `FaissVectorStore`):
+    #: not in an index directory, whose writers save the files others read.
+    follows = False
 
     def _open_reader(self) -> StoreReader:
         return StoreReader.open(self.directory)
@@ -140,13 +144,13 @@ class LocalStorage(Storage):
             self._store.close()
 
 
-def faiss_vectors(directory: Path) -> VectorStoreFactory:
-    """The factory of FAISS files in `directory` (the embedded vector store)."""
+def faiss_vectors(directory: Path, follow: bool = False) -> VectorStoreFactory:
+    """The factory of FAISS files in `directory` (the embedded vector store); `follow`: see `FaissVectorStore`."""
 
     def make(reader: MetadataReader, model: str, writer: Callable[[], MetadataWriter]) -> VectorStore:
         from .faiss_store import FaissVectorStore  # FAISS loads only when vectors are needed
 
-        return FaissVectorStore(directory, reader, model, writer)
+        return FaissVectorStore(directory, reader, model, writer, follow)
 
     return make
 

@@ -157,6 +157,9 @@ class SqlStorage(LocalStorage):
             engine.dispose()
             raise
 
+    #: Other machines write this database, and save their vector files in their own caches.
+    follows = True
+
     def _open_reader(self) -> SqlReader:
         return SqlReader(self._engine, self.location)
 

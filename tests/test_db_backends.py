@@ -193,6 +193,33 @@ def test_another_machines_vector_cache_follows_the_database(pg_db, tmp_path, mon
         assert {r.path for r in idx.search(new, target="images", k=20)} == found
 
 
+def test_a_running_reader_takes_up_another_machines_commits(pg_db, tmp_path, monkeypatch, model_cache, tiny_model,
+                                                             photos) -> None:
+    """`serve` on machine B (its refresh before each request) finds what machine A indexed meanwhile."""
+    caches = {name: tmp_path / name for name in ("a", "b")}
+    for cache in caches.values():
+        shutil.copytree(model_cache, cache)
+    monkeypatch.setenv("MMSEARCH_CACHE", str(caches["a"]))
+    with retrieval.open_index(db=pg_db, model=tiny_model, pretrained="random") as idx:
+        idx.add([photos], workers=0)
+    monkeypatch.setenv("MMSEARCH_CACHE", str(caches["b"]))
+    server = retrieval.open_index(db=pg_db, create=False)
+    try:
+        before = {r.path for r in server.search(photos / "img0.jpg", target="images", k=20)}
+        assert server.refresh() == []  # nothing new
+        monkeypatch.setenv("MMSEARCH_CACHE", str(caches["a"]))
+        new = solid_image(photos / "new.png", (250, 250, 0))
+        (photos / "img1.png").unlink()
+        with retrieval.open_index(db=pg_db, create=False) as writer:
+            writer.add([photos], workers=0)
+        assert str(new) not in {r.path for r in server.search(new, target="images", k=20)}  # not yet
+        assert server.refresh() == ["image"]
+        after = {r.path for r in server.search(new, target="images", k=20)}
+        assert after == before - {str(photos / "img1.png")} | {str(new)}
+    finally:
+        server.close()
+
+
 def test_a_killed_writer_leaves_no_lock_behind(pg_db) -> None:
     """The advisory lock is the writer's session's: the server drops it when the process dies (kill -9)."""
     code = ("import sys, time, retrieval\n"
