@@ -13,6 +13,7 @@ from .collection import Collection, open_index
 from .config import DEMO_MODEL, demo_path
 from .errors import (
     BadQuery,
+    DatabaseUnavailable,
     DeviceUnavailable,
     EmptyIndex,
     IndexDamaged,
@@ -35,6 +36,7 @@ __all__ = [
     "BadQuery",
     "Collection",
     "DEMO_MODEL",
+    "DatabaseUnavailable",
     "DeviceUnavailable",
     "EmptyIndex",
     "IndexDamaged",

@@ -31,6 +31,8 @@ HELP = f"""Search images by meaning and texts by image, with CLIP, offline.
 Default model: {DEFAULT_MODEL} with {DEFAULT_PRETRAINED} weights (see `index --help`).
 Environment variables:
   MMSEARCH_INDEX       index directory (default: $XDG_DATA_HOME/mmsearch, ~/.local/share/mmsearch)
+  MMSEARCH_DB          the index in a database instead, as --db (postgresql+psycopg://USER@HOST/DB)
+  MMSEARCH_VECTORS     vectors in Milvus, as --vectors (milvus://HOST:PORT or a milvus-lite PATH.db)
   MMSEARCH_MODEL       model of a new index, as --model
   MMSEARCH_PRETRAINED  its weights, as --pretrained
   MMSEARCH_CACHE       exported models (default: $XDG_CACHE_HOME/mmsearch, ~/.cache/mmsearch)
@@ -53,6 +55,13 @@ def _shown(text: str) -> str:
 
 
 def _index_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--index, or --db (metadata in a database) and --vectors (another vector store): where the index is."""
+    func = click.option("--vectors", metavar="URI",
+                        help="Keep the searchable vectors in Milvus: milvus://HOST:PORT, http(s)://HOST:PORT, or an "
+                             "embedded milvus-lite PATH.db (default: $MMSEARCH_VECTORS, else FAISS files).")(func)
+    func = click.option("--db", metavar="URL",
+                        help="Keep the index in this database instead of a directory: an SQLAlchemy URL, "
+                             "postgresql+psycopg://USER@HOST/DB or sqlite:///PATH (default: $MMSEARCH_DB).")(func)
     return click.option("--index", "index_dir", type=click.Path(file_okay=False, path_type=Path),
                         help="Index directory (default: $MMSEARCH_INDEX, else ~/.local/share/mmsearch).")(func)
 
@@ -178,7 +187,7 @@ def cli() -> None:
 def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, add_model: bool,
           device: str, precision: str | None, batch_size: int, workers: int | None, text_field: str | None, exclude: tuple[str, ...],
           include_hidden: bool | None, prune: bool, failures_file: Path | None, max_memory: int | None,
-          wait: float, quiet: bool) -> None:
+          wait: float, quiet: bool, db: str | None, vectors: str | None) -> None:
     """Index image folders and text corpora (.txt, .jsonl, .json, .csv), incrementally.
 
     With no PATHS, re-scans every folder indexed before, each with its stored options; with
@@ -192,7 +201,8 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
     bar = tqdm(total=0, unit="file", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), desc="embedding")
     # A re-scan (no PATHS) needs an index to exist already: it creates none; nor does --add-model.
     with retrieval.open_index(index_dir, model=None if add_model else model, pretrained=None if add_model else pretrained,
-                              device=device, wait=wait, precision=precision, create=bool(paths) and not add_model) as idx:
+                              device=device, wait=wait, precision=precision, create=bool(paths) and not add_model,
+                              db=db, vectors=vectors) as idx:
         if add_model:
             report = idx.add_model(model, pretrained, workers=workers)
             for key, n in report.filled.items():
@@ -289,7 +299,8 @@ Examples:
 def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subtract: tuple[str, ...],
           exclude: tuple[str, ...], index_dir: Path | None, target: str | None, k: int, min_score: float | str | None,
           within: float | None, collapse: bool, under: Path | None, model: str | None, as_json: bool,
-          html_file: Path | None, device: str, quiet: bool, **filters: str | None) -> None:
+          html_file: Path | None, device: str, quiet: bool, db: str | None, vectors: str | None,
+          **filters: str | None) -> None:
     """The `query` command (its help is QUERY_HELP); `filters` are --after, --before, --camera, --ext, --min-size."""
     _setup_logging(quiet)
     if text is None and not images:
@@ -297,7 +308,7 @@ def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subt
     if text is not None and not images and not quiet and kind_of(Path(text)) == "image" and os.path.isfile(text):
         click.echo(f"hint: searching for the words {_shown(text)!r}; to search by that image, use --image", err=True)
     parts = [*images, *([text] if text is not None else [])]
-    with retrieval.open_index(index_dir, device=device, create=False) as idx:
+    with retrieval.open_index(index_dir, device=device, create=False, db=db, vectors=vectors) as idx:
         results = idx.search(parts[0] if len(parts) == 1 else parts, k=k, target=target, min_score=min_score,
                              under=under, add=add, subtract=subtract, exclude=exclude, within=within,
                              collapse=DEFAULT_THRESHOLD if collapse else None, model=model, **filters)
@@ -325,7 +336,8 @@ def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subt
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of groups.")
 @_quiet_option
 @_reports_errors
-def dupes(index_dir: Path | None, threshold: float, model: str | None, as_json: bool, quiet: bool) -> None:
+def dupes(index_dir: Path | None, threshold: float, model: str | None, as_json: bool, quiet: bool, db: str | None,
+          vectors: str | None) -> None:
     """List groups of near-identical images, largest (most pixels) first. Reports only: never deletes or moves.
 
     \b
@@ -335,7 +347,7 @@ def dupes(index_dir: Path | None, threshold: float, model: str | None, as_json: 
       mmsearch dupes --threshold 0.98 --json
     """
     _setup_logging(quiet)
-    with retrieval.open_index(index_dir, create=False) as idx:
+    with retrieval.open_index(index_dir, create=False, db=db, vectors=vectors) as idx:
         groups = idx.duplicates(threshold, model)
     if as_json:
         click.echo(json.dumps([g.to_dict() for g in groups], ensure_ascii=False, indent=2))
@@ -358,10 +370,11 @@ def dupes(index_dir: Path | None, threshold: float, model: str | None, as_json: 
 @click.option("--failures", "show_failures", is_flag=True, help="List skipped files and why.")
 @_quiet_option
 @_reports_errors
-def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool) -> None:
+def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool, db: str | None,
+         vectors: str | None) -> None:
     """Show the index: location, model, counts, FAISS layout, size on disk."""
     _setup_logging(quiet)
-    with retrieval.open_index(index_dir, create=False) as idx:
+    with retrieval.open_index(index_dir, create=False, db=db, vectors=vectors) as idx:
         data = idx.info()
         failures = idx.failures() if show_failures else []
     ignored = data["ignored_files"]
@@ -372,6 +385,8 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
         return
     model = data["model"]
     click.echo(f"index:    {_shown(data['index'])}")
+    click.echo(_shown("stores:   " + "  ".join(f"{part}: {b['kind']} ({b['where']})"
+                                                for part, b in data["backends"].items())))
     click.echo(_shown(f"model:    {'-' if model is None else model['name'] + ' / ' + str(model['pretrained']) + ', dim ' + str(model['dim'])}"))
     for m in data["models"]:
         click.echo(_shown(f"vectors:  {m['key']}{' (default)' if m['default'] else ''}: {m['images']} images, "
@@ -429,7 +444,8 @@ def _describe_precision(setting: dict[str, Any] | None) -> str:
 @_wait_option
 @_quiet_option
 @_reports_errors
-def remove(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, wait: float, quiet: bool) -> None:
+def remove(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, wait: float, quiet: bool,
+           db: str | None, vectors: str | None) -> None:
     """Take PATHS (files or folders; they need not exist any more) out of the index; they are not re-scanned.
 
     With --model instead, remove one of the index's models (its vectors only; every item stays).
@@ -437,7 +453,7 @@ def remove(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, w
     _setup_logging(quiet)
     if bool(paths) == bool(model):
         raise click.UsageError("give PATHS to remove, or --model NAME, not both")
-    with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
+    with retrieval.open_index(index_dir, create=False, wait=wait, db=db, vectors=vectors) as idx:
         if model:
             key = idx.model_of(model)
             removed = idx.remove_model(model)
@@ -462,10 +478,11 @@ def _tuning_line(vec: dict[str, Any]) -> str:
 @_wait_option
 @_quiet_option
 @_reports_errors
-def reindex(index_dir: Path | None, layout: str | None, max_memory: int | None, wait: float, quiet: bool) -> None:
+def reindex(index_dir: Path | None, layout: str | None, max_memory: int | None, wait: float, quiet: bool,
+            db: str | None, vectors: str | None) -> None:
     """Rebuild the vector caches from the database, re-tuning their search parameters."""
     _setup_logging(quiet)
-    with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
+    with retrieval.open_index(index_dir, create=False, wait=wait, db=db, vectors=vectors) as idx:
         layouts = idx.reindex(layout, max_memory=max_memory)
         tuned = idx.info()["vector_index"]
     click.echo(", ".join(f"{kind}: {name}" for kind, name in layouts.items()), err=True)
@@ -515,7 +532,8 @@ def demo(ctx: click.Context, index_dir: Path | None, text: str, k: int, quiet: b
 @_quiet_option
 @_reports_errors
 def serve(index_dir: Path | None, host: str, port: int, token: str | None, no_auth: bool,
-          allow_hosts: tuple[str, ...], max_upload: float, device: str, quiet: bool) -> None:
+          allow_hosts: tuple[str, ...], max_upload: float, device: str, quiet: bool, db: str | None,
+          vectors: str | None) -> None:
     """Serve a web gallery and a JSON API for the index (http://127.0.0.1:8765/)."""
     try:
         import uvicorn
@@ -528,13 +546,13 @@ def serve(index_dir: Path | None, host: str, port: int, token: str | None, no_au
     warning = server.check_bind(host, token, no_auth)
     if warning:
         click.echo(f"warning: {warning}", err=True)
-    with retrieval.open_index(index_dir, device=device, create=False) as idx:
+    with retrieval.open_index(index_dir, device=device, create=False, db=db, vectors=vectors) as idx:
         app = server.create_app(idx, host=host, token=token, allow_hosts=allow_hosts,
                                 max_upload=int(max_upload * 1024 * 1024))
         server.prepare(idx)
         sock = server.listen(host, port)
         shown = f"[{host}]" if ":" in host else host
-        click.echo(f"serving {idx.directory} at http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C stops)", err=True)
+        click.echo(f"serving {idx.storage.location} at http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C stops)", err=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off")).run(sockets=[sock])
 
 
@@ -568,7 +586,7 @@ Examples:
 @_quiet_option
 @_reports_errors
 def watch(paths: tuple[Path, ...], index_dir: Path | None, interval: float, settle: float, poll: bool,
-          device: str, wait: float, quiet: bool) -> None:
+          device: str, wait: float, quiet: bool, db: str | None, vectors: str | None) -> None:
     import signal
     import threading
     import time
@@ -584,7 +602,8 @@ def watch(paths: tuple[Path, ...], index_dir: Path | None, interval: float, sett
             click.echo(f"{time.strftime('%H:%M:%S')} {_shown(', '.join(roots))}: {report.summary()}", err=True)
 
     # A held lock is waited for at least one --interval per try, then retried (with a warning).
-    with retrieval.open_index(index_dir, device=device, wait=max(wait, interval), create=False) as idx:
+    with retrieval.open_index(index_dir, device=device, wait=max(wait, interval), create=False, db=db,
+                              vectors=vectors) as idx:
         roots = watch_roots(idx, [str(p) for p in paths])
         watcher = Watcher(idx, roots, settle=settle, interval=interval, poll=poll, on_batch=on_batch)
         if not quiet:

@@ -1,7 +1,8 @@
 """An index as one object: its storage (metadata store, vector store, write lock) and its model.
 
-This is the library's entry point (`retrieval.open_index`), and the one place that picks the
-storage back end (`local.LocalStorage`: SQLite + FAISS files in a directory). It hands the
+This is the library's entry point (`retrieval.open_index`); the storage back end is picked by
+`backends.open_storage` (an index directory: SQLite + FAISS files; a database URL; another
+vector store), called only here. It hands the
 indexer and search what they need — the storage, the encoder, options — and they never
 call back into it.
 """
@@ -22,8 +23,8 @@ import numpy as np
 
 from .calibrate import sample_path
 from .config import KINDS, default_index_dir, default_model
+from .backends import open_storage
 from .errors import ModelInUse, ModelMismatch, ModelUnavailable
-from .local import LocalStorage
 from .scan import type_counts
 from .records import ModelManifest
 from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, Storage
@@ -49,6 +50,7 @@ class Collection:
     def __init__(self, directory: Path, storage: Storage, model: str | None = None,
                  pretrained: str | None = None, device: str = "auto", backend: str | None = None,
                  wait: float = 0.0, precision: str | None = None) -> None:
+        #: The index directory; for an index in a database (a URL), its per-user cache directory.
         self.directory = directory
         #: The index's stores and write lock (the back end, chosen in `open`).
         self.storage = storage
@@ -72,8 +74,13 @@ class Collection:
     @classmethod
     def open(cls, directory: str | Path | None = None, *, model: str | None = None,
              pretrained: str | None = None, device: str = "auto", backend: str | None = None,
-             create: bool = True, wait: float = 0.0, precision: str | None = None) -> Collection:
-        """Open the index at `directory` (default: MMSEARCH_INDEX or the per-user data dir).
+             create: bool = True, wait: float = 0.0, precision: str | None = None,
+             db: str | None = None, vectors: str | None = None) -> Collection:
+        """Open the index at `directory` (default: MMSEARCH_INDEX or the per-user data dir), or in the
+        database `db` (an SQLAlchemy URL, `postgresql+psycopg://USER@HOST/DB` or `sqlite:///PATH`;
+        default with no `directory`: MMSEARCH_DB), not both; `vectors` (default MMSEARCH_VECTORS):
+        a Milvus URI (`milvus://HOST:PORT`, `http(s)://…`, a milvus-lite `PATH.db`) holding the
+        searchable vectors instead of FAISS files.
 
         `model`/`pretrained` name the model for a new index; on an existing one they must
         match the recorded model (ModelMismatch) or may be left out. `wait`: seconds a write
@@ -88,8 +95,12 @@ class Collection:
             from .encoder import check_device
 
             check_device(device)
-        path = Path(directory).expanduser().resolve() if directory else default_index_dir()
-        return cls(path, LocalStorage.open(path, create=create), model, pretrained, device, backend, wait, precision)
+        if directory is None and db is None:
+            db = os.environ.get("MMSEARCH_DB") or None
+        path = Path(directory).expanduser().resolve() if directory else None if db else default_index_dir()
+        storage = open_storage(path, db=db, vectors=vectors or os.environ.get("MMSEARCH_VECTORS") or None,
+                               create=create)
+        return cls(path or storage.cache_dir, storage, model, pretrained, device, backend, wait, precision)
 
     @property
     def reader(self) -> MetadataReader:
@@ -490,6 +501,7 @@ class Collection:
                     vectors[kind] = self.vectors(kind).describe()
         return {
             "index": self.storage.location,
+            "backends": self.storage.backends(),
             "model": None if manifest is None else {
                 "name": manifest.name, "pretrained": manifest.pretrained,
                 "checkpoint_sha256": manifest.checkpoint_sha256, "dim": manifest.dim,

@@ -59,3 +59,7 @@ class DeviceUnavailable(ModelUnavailable):
 
 class NothingToIndex(MMSearchError):
     """`index` without paths on an index that has no folders to re-scan yet."""
+
+
+class DatabaseUnavailable(MMSearchError):
+    """The metadata database given by URL cannot be used: a bad URL, a server down, its driver missing."""

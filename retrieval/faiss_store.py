@@ -32,17 +32,25 @@ class FaissVectorStore:
 
     `primary` is the key of the index's default model (its sets keep the file names of one-model
     indexes); `writer` opens the metadata store for writing, where a layout chosen by `rebuild` is kept.
+    `follow`: `refresh` also takes up commits no file of this directory shows (an index in a database
+    written from another machine, whose cache is elsewhere), by the metadata store's generation.
     """
 
     def __init__(self, directory: Path, reader: MetadataReader, primary: str,
-                 writer: Callable[[], MetadataWriter]) -> None:
+                 writer: Callable[[], MetadataWriter], follow: bool = False) -> None:
         self.directory = directory
+        self._follow = follow
+        #: The metadata store's generation each loaded set reflects.
+        self._generation: dict[VectorKey, int] = {}
         self._reader = reader
         self._dims: dict[str, int] = {}  # of each model, by key
         self._primary = primary
         self._writer = writer
         self._sets: dict[VectorKey, VectorIndex] = {}
         self._dirty: set[VectorKey] = set()
+        #: Sets built or synced from the metadata store when loaded and unchanged since, with the
+        #: generation read before their rows (see `persist_loaded`).
+        self._fresh: dict[VectorKey, int] = {}
         self._relayout: set[VectorKey] = set()  # sets to rebuild on save (a new memory budget)
         #: (inode, mtime, size) of each set's file as loaded or saved, to notice another process's save.
         self._loaded: dict[VectorKey, tuple[int, int, int]] = {}
@@ -92,6 +100,9 @@ class FaissVectorStore:
             self._sync(key, index)
         if stamp is not None:
             self._loaded[key] = stamp
+        if key in self._dirty:
+            self._fresh[key] = generation
+        self._generation[key] = generation
         return index
 
     def refresh(self) -> list[VectorKey]:
@@ -111,23 +122,39 @@ class FaissVectorStore:
                 if stamp is None or stamp == self._loaded.get(key) or key in self._dirty:
                     continue
                 try:
-                    index, _ = VectorIndex.load(path, self._dim(key))
+                    index, saved = VectorIndex.load(path, self._dim(key))
                 except VectorFileDamaged:
                     continue  # keep answering from the one we have
                 self._sets[key] = index
                 self._loaded[key] = stamp
+                self._generation[key] = saved
                 swapped.append(key)
+            if self._follow:
+                swapped += self._follow_metadata()
         return swapped
+
+    def _follow_metadata(self) -> list[VectorKey]:
+        """Sets the metadata store's generation has moved past: loaded again (from this directory's
+        file, not the set in use: a running search keeps its own), synced by id, swapped in and kept."""
+        behind = [key for key in self._sets
+                  if key not in self._dirty and self._reader.generation(key.model) != self._generation.get(key)]
+        for key in behind:
+            self._sets[key] = self._load(key)
+        if behind:
+            self.persist_loaded()
+        return behind
 
     def add(self, key: VectorKey, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add (or replace) vectors by item id."""
         self.get(key).add(ids, vectors)
         self._dirty.add(key)
+        self._fresh.pop(key, None)
 
     def remove(self, key: VectorKey, ids: np.ndarray) -> None:
         """Remove vectors by item id (unknown ids are ignored)."""
         self.get(key).remove(ids)
         self._dirty.add(key)
+        self._fresh.pop(key, None)
 
     def save(self) -> None:
         """Atomically write every changed set, re-laid out when it outgrew its layout."""
@@ -139,8 +166,22 @@ class FaissVectorStore:
                 index = self._sets[key] = self._build(key, forced)
             index.save(self.path(key), generation)
             self._loaded[key] = _file_stamp(self.path(key)) or (0, 0, 0)
+            self._generation[key] = generation
         self._dirty.clear()
         self._relayout.clear()
+        self._fresh.clear()
+
+    def persist_loaded(self) -> None:
+        """Write the sets that were built or synced from the metadata store when loaded (and not
+        changed since), so the next process starts from them; without the write lock: for a cache
+        of its own (the per-user cache of an index in a database). Each is stamped with the
+        generation read before its rows, so a commit made meanwhile has the next load sync it again."""
+        with self._loading:
+            for key, generation in sorted(self._fresh.items()):
+                self._sets[key].save(self.path(key), generation)
+                self._loaded[key] = _file_stamp(self.path(key)) or (0, 0, 0)
+                self._dirty.discard(key)
+            self._fresh.clear()
 
     def relayout(self, keys: Sequence[VectorKey]) -> None:
         """Rebuild these sets at the next save (the memory budget changed)."""
@@ -148,6 +189,7 @@ class FaissVectorStore:
             self.get(key)
             self._relayout.add(key)
             self._dirty.add(key)
+            self._fresh.pop(key, None)
 
     def rebuild(self, keys: Sequence[VectorKey], layout: str | None = None) -> dict[VectorKey, VectorIndex]:
         """Build the sets afresh from the metadata store, all or (BadQuery: a `layout` FAISS cannot
@@ -163,6 +205,7 @@ class FaissVectorStore:
             self._writer().set_setting(self._layout_setting(key), layout)
             self._sets[key] = index
             self._dirty.add(key)
+            self._fresh.pop(key, None)
             self._relayout.discard(key)  # just built with the budget
         return built
 
@@ -173,6 +216,7 @@ class FaissVectorStore:
                 self._sets.pop(key, None)
                 self._loaded.pop(key, None)
                 self._dirty.discard(key)
+                self._fresh.pop(key, None)
                 self._relayout.discard(key)
                 self.path(key).unlink(missing_ok=True)
                 self._writer().set_setting(self._layout_setting(key), None)

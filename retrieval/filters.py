@@ -7,11 +7,12 @@ whenever k items pass, however few do. No SQLAlchemy: a query imports this modul
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .errors import BadQuery
-from .schema import FILES
+from .schema import ANY_ROW, FILES
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class Filters:
     min_size: tuple[int, int] | None = None
 
     def sql(self) -> tuple[str, list[object]]:
-        """One SQL condition on the files table (and its parameters), 'a AND b ...'."""
+        """One SQL condition on the files table (and its parameters), 'a AND b ...'; portable SQL
+        (LIKE, not SQLite's instr or negative substr) that PostgreSQL runs too."""
         conds: list[str] = []
         params: list[object] = []
         taken, offset = FILES.cols("taken_at"), FILES.cols("taken_offset")
@@ -40,17 +42,16 @@ class Filters:
                 conds.append(f"{column} {op} ?")
                 params.append(value)
         if self.camera is not None:
-            conds.append(f"instr(lower({FILES.cols('camera')}), ?) > 0")
-            params.append(self.camera.lower())
+            conds.append(f"lower({FILES.cols('camera')}) LIKE ? ESCAPE '\\'")
+            params.append("%" + re.sub(r"([\\%_])", r"\\\1", self.camera.lower()) + "%")
         if self.exts:
             path = f"lower({FILES.cols('path')})"
-            conds.append("(" + " OR ".join(f"substr({path}, -?) = ?" for _ in self.exts) + ")")
-            for ext in self.exts:
-                params.extend([len(ext) + 1, "." + ext])
+            conds.append("(" + " OR ".join(f"{path} LIKE ?" for _ in self.exts) + ")")
+            params.extend(f"%.{ext}" for ext in self.exts)  # alphanumeric: no wildcards
         if self.min_size is not None:
             conds.append(f"{FILES.cols('width')} >= ? AND {FILES.cols('height')} >= ?")
             params.extend(self.min_size)
-        return " AND ".join(conds) or "1", params
+        return " AND ".join(conds) or ANY_ROW, params
 
     def __bool__(self) -> bool:
         return self != Filters()

@@ -4,7 +4,8 @@ The tables are defined in `schema`, which this SQL takes its names from; migrati
 every write live in `store` (SQLAlchemy). Reads come here
 because a query from the shell must start fast: importing SQLAlchemy costs about 0.25 s,
 most of a cached query's time (benchmarks/RESULTS.md, "Query latency"). The SQL is plain
-(JOIN, IN, substr, GROUP BY) so a server database could run it through its own driver.
+(JOIN, IN, substr, LIKE, GROUP BY, `?` parameters), so `sql_store.SqlReader` runs the same text over
+SQLAlchemy for a database given by URL (PostgreSQL), through a few overridable driver hooks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from .config import DB_NAME, KINDS
 from .errors import BadQuery, IndexDamaged, IndexInUse, IndexNotFound, IndexReadOnly, IndexTooNew, MMSearchError
 from .records import FileRow, ItemRow, ModelManifest, RootOptions
-from .schema import FAILURES, FILES, IGNORED, ITEMS, META, MIGRATIONS, MODELS, ROOTS, SCHEMA_VERSION, VECTORS
+from .schema import ANY_ROW, FAILURES, FILES, IGNORED, ITEMS, META, MIGRATIONS, MODELS, ROOTS, SCHEMA_VERSION, VECTORS
 
 if TYPE_CHECKING:
     from .filters import Filters
@@ -74,11 +75,19 @@ def _under(column: str, folder: str) -> tuple[str, list[object]]:
 
 
 class StoreReader:
-    """Read-only view of one index database; every call sees the latest committed state."""
+    """Read-only view of one index database; every call sees the latest committed state.
 
-    def __init__(self, connection: sqlite3.Connection, directory: Path) -> None:
+    Runs its SQL over the standard library's sqlite3 on an index directory's database;
+    `sql_store.SqlReader` overrides the driver hooks (`_all`, `_tables`, `_missing`, `_foreign`,
+    `close`) to run the same SQL over SQLAlchemy for a database URL.
+    """
+
+    def __init__(self, connection: sqlite3.Connection | None, directory: Path | None) -> None:
+        """Read through `connection` the index in `directory` (None for both: a subclass's own driver)."""
         self._conn = connection
         self.directory = directory
+        #: Where the index is, for messages.
+        self.location = str(directory)
         # One connection, shared by the threads of a library user (a web server, say).
         self._lock = threading.Lock()
         #: Whether the vectors are still a column of `items` (an index before 0004 that could not be migrated).
@@ -99,41 +108,55 @@ class StoreReader:
             raise database_error(str(exc), directory) from None
         reader = cls(conn, directory)
         try:
-            reader._check_origin()
+            reader.check_origin()
         except BaseException:
             conn.close()
             raise
         return reader
 
-    def _check_origin(self) -> None:
-        """Refuse a file that is not an index database of this mmsearch, before anything reads or writes it.
+    def check_origin(self) -> None:
+        """Refuse a database that is not an index database of this mmsearch, before anything reads or writes it.
 
         Migration names sort in the order they were added (`0001_…`, `0002_…`), so a name after
         SCHEMA_VERSION is one a newer mmsearch applied: its index must not be "repaired" here.
         """
-        try:
-            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            newer = [r[0] for r in self._conn.execute(f"SELECT name FROM {MIGRATIONS} WHERE name > ? ORDER BY name",
-                                                      (SCHEMA_VERSION,))] if MIGRATIONS.name in tables else []
-        except sqlite3.Error as exc:
-            raise database_error(str(exc), self.directory) from None
+        tables = self._tables()
         if tables and MIGRATIONS.name not in tables:
-            raise IndexDamaged(f"{self.directory / DB_NAME} is an SQLite database of something else, "
-                               "not an mmsearch index: use another --index")
+            raise self._foreign()
+        newer = [r[0] for r in self._all(f"SELECT name FROM {MIGRATIONS} WHERE name > ? ORDER BY name",
+                                         [SCHEMA_VERSION])] if tables else []
         if newer:
-            raise IndexTooNew(f"index at {self.directory} was written by a newer mmsearch (schema {newer[-1]}; "
+            raise IndexTooNew(f"index at {self.location} was written by a newer mmsearch (schema {newer[-1]}; "
                               f"this version knows up to {SCHEMA_VERSION}): upgrade mmsearch to use it")
+
+    # --- driver hooks (overridden by `sql_store.SqlReader`) ----------------------------------
 
     def close(self) -> None:
         """Release the connection."""
         self._conn.close()
 
     def _all(self, sql: str, params: Iterable[object] = ()) -> list[tuple]:
+        """Every row of `sql` (`?` parameters); a database failure as a typed error."""
         with self._lock:
             try:
                 return self._conn.execute(sql, tuple(params)).fetchall()
             except sqlite3.Error as exc:
                 raise database_error(str(exc), self.directory) from None
+
+    def _tables(self) -> set[str]:
+        """Names of the tables in the database."""
+        return {r[0] for r in self._all("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def _missing(self, message: str) -> bool:
+        """Whether a failure message says a table or column does not exist."""
+        return "no such table" in message or "no such column" in message
+
+    def _foreign(self) -> IndexDamaged:
+        """The error for a database that holds tables, none of them an mmsearch index's."""
+        return IndexDamaged(f"{self.directory / DB_NAME} is an SQLite database of something else, "
+                            "not an mmsearch index: use another --index")
+
+    # --- the same for every database --------------------------------------------------------
 
     def _newer(self, sql: str, params: Iterable[object] = ()) -> list[tuple] | None:
         """Rows of `sql`, which reads a table or column added by a later migration; None on an
@@ -141,7 +164,7 @@ class StoreReader:
         try:
             return self._all(sql, params)
         except MMSearchError as exc:
-            if "no such table" in str(exc) or "no such column" in str(exc):
+            if self._missing(str(exc)):
                 return None
             raise
 
@@ -224,7 +247,7 @@ class StoreReader:
 
     def roots(self, under: str | None = None) -> list[str]:
         """Every root indexed so far (or those at or below the folder `under`)."""
-        where, params = _under("path", under) if under else ("1", [])
+        where, params = _under("path", under) if under else (ANY_ROW, [])
         return [r[0] for r in self._all(f"SELECT path FROM {ROOTS} WHERE {where} ORDER BY path", params)]
 
     def root_options(self) -> dict[str, RootOptions]:
@@ -236,7 +259,7 @@ class StoreReader:
 
     def ignored(self, under: str | None = None) -> list[str]:
         """Files skipped for their type at the last scan of their root (or only at or below `under`)."""
-        where, params = _under("path", under) if under else ("1", [])
+        where, params = _under("path", under) if under else (ANY_ROW, [])
         rows = self._newer(f"SELECT path FROM {IGNORED} WHERE {where} ORDER BY path", params)
         return [r[0] for r in rows or []]
 
@@ -248,7 +271,7 @@ class StoreReader:
 
     def failures(self, under: str | None = None) -> list[tuple[str, str]]:
         """(path, reason) of everything skipped and not indexed since (or only at or below `under`)."""
-        where, params = _under("path", under) if under else ("1", [])
+        where, params = _under("path", under) if under else (ANY_ROW, [])
         return [(p, r) for p, r in self._all(f"SELECT path, reason FROM {FAILURES} WHERE {where} ORDER BY path", params)]
 
     # --- files and items --------------------------------------------------------------------
@@ -291,12 +314,12 @@ class StoreReader:
 
         Raises BadQuery when a filter needs the metadata of migration 0003 and the index (read-only,
         so not migrated) lacks it."""
-        where, params = _under(FILES.cols("path"), folder) if folder else ("1", [])
+        where, params = _under(FILES.cols("path"), folder) if folder else (ANY_ROW, [])
         cond, more = filters.sql()
         rows = self._newer(f"SELECT {ITEMS.cols('id')} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
                            f"WHERE {ITEMS.cols('kind')} = ? AND {where} AND {cond}", [kind, *params, *more])
         if rows is None:
-            raise BadQuery(f"index at {self.directory} was built before date, camera and size filters: "
+            raise BadQuery(f"index at {self.location} was built before date, camera and size filters: "
                            "run `mmsearch index` on it once (with write access) to read them")
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 

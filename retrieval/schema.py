@@ -13,6 +13,9 @@ from dataclasses import dataclass
 #: once (which migrates it) before it is read; one with a later name was written by a newer mmsearch.
 SCHEMA_VERSION = "0004_model_vectors"
 
+#: An SQL condition that holds for every row (SQLite's bare `1` is no boolean on PostgreSQL).
+ANY_ROW = "1 = 1"
+
 #: Column types, as portable names (`store` maps each to an SQLAlchemy type).
 TYPES = ("string", "text", "integer", "float", "blob")
 

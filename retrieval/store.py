@@ -53,8 +53,10 @@ from .records import FileMetadata, ModelManifest, NewFile, RootOptions
 from .stores import model_key
 
 
-#: SQLAlchemy type of each `schema.TYPES` name.
-_TYPES = {"string": String, "text": Text, "integer": Integer, "float": Float, "blob": LargeBinary}
+#: SQLAlchemy type of each `schema.TYPES` name. Strings (paths) compare byte-wise on PostgreSQL as on
+#: SQLite (collation "C"), so ORDER BY and comparisons of names agree whatever the server's locale.
+_TYPES = {"string": String().with_variant(String(collation="C"), "postgresql"), "text": Text(), "integer": Integer(),
+          "float": Float(), "blob": LargeBinary()}
 
 
 def _table(metadata: MetaData, table: schema.Table) -> Table:
@@ -106,7 +108,7 @@ def _m0003_file_metadata(conn: Connection) -> None:
     have = {c["name"] for c in inspect(conn).get_columns("files")}
     for column in schema.FILES.columns:
         if column.name not in have:
-            conn.execute(text(f"ALTER TABLE files ADD COLUMN {column.name} {_TYPES[column.type]().compile(conn.dialect)}"))
+            conn.execute(text(f"ALTER TABLE files ADD COLUMN {column.name} {_TYPES[column.type].compile(conn.dialect)}"))
 
 
 def _m0004_model_vectors(conn: Connection) -> None:
@@ -155,10 +157,14 @@ def _raise_typed(context: ExceptionContext, directory: Path) -> None:
         raise database_error(str(context.original_exception), directory) from None
 
 
-class Store:
-    """The metadata database of one index directory."""
+#: Key of the PostgreSQL advisory lock held while migrating, so two first writers do not both create tables.
+_MIGRATION_LOCK = 0x6D6D_7365_6172_6368  # "mmsearch"
 
-    def __init__(self, engine: Engine, directory: Path) -> None:
+
+class Store:
+    """The metadata database of one index (an index directory's SQLite file, or a database URL's)."""
+
+    def __init__(self, engine: Engine, directory: Path | None) -> None:
         self.engine = engine
         self.directory = directory
 
@@ -179,12 +185,22 @@ class Store:
             raise database_error(str(exc.orig), directory) from None
         return store
 
+    @classmethod
+    def attach(cls, engine: Engine) -> Store:
+        """The metadata database behind `engine` (any dialect `sql_store` accepts), created and
+        migrated as needed; the engine's own error handler types its failures."""
+        store = cls(engine, None)
+        store._migrate()
+        return store
+
     def close(self) -> None:
         """Release database connections."""
         self.engine.dispose()
 
     def _migrate(self) -> None:
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # held to the end of this transaction
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
             _create(conn, Migration)
             done = set(conn.scalars(select(Migration.c.name)))
             for name, step in MIGRATIONS:

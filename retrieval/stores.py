@@ -142,6 +142,19 @@ class VectorStore(Protocol):
     def drop(self, keys: Sequence[VectorKey]) -> None: ...
 
 
+#: Makes the vector store of an index: (metadata reader, `model_key` of the index's default model,
+#: opener of the metadata writer) -> VectorStore.
+VectorStoreFactory = Callable[[MetadataReader, str, Callable[[], MetadataWriter]], VectorStore]
+
+
+class VectorBackend(NamedTuple):
+    """A vector store chosen where the index is opened (`backends`): what and where, and its factory."""
+
+    kind: str  # "faiss", "milvus"
+    where: str  # for `info`: a directory, a URI without its password
+    factory: VectorStoreFactory
+
+
 class Storage(ABC):
     """The stores of one index and its write lock; the seam between an index and its back ends.
 
@@ -150,7 +163,7 @@ class Storage(ABC):
     batch is applied exactly once); a write holds the lock and saves the vector sets on exit.
     """
 
-    #: Where the index is, for messages and `info` (a directory, or later a database URL).
+    #: Where the index is, for messages and `info` (a directory, or a database URL without its password).
     location: str
 
     def __init__(self) -> None:
@@ -180,6 +193,11 @@ class Storage(ABC):
     @abstractmethod
     def cache_dir(self) -> Path:
         """A directory for caches derived from the index (query vectors, calibration samples)."""
+
+    @abstractmethod
+    def backends(self) -> dict[str, dict[str, str]]:
+        """What holds the metadata and the vectors, and where, for `info`:
+        {"metadata": {"kind": "sqlite", "where": ...}, "vectors": {"kind": "faiss", "where": ...}}."""
 
     @abstractmethod
     def lock(self, wait: float) -> AbstractContextManager[None]:
@@ -226,6 +244,13 @@ class Storage(ABC):
     def empty_index_error(self) -> EmptyIndex:
         """The error for an index that has no model recorded yet, hence no vectors."""
         return EmptyIndex(f"index {self.location} is empty: run `mmsearch index PATH` first")
+
+    def open_vectors(self, factory: VectorStoreFactory) -> VectorStore:
+        """The vector store `factory` makes for the index (EmptyIndex while no model is recorded)."""
+        model = self.model()
+        if model is None:
+            raise self.empty_index_error()
+        return factory(self.reader, model, lambda: self.writer)
 
     def vector_set(self, kind: str, model: str | None = None) -> VectorSet:
         """The searchable vectors of one kind (of model `model`, None: the default), up to date with the metadata store."""

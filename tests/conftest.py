@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ def _offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_cache: P
     monkeypatch.setenv("MMSEARCH_INDEX", str(tmp_path / "default-index"))
     monkeypatch.delenv("MMSEARCH_MODEL", raising=False)
     monkeypatch.delenv("MMSEARCH_PRETRAINED", raising=False)
+    monkeypatch.delenv("MMSEARCH_DB", raising=False)
+    monkeypatch.delenv("MMSEARCH_VECTORS", raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -159,3 +162,29 @@ def gallery_index(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -
         with retrieval.open_index(root / "index", model="shapes-mini") as idx:
             idx.add([root / "demo"])
     return root / "index"
+
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster for the run (see `pg_cluster`), durability off. Yields the
+    server's URL without a database; skips (with the reason) where PostgreSQL or psycopg is missing."""
+    from pg_cluster import Unavailable, cluster
+
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'mmsearch[cluster]')")
+    try:
+        with cluster(durable=False) as url:
+            yield url
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+@pytest.fixture
+def pg_db(postgres: str, request: pytest.FixtureRequest) -> str:
+    """The URL of a new, empty database on the test cluster, for one test."""
+    import psycopg
+
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50] + f"_{os.getpid()}"
+    with psycopg.connect(postgres.replace("+psycopg", "") + "/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{postgres}/{name}"
