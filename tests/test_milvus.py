@@ -1,0 +1,275 @@
+"""Vectors in Milvus (milvus-lite, embedded): same answers as FAISS, changes mirrored with no stale
+ids, filters applied inside Milvus, and the collection reconciled after a crash between the
+metadata commit and the Milvus write. Skipped where pymilvus or milvus-lite is not installed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+import retrieval  # noqa: E402
+from retrieval.collection import Collection  # noqa: E402
+from retrieval.errors import BadQuery, VectorStoreUnavailable  # noqa: E402
+from retrieval.local import LocalStorage  # noqa: E402
+from retrieval.milvus_store import MilvusVectorStore, client_args  # noqa: E402
+from retrieval.records import NewFile  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "index_data" / "demo"
+pytestmark = pytest.mark.skipif(not (REPO / "index_data" / "shapes-mini.pt").exists(), reason="bundled model not built")
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One milvus-lite database for the module (each index gets its own collections in it)."""
+    return str(tmp_path_factory.mktemp("milvus") / "vectors.db")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo corpus with its blue images in a subfolder (for --under)."""
+    root = tmp_path_factory.mktemp("corpus") / "demo"
+    shutil.copytree(DEMO, root)
+    (root / "blue").mkdir()
+    for path in root.glob("blue_*"):
+        path.rename(root / "blue" / path.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def faiss_index(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    """The corpus indexed with shapes-mini, vectors in FAISS: the reference answers."""
+    index = tmp_path_factory.mktemp("faiss") / "index"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMSEARCH_OFFLINE", "1")
+        with retrieval.open_index(index, model="shapes-mini") as idx:
+            idx.add([corpus])
+    return index
+
+
+def milvus(index: Path, uri: str, model: str | None = "shapes-mini", create: bool = True) -> Collection:
+    """The index at `index` with its vectors in Milvus at `uri`."""
+    storage = LocalStorage.open(index, create=create, vectors=partial(MilvusVectorStore, uri))
+    return Collection(index, storage, model)
+
+
+def answers(hits: list) -> list[tuple[str, float]]:
+    return [(h.path, round(h.score, 4)) for h in hits]
+
+
+QUERIES = ["a red circle", "a blue star", "a green square", "a yellow triangle"]
+
+
+def same(got: list, want: list) -> None:
+    """Same items in the same order, scores equal within the embedding's run-to-run noise."""
+    assert [h.path for h in got] == [h.path for h in want]
+    assert [h.text for h in got] == [h.text for h in want]
+    assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=2e-3)
+
+
+def test_same_top_k_as_faiss_both_ways_from_a_collection_built_by_indexing(tmp_path, lite, corpus, faiss_index) -> None:
+    """Indexed straight into Milvus: text → image, image → text and --under give FAISS's answers."""
+    with retrieval.open_index(faiss_index, create=False) as ref, milvus(tmp_path / "idx", lite) as idx:
+        idx.add([corpus])
+        assert isinstance(idx.storage.vectors, MilvusVectorStore)
+        for query in QUERIES:
+            same(idx.search(query, k=8), ref.search(query, k=8))
+        image = corpus / "red_circle_01.jpg"
+        same(idx.search(image, k=5), ref.search(image, k=5))
+        under = idx.search("a red circle", k=3, under=corpus / "blue")
+        same(under, ref.search("a red circle", k=3, under=corpus / "blue"))
+        assert len(under) == 3 and all("/blue/" in h.path for h in under)  # k pass, k come back
+        info = idx.info()["vector_index"]["image"]
+        assert info["layout"] == "FLAT" and info["vectors"] == idx.info()["images"]
+        assert info["generation"] == idx.reader.generation()
+
+
+def test_a_collection_made_from_an_existing_index_answers_as_faiss(tmp_path, lite, faiss_index, corpus) -> None:
+    """An index whose vectors were in FAISS gets its Milvus collections filled from the metadata
+    store on first use; a k larger than the set gives the whole set, best first."""
+    index = tmp_path / "copy"
+    shutil.copytree(faiss_index, index)
+    with retrieval.open_index(faiss_index, create=False) as ref, milvus(index, lite, None, create=False) as idx:
+        for query in QUERIES:
+            assert answers(idx.search(query, k=5)) == answers(ref.search(query, k=5))
+        everything = idx.search("a red circle", k=1000)
+        assert len(everything) == idx.info()["images"]
+        assert [h.score for h in everything] == sorted((h.score for h in everything), reverse=True)
+        assert answers(everything) == answers(ref.search("a red circle", k=1000))
+        assert answers(idx.search("a red circle", k=4, ext="png")) == answers(ref.search("a red circle", k=4, ext="png"))
+
+
+def test_reindex_remove_and_rename_leave_no_stale_ids(tmp_path, lite, corpus) -> None:
+    """A new file appears, a removed one is gone from Milvus itself, a renamed one keeps its vector
+    under its new path (and --under follows the rename): the collection holds exactly the items."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("red_circle_01.jpg", "red_circle_02.jpg", "green_square_01.jpg", "purple_star_01.jpg"):
+        shutil.copy(corpus / name, photos / name)
+    index = tmp_path / "idx"
+    with milvus(index, lite) as idx:
+        idx.add([photos])
+        key = idx.storage.key("image")
+
+        def stored() -> np.ndarray:
+            return idx.storage.vectors.get(key).ids()
+
+        assert list(stored()) == list(idx.reader.item_ids("image"))
+        shutil.copy(corpus / "red_square_03.webp", photos / "red_square_03.webp")
+        idx.add([photos])  # incremental: only the new file
+        assert str(photos / "red_square_03.webp") in {h.path for h in idx.search("a red square", k=2)}
+        assert len(stored()) == 5
+
+        gone = idx.search("a red circle", k=1)[0]
+        Path(gone.path).unlink()  # else the next re-scan of the folder adds it again
+        assert idx.remove([Path(gone.path)]).items == 1
+        assert gone.id not in stored() and len(stored()) == 4
+        assert gone.path not in {h.path for h in idx.search("a red circle", k=10)}
+
+        (photos / "sub").mkdir()
+        (photos / "purple_star_01.jpg").rename(photos / "sub" / "star.jpg")
+        before = set(stored())
+        idx.add([photos])
+        assert set(stored()) == before  # a rename keeps the item and its vector
+        hits = idx.search("a purple star", k=10)
+        assert str(photos / "sub" / "star.jpg") in {h.path for h in hits}
+        assert str(photos / "purple_star_01.jpg") not in {h.path for h in hits}
+        assert [h.path for h in idx.search("a purple star", k=3, under=photos / "sub")] == [str(photos / "sub" / "star.jpg")]
+        assert list(stored()) == list(idx.reader.item_ids("image"))
+
+
+def test_metadata_ahead_of_milvus_is_reconciled_and_never_answers_stale(tmp_path, lite, corpus) -> None:
+    """A crash between the metadata commit and the Milvus write (simulated: batches committed to the
+    metadata store alone) leaves Milvus behind: until reconciled, a removed item is never returned;
+    when the set is next opened, missing vectors are upserted and orphans deleted."""
+    photos = tmp_path / "photos"
+    shutil.copytree(corpus, photos, ignore=shutil.ignore_patterns("*.txt", "blue"))
+    index = tmp_path / "idx"
+    with milvus(index, lite) as idx:
+        idx.add([photos])
+        best = idx.search("a red circle", k=1)[0]
+        red = idx.reader.file(best.path)
+        vector = next(idx.reader.vectors("image", np.array([best.id])))[1]
+        generation = idx.reader.generation()
+        # The "crash": the metadata store removes the best match and gains a new image; Milvus never hears.
+        with idx.storage.lock(0):
+            idx.storage.writer.commit(removed_files=[red.id])
+            idx.storage.writer.commit(added=[NewFile(str(photos / "new.png"), "image", 1, 1.0, "f" * 64, [0], [None],
+                                                     -vector)])
+        assert idx.reader.generation() > generation
+        vectors = idx.storage.vectors.get(idx.storage.key("image"))  # loaded before: not reconciled yet
+        assert best.id in vectors.ids()
+        assert best.path not in {h.path for h in idx.search("a red circle", k=5)}  # the truth filters it
+    with milvus(index, lite, create=False) as idx:  # next open: behind, so reconciled by id
+        vectors = idx.storage.vectors.get(idx.storage.key("image"))
+        assert list(vectors.ids()) == list(idx.reader.item_ids("image"))
+        assert best.id not in vectors.ids()
+        assert idx.search("a red circle", k=1)[0].path != best.path
+        assert idx.search(-vector, k=1, target="images")[0].path == str(photos / "new.png")
+        assert vectors.generation() == idx.reader.generation()
+
+
+def test_an_orphan_left_in_milvus_is_deleted_and_never_returned(tmp_path, lite, corpus) -> None:
+    """An id Milvus holds but the metadata store does not (a delete that never reached Milvus) is
+    not returned even when it is the best match, and is deleted when the set is reconciled."""
+    photos = tmp_path / "photos"
+    shutil.copytree(corpus / "blue", photos)
+    with milvus(tmp_path / "idx", lite) as idx:
+        idx.add([photos])
+        key = idx.storage.key("image")
+        query = idx.embed_query_text("a blue star")
+        vectors = idx.storage.vectors.get(key)
+        vectors.upsert(np.array([10**9]), query[None, :])  # a perfect match no item has
+        assert 10**9 in vectors.ids()
+        assert [h.id for h in idx.search(query, k=3, target="images")] == \
+               [h.id for h in idx.search("a blue star", k=3)]
+        assert all(h.id != 10**9 for h in idx.search("a blue star", k=50))
+        vectors.set_generation(-1)  # as if the last save never happened
+    with milvus(tmp_path / "idx", lite, create=False) as idx:
+        assert 10**9 not in idx.storage.vectors.get(idx.storage.key("image")).ids()
+
+
+def test_index_types_forced_and_refused(tmp_path, lite, corpus) -> None:
+    """`reindex --faiss HNSW` builds an HNSW index in Milvus (kept by later saves); a type milvus-lite
+    cannot build is refused before anything changes."""
+    photos = tmp_path / "photos"
+    shutil.copytree(corpus / "blue", photos)
+    with milvus(tmp_path / "idx", lite) as idx:
+        idx.add([photos])
+        exact = answers(idx.search("a blue star", k=3))
+        assert idx.reindex("hnsw")["image"] == "HNSW"
+        assert idx.info()["vector_index"]["image"]["params"]["ef"] >= 128
+        assert answers(idx.search("a blue star", k=3)) == exact
+        with pytest.raises(BadQuery, match="milvus-lite builds"):
+            idx.reindex("DISKANN")
+        assert idx.info()["layouts"]["image"] == "HNSW"
+        shutil.copy(corpus / "red_circle_01.jpg", photos / "red.jpg")
+        idx.add([photos])
+        assert idx.info()["layouts"]["image"] == "HNSW"  # the forced type is kept
+        assert idx.reindex(None)["image"] == "FLAT"  # back to the automatic choice
+
+
+def test_automatic_index_type_by_size() -> None:
+    """FLAT while a scan is cheap (the FAISS threshold, with its hysteresis), HNSW above, IVF_FLAT
+    when an HNSW build would exceed the CPU budget, IVF_SQ8 within a small memory budget."""
+
+    class Reader:
+        budget: str | None = None
+
+        def setting(self, key: str) -> str | None:
+            return self.budget
+
+    reader = Reader()
+    store = MilvusVectorStore("/nonexistent/x.db", reader, 512, "m", lambda: None)  # type: ignore[arg-type]
+    assert store._auto_layout(10_000) == "FLAT"
+    assert store._auto_layout(60_000) == "HNSW"
+    assert store._auto_layout(40_000, "HNSW") == "HNSW"  # not back to FLAT at once
+    assert store._auto_layout(20_000, "HNSW") == "FLAT"
+    assert store._auto_layout(5_000_000) == "IVF_FLAT"
+    reader.budget = str(100 * 2**20)
+    assert store._auto_layout(1_000_000) == "IVF_SQ8"
+
+
+def test_uris() -> None:
+    """milvus:// is a server over http; a local PATH.db is milvus-lite; anything else is refused."""
+    assert client_args("milvus://host:19531") == {"uri": "http://host:19531"}
+    assert client_args("milvus://u:p@host/db1") == {"uri": "http://host:19530", "token": "u:p", "db_name": "db1"}
+    assert client_args("https://h:443") == {"uri": "https://h:443"}
+    assert client_args("rel/v.db")["uri"].endswith("/rel/v.db")
+    for bad in ("ftp://x", "milvus://", "vectors.sqlite"):
+        with pytest.raises(BadQuery):
+            client_args(bad)
+
+
+def test_a_milvus_lite_file_open_in_another_process_is_a_clear_error(tmp_path, corpus) -> None:
+    """milvus-lite serves one process per file: the second gets a one-line error saying so."""
+    uri = str(tmp_path / "busy.db")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, pymilvus; c = pymilvus.MilvusClient(sys.argv[1]); "
+                               "print('ready', flush=True); sys.stdin.read()", uri],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        photos = tmp_path / "photos"
+        shutil.copytree(corpus / "blue", photos)
+        with milvus(tmp_path / "idx", uri) as idx, pytest.raises(VectorStoreUnavailable, match="one process at a time"):
+            idx.add([photos])
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
+def test_default_path_never_imports_pymilvus() -> None:
+    """`import retrieval` and a FAISS index never load pymilvus."""
+    code = ("import sys, retrieval, retrieval.local, retrieval.collection; "
+            "assert 'pymilvus' not in sys.modules and 'retrieval.milvus_store' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
