@@ -447,18 +447,44 @@ class MilvusVectorSet:
         return scores, labels
 
     def _search(self, q: np.ndarray, limit: int, allowed: np.ndarray | None) -> list[list[tuple[float, int]]]:
-        """Hits (score, id) per query: one search, or one per BATCH allowed ids (merged), each
-        filtered by `id in [...]` inside Milvus."""
-        params = {"metric_type": "IP", "params": self._search_params(limit)}
-        chunks = [None] if allowed is None else [allowed[s:s + BATCH] for s in range(0, len(allowed), BATCH)]
+        """Hits (score, id) per query, at least `limit` allowed ones where that many exist.
+
+        Up to BATCH allowed ids: one search filtered by `id in [...]` inside Milvus. More (a
+        folder holding much of the index, `--ext jpg` on a library of JPEGs): unfiltered searches
+        of a widening `limit` (2 / share of the set, x4 each time) whose hits are kept when
+        allowed, until `limit` pass; where that reaches Milvus' largest topk, one filtered search
+        per BATCH allowed ids, merged."""
+        if allowed is None or len(allowed) <= BATCH:
+            return self._filtered(q, limit, allowed)
+        fetch = min(MAX_TOPK, max(limit, math.ceil(2 * limit * len(self) / len(allowed))))
+        while True:
+            hits = self._filtered(q, fetch, None)
+            kept = [[hit for hit, ok in zip(found, _allowed_mask(allowed, found)) if ok] for found in hits]
+            if all(len(k) >= limit for k in kept) or all(len(found) < fetch for found in hits):
+                return kept
+            if fetch == MAX_TOPK:
+                break
+            fetch = min(MAX_TOPK, fetch * 4)
         merged: list[list[tuple[float, int]]] = [[] for _ in q]
-        for chunk in chunks:
-            expr = "" if chunk is None else f"{_ID} in [{','.join(map(str, chunk.tolist()))}]"
-            result = self._client.search(self.name, data=list(q), limit=limit, filter=expr,
-                                         output_fields=[_ID], search_params=params)
-            for row, found in enumerate(result):
-                merged[row].extend((float(h["distance"]), int(h["id"])) for h in found)
+        for start in range(0, len(allowed), BATCH):
+            for row, found in enumerate(self._filtered(q, limit, allowed[start:start + BATCH])):
+                merged[row].extend(found)
         return merged
+
+    def _filtered(self, q: np.ndarray, limit: int, allowed: np.ndarray | None) -> list[list[tuple[float, int]]]:
+        """One Milvus search: hits (score, id) per query, restricted to `allowed` inside Milvus."""
+        expr = "" if allowed is None else f"{_ID} in [{','.join(map(str, allowed.tolist()))}]"
+        result = self._client.search(self.name, data=list(q), limit=limit, filter=expr, output_fields=[_ID],
+                                     search_params={"metric_type": "IP", "params": self._search_params(limit)})
+        return [[(float(h["distance"]), int(h["id"])) for h in found] for found in result]
+
+
+def _allowed_mask(allowed: np.ndarray, found: list[tuple[float, int]]) -> np.ndarray:
+    """Which hits of `found` have an id in the sorted array `allowed`."""
+    ids = np.array([i for _, i in found], dtype=np.int64)
+    if not len(ids):
+        return np.zeros(0, bool)
+    return allowed[np.clip(np.searchsorted(allowed, ids), 0, len(allowed) - 1)] == ids
 
 
 def build_params(layout: str, n: int) -> dict[str, Any]:

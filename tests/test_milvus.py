@@ -273,3 +273,56 @@ def test_default_path_never_imports_pymilvus() -> None:
             "assert 'pymilvus' not in sys.modules and 'retrieval.milvus_store' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
+
+
+class Generated:
+    """The reads a vector store makes of a metadata store, over generated vectors of kind 'image'."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vecs = vectors
+        self.ids = np.arange(1, len(vectors) + 1, dtype=np.int64) * 3  # sparse ids, as after deletions
+        self.settings: dict[str, str] = {}
+
+    def generation(self) -> int:
+        return 1
+
+    def setting(self, key: str) -> str | None:
+        return self.settings.get(key)
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        self.settings[key] = value
+
+    def item_ids(self, kind: str) -> np.ndarray:
+        return self.ids if kind == "image" else self.ids[:0]
+
+    def vectors(self, kind: str, ids: np.ndarray | None = None):
+        want = self.ids if ids is None else np.asarray(ids)
+        if kind == "image" and len(want):
+            yield want, self.vecs[want // 3 - 1]
+
+
+def test_allowed_sets_of_every_size_give_the_exact_top_k(lite, monkeypatch) -> None:
+    """A filter of a few ids, of most of the set (wider unfiltered searches), and of more ids
+    than one request takes (per-batch filtered searches): always the exact top k among them."""
+    from retrieval import milvus_store
+    from retrieval.milvus_store import BATCH
+    from retrieval.stores import VectorKey
+
+    monkeypatch.setattr(milvus_store, "MAX_TOPK", 1000)  # below the set's size, as at scale
+
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((2 * BATCH + 500, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    reader = Generated(vecs)
+    store = MilvusVectorStore(lite, reader, 16, "gen", lambda: reader)  # type: ignore[arg-type]
+    vector_set = store.get(VectorKey("gen", "image"))
+    assert len(vector_set) == len(vecs)
+    query = vecs[7] + 0.1 * vecs[70]
+    scores = vecs @ query
+    for allowed in (reader.ids[[5, 70, 900]], reader.ids[::3], reader.ids[: len(vecs) - 30],
+                    reader.ids[np.argsort(scores)[: BATCH + 10]]):  # the worst-scoring: widening cannot reach them
+        rows = allowed // 3 - 1
+        want = allowed[np.argsort(-scores[rows])][:10]
+        got_scores, got = vector_set.search(query[None, :], 10, allowed)
+        assert list(got[0][got[0] >= 0]) == list(want)
+        assert got_scores[0][: len(want)] == pytest.approx(np.sort(scores[rows])[::-1][:10], abs=1e-5)
