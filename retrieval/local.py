@@ -13,55 +13,47 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import DB_NAME, LOCK_NAME
 from .errors import IndexInUse, IndexReadOnly
 from .reader import StoreReader
-from .stores import MetadataReader, MetadataWriter, Storage, VectorStore
+from .stores import Storage
 
 if TYPE_CHECKING:
+    from .faiss_store import FaissVectorStore
     from .store import Store
-
-#: Makes the vector store of an index from (metadata reader, dimension, model key, opener of the
-#: metadata writer); e.g. `functools.partial(milvus_store.MilvusVectorStore, uri)`.
-VectorStoreFactory = Callable[[MetadataReader, int, str, Callable[[], MetadataWriter]], VectorStore]
 
 log = logging.getLogger("mmsearch")
 
 
 class LocalStorage(Storage):
-    """SQLite + FAISS in `directory`; `reader` is None until a new index is created by its first write.
-    `vectors` makes another vector store than the FAISS files (see `VectorStoreFactory`)."""
+    """SQLite + FAISS in `directory`; `reader` is None until a new index is created by its first write."""
 
-    def __init__(self, directory: Path, reader: StoreReader | None = None, store: Store | None = None,
-                 vectors: VectorStoreFactory | None = None) -> None:
+    def __init__(self, directory: Path, reader: StoreReader | None = None, store: Store | None = None) -> None:
         super().__init__()
         self.directory = directory
         self.location = str(directory)
         self._reader = reader
         self._store = store
-        self._vector_factory = vectors
-        self._vectors: VectorStore | None = None
+        self._vectors: FaissVectorStore | None = None
         # Threads of one process (a web server) share this object: each lazy open happens once.
         self._opening = threading.RLock()
 
     @classmethod
-    def open(cls, directory: Path, *, create: bool = True, vectors: VectorStoreFactory | None = None) -> LocalStorage:
+    def open(cls, directory: Path, *, create: bool = True) -> LocalStorage:
         """The index in `directory`: a new one (created by its first write) when there is none and
-        `create`, else IndexNotFound. An index of an older mmsearch is migrated where it is writable.
-        `vectors`: another vector store than the FAISS files."""
+        `create`, else IndexNotFound. An index of an older mmsearch is migrated where it is writable."""
         if create and not (directory / DB_NAME).exists():
-            return cls(directory, vectors=vectors)
+            return cls(directory)
         reader = StoreReader.open(directory)  # IndexNotFound where there is none
         store = None
         if reader.needs_migration() and os.access(directory, os.W_OK):
             store = _open_store(directory)  # an index from an older mmsearch: migrate it before reading
-        return cls(directory, reader, store, vectors)
+        return cls(directory, reader, store)
 
     @property
     def exists(self) -> bool:
@@ -88,20 +80,18 @@ class LocalStorage(Storage):
         return self._store
 
     @property
-    def vectors(self) -> VectorStore:
-        """The FAISS files of this directory, or the store `vectors` makes (EmptyIndex while no model is recorded)."""
+    def vectors(self) -> FaissVectorStore:
+        """The FAISS files of this directory (EmptyIndex while no model is recorded)."""
         if self._vectors is None:
+            from .faiss_store import FaissVectorStore
+
             with self._opening:
                 if self._vectors is None:
                     manifest, model = self.manifest(), self.model()
                     if manifest is None or model is None:
                         raise self.empty_index_error()
-                    factory = self._vector_factory
-                    if factory is None:
-                        from .faiss_store import FaissVectorStore
-
-                        factory = partial(FaissVectorStore, self.directory)
-                    self._vectors = factory(self.reader, manifest.dim, model, lambda: self.writer)
+                    self._vectors = FaissVectorStore(self.directory, self.reader, manifest.dim, model,
+                                                     lambda: self.writer)
         return self._vectors
 
     @property

@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +55,25 @@ def faiss_index(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     return index
 
 
+class MilvusStorage(LocalStorage):
+    """SQLite metadata, vectors in Milvus at `uri` (the class attribute, set per index)."""
+
+    uri = ""
+
+    @property
+    def vectors(self) -> MilvusVectorStore:
+        if self._vectors is None:
+            manifest, model = self.manifest(), self.model()
+            if manifest is None or model is None:
+                raise self.empty_index_error()
+            self._vectors = MilvusVectorStore(self.uri, self.reader, manifest.dim, model, lambda: self.writer)
+        return self._vectors
+
+
 def milvus(index: Path, uri: str, model: str | None = "shapes-mini", create: bool = True) -> Collection:
     """The index at `index` with its vectors in Milvus at `uri`."""
-    storage = LocalStorage.open(index, create=create, vectors=partial(MilvusVectorStore, uri))
-    return Collection(index, storage, model)
+    storage_class = type("Storage", (MilvusStorage,), {"uri": uri})
+    return Collection(index, storage_class.open(index, create=create), model)
 
 
 def answers(hits: list) -> list[tuple[str, float]]:
