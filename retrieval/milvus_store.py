@@ -420,10 +420,12 @@ class MilvusVectorSet:
         return {}
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
-               exact: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               exact: Callable[[np.ndarray], np.ndarray] | None = None,
+               min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` by inner product for each query, `(scores, ids)` of shape [q, k] padded with
         -inf / -1. `allowed` restricts the search (inside Milvus) to those ids; `exact(ids)` gives
-        the stored vectors, used to re-score the candidates of a quantized (SQ) index type."""
+        the stored vectors, used to re-score the candidates of a quantized (SQ) index type;
+        `min_score` makes it a range search in Milvus (only scores at or above it come back)."""
         q = np.asarray(queries, dtype=np.float32).reshape(-1, self._store._dim)
         k = int(k)
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
@@ -435,18 +437,21 @@ class MilvusVectorSet:
         rerank = exact is not None and "SQ" in self.layout
         fetch = min(k * RERANK_FACTOR if rerank else k, MAX_TOPK)
         with _milvus_errors(self._store.uri):
-            hits = self._search(q, fetch, allowed)
+            hits = self._search(q, fetch, allowed, min_score)
         for row, found in enumerate(hits):
             if rerank and found:
                 ids = np.array([i for _, i in found], dtype=np.int64)
                 found = list(zip((exact(ids) @ q[row]).tolist(), ids.tolist()))
+            if min_score is not None:  # Milvus' radius is exclusive, and re-scored candidates moved
+                found = [hit for hit in found if hit[0] >= min_score]
             found.sort(key=lambda hit: -hit[0])
             found = found[:k]
             scores[row, :len(found)] = [s for s, _ in found]
             labels[row, :len(found)] = [i for _, i in found]
         return scores, labels
 
-    def _search(self, q: np.ndarray, limit: int, allowed: np.ndarray | None) -> list[list[tuple[float, int]]]:
+    def _search(self, q: np.ndarray, limit: int, allowed: np.ndarray | None,
+                min_score: float | None = None) -> list[list[tuple[float, int]]]:
         """Hits (score, id) per query, at least `limit` allowed ones where that many exist.
 
         Up to BATCH allowed ids: one search filtered by `id in [...]` inside Milvus. More (a
@@ -455,10 +460,10 @@ class MilvusVectorSet:
         allowed, until `limit` pass; where that reaches Milvus' largest topk, one filtered search
         per BATCH allowed ids, merged."""
         if allowed is None or len(allowed) <= BATCH:
-            return self._filtered(q, limit, allowed)
+            return self._filtered(q, limit, allowed, min_score)
         fetch = min(MAX_TOPK, max(limit, math.ceil(2 * limit * len(self) / len(allowed))))
         while True:
-            hits = self._filtered(q, fetch, None)
+            hits = self._filtered(q, fetch, None, min_score)
             kept = [[hit for hit, ok in zip(found, _allowed_mask(allowed, found)) if ok] for found in hits]
             if all(len(k) >= limit for k in kept) or all(len(found) < fetch for found in hits):
                 return kept
@@ -467,15 +472,20 @@ class MilvusVectorSet:
             fetch = min(MAX_TOPK, fetch * 4)
         merged: list[list[tuple[float, int]]] = [[] for _ in q]
         for start in range(0, len(allowed), BATCH):
-            for row, found in enumerate(self._filtered(q, limit, allowed[start:start + BATCH])):
+            for row, found in enumerate(self._filtered(q, limit, allowed[start:start + BATCH], min_score)):
                 merged[row].extend(found)
         return merged
 
-    def _filtered(self, q: np.ndarray, limit: int, allowed: np.ndarray | None) -> list[list[tuple[float, int]]]:
-        """One Milvus search: hits (score, id) per query, restricted to `allowed` inside Milvus."""
+    def _filtered(self, q: np.ndarray, limit: int, allowed: np.ndarray | None,
+                  min_score: float | None) -> list[list[tuple[float, int]]]:
+        """One Milvus search: hits (score, id) per query, restricted to `allowed` inside Milvus, a
+        range search (scores above `radius`) with a `min_score`."""
         expr = "" if allowed is None else f"{_ID} in [{','.join(map(str, allowed.tolist()))}]"
+        params = self._search_params(limit)
+        if min_score is not None:  # radius is exclusive: a hair below keeps a score equal to min_score
+            params["radius"] = float(np.nextafter(np.float32(min_score), np.float32(-2)))
         result = self._client.search(self.name, data=list(q), limit=limit, filter=expr, output_fields=[_ID],
-                                     search_params={"metric_type": "IP", "params": self._search_params(limit)})
+                                     search_params={"metric_type": "IP", "params": params})
         return [[(float(h["distance"]), int(h["id"])) for h in found] for found in result]
 
 

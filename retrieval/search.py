@@ -145,7 +145,8 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
         calibration = Calibration(load_sample(storage.reader, storage.cache_dir, kind), vec)
         keep = exclusion(searcher, kind, vec, exclude, collapse, k)
         found.extend((score, row, calibration.relevance(score))
-                     for score, row in _search_kind(storage, kind, vec, k, folder, keep, filters))
+                     for score, row in _search_kind(storage, kind, vec, k, folder, keep, filters,
+                                                    None if auto else min_score))
     found.sort(key=lambda hit: -hit[0])
     floor = max(min_score if not auto and min_score is not None else -math.inf,
                 found[0][0] - within if found and within is not None else -math.inf)
@@ -173,7 +174,7 @@ def _stored(storage: Storage, kind: str, ids: np.ndarray) -> np.ndarray:
 
 def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: str | None,
                  keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
-                 filters: Filters | None = None) -> list[tuple[float, Any]]:
+                 filters: Filters | None = None, min_score: float | None = None) -> list[tuple[float, Any]]:
     index = storage.vector_set(kind)
     if filters:
         allowed = storage.reader.ids_filtered(kind, folder, filters)
@@ -183,8 +184,8 @@ def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: s
         return []
     fetch = k
     while True:
-        scores, ids = index.search(vec[None, :], fetch, allowed,
-                                    exact=lambda want: _stored(storage, kind, want))
+        scores, ids = index.search(vec[None, :], fetch, allowed, exact=lambda want: _stored(storage, kind, want),
+                                   min_score=min_score)  # a cosine cut-off, applied by the vector store
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         rows = storage.reader.items(i for _, i in pairs)
         # The store is the truth: an id the cache still holds but the store dropped is skipped.

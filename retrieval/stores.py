@@ -94,8 +94,9 @@ def model_key(manifest: ModelManifest) -> str:
 class VectorSet(Protocol):
     """One searchable set of unit vectors keyed by item id (inner product == cosine).
 
-    `search` takes the ids `allowed` (None: all) and `exact`, which gives the stored vectors of
-    ids, for layouts that re-rank compressed candidates; `describe` is layout and tuning for `info`.
+    `search` takes the ids `allowed` (None: all), `exact`, which gives the stored vectors of
+    ids, for layouts that re-rank compressed candidates, and `min_score`: results below it are
+    left out (a range search where the store has one); `describe` is layout and tuning for `info`.
     """
 
     layout: str
@@ -104,7 +105,8 @@ class VectorSet(Protocol):
     def ids(self) -> np.ndarray: ...
     def describe(self) -> dict[str, Any]: ...
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
-               exact: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+               exact: Callable[[np.ndarray], np.ndarray] | None = None,
+               min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class VectorStore(Protocol):

@@ -102,6 +102,9 @@ def test_same_top_k_as_faiss_both_ways_from_a_collection_built_by_indexing(tmp_p
         under = idx.search("a red circle", k=3, under=corpus / "blue")
         same(under, ref.search("a red circle", k=3, under=corpus / "blue"))
         assert len(under) == 3 and all("/blue/" in h.path for h in under)  # k pass, k come back
+        cut = idx.search("a red circle", k=50, min_score=0.6)
+        same(cut, ref.search("a red circle", k=50, min_score=0.6))
+        assert 0 < len(cut) < 50 and min(h.score for h in cut) >= 0.6
         info = idx.info()["vector_index"]["image"]
         assert info["layout"] == "FLAT" and info["vectors"] == idx.info()["images"]
         assert info["generation"] == idx.reader.generation()
@@ -340,3 +343,8 @@ def test_allowed_sets_of_every_size_give_the_exact_top_k(lite, monkeypatch) -> N
         got_scores, got = vector_set.search(query[None, :], 10, allowed)
         assert list(got[0][got[0] >= 0]) == list(want)
         assert got_scores[0][: len(want)] == pytest.approx(np.sort(scores[rows])[::-1][:10], abs=1e-5)
+    floor = float(np.sort(scores)[-40])  # a range search: every item at or above the floor, no other
+    got_scores, got = vector_set.search(query[None, :], 1000, min_score=floor)
+    assert sorted(got[0][got[0] >= 0]) == sorted(reader.ids[scores >= floor]) and len(got[0][got[0] >= 0]) == 40
+    got_scores, got = vector_set.search(query[None, :], 1000, reader.ids[::2], min_score=floor)
+    assert sorted(got[0][got[0] >= 0]) == sorted(reader.ids[::2][scores[::2] >= floor])
