@@ -8,19 +8,21 @@ Each vector set is one collection, `mm_<index id>_<model>_<kind>`: the index id 
 kept in the metadata store (setting `vectors_id`), so indexes sharing one Milvus never meet. A row
 is (item id as primary key, unit vector); the metric is inner product (== cosine). Filters
 (`--under`, `--after`, ...) are answered by the metadata store, the truth, as a set of item ids,
-which Milvus applies inside the search as an `id in [...]` expression: no path is stored in
-Milvus, so a rename never makes a Milvus row stale.
+which Milvus applies inside the search as an `id in [...]` expression (see `_search` for sets
+larger than one request): no path is stored in Milvus, so a rename never makes a Milvus row
+stale. `min_score` is a range search in Milvus (`radius`).
 
 The collection is a cache of the metadata store's vectors, as the FAISS file is: the two share
 no transaction, so the collection records (property `mmsearch.generation`) the metadata generation
 it reflects. A batch is committed to the metadata store, then mirrored into Milvus (upserts and
-deletes, applied at once, seen by the next search: consistency level Strong); the generation is
-recorded when the writer saves. A set whose recorded generation differs from the metadata store's
-(a crash between commit and mirror, a new collection, another Milvus) is reconciled by id when
-first used: missing vectors are upserted from the metadata store, orphans deleted. Item ids are
-never reused and a vector never changes under its id, so an id present in both is current. Searches
-drop any id the metadata store no longer holds (`search`), so a removed item is never returned even
-while a reconcile is pending. Orphans are deleted only when the metadata store's generation did not
+deletes, applied at once, seen by the next search: consistency level Strong); when the writer
+saves, what it wrote is flushed (sealed, indexed) and the generation recorded. A set whose
+recorded generation differs from the metadata store's (a crash between commit and mirror, a new
+collection, another Milvus) is reconciled by id when first used: missing vectors are upserted
+from the metadata store, orphans deleted. Item ids are never reused and a vector never changes
+under its id, so an id present in both is current. Searches drop any id the metadata store no
+longer holds (`search._search_kind`), so a removed item is never returned even while a
+reconcile is pending. Orphans are deleted only when the metadata store's generation did not
 move during the reconcile (an id committed and mirrored meanwhile by a writer is never taken for one).
 
 Index type by size, like the FAISS layouts: FLAT (exact) while a scan is cheap, HNSW above,
