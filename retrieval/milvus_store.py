@@ -38,6 +38,7 @@ pymilvus loads only when this module is used: `import retrieval` and the default
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -60,9 +61,11 @@ log = logging.getLogger("mmsearch")
 
 #: Setting (metadata store) naming this index's collections in Milvus.
 INDEX_ID_SETTING = "vectors_id"
-#: Collection properties: the metadata generation the collection reflects, and a forced index type.
+#: Collection properties: the metadata generation the collection reflects, a forced index type, and
+#: the build parameters of its index (milvus-lite's describe_index leaves them out; IVF's nprobe needs nlist).
 GENERATION_PROPERTY = "mmsearch.generation"
 LAYOUT_PROPERTY = "mmsearch.layout"
+INDEX_PARAMS_PROPERTY = "mmsearch.index_params"
 #: Index types milvus-lite builds (3.x; AUTOINDEX is HNSW there); a server builds these and more.
 LITE_INDEX_TYPES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX")
 #: Rows per upsert and ids per `id in [...]` filter: well under Milvus' 64 MB per request at d=2048.
@@ -208,7 +211,8 @@ class MilvusVectorStore:
         now asks for another index type."""
         generation = self._reader.generation()
         with _milvus_errors(self.uri):
-            for key, vector_set in sorted(self._sets.items()):
+            for key in sorted(self._sets):
+                vector_set = self._sets[key]
                 if key in self._changed or key in self._relayout:
                     forced = vector_set.forced_layout()
                     want = forced or self._auto_layout(len(vector_set), vector_set.layout)
@@ -272,8 +276,10 @@ class MilvusVectorStore:
         self._build_index(name, layout, n)
 
     def _build_index(self, name: str, layout: str, n: int) -> None:
+        built = build_params(layout, n)
         params = self.client.prepare_index_params()
-        params.add_index(field_name=_VECTOR, index_type=layout, metric_type="IP", params=build_params(layout, n))
+        params.add_index(field_name=_VECTOR, index_type=layout, metric_type="IP", params=built)
+        self.client.alter_collection_properties(name, properties={INDEX_PARAMS_PROPERTY: json.dumps(built)})
         # Not waited for (sync=False): milvus-lite builds it at once but lacks the RPC pymilvus waits
         # with; a server builds it in the background and searches unindexed segments exactly meanwhile.
         self.client.create_index(name, params, sync=False)
@@ -327,8 +333,7 @@ class MilvusVectorSet:
 
     def _read_index(self) -> tuple[str, dict[str, Any]]:
         info = self._client.describe_index(self.name, _VECTOR) or {}
-        keep = {k: v for k, v in info.items() if k in ("M", "efConstruction", "nlist", "params")}
-        return str(info.get("index_type", "FLAT")), keep
+        return str(info.get("index_type", "FLAT")), json.loads(self._properties().get(INDEX_PARAMS_PROPERTY) or "{}")
 
     def _properties(self) -> dict[str, str]:
         return dict(self._client.describe_collection(self.name).get("properties") or {})
@@ -410,16 +415,18 @@ class MilvusVectorSet:
 
     def describe(self) -> dict[str, Any]:
         """Index type and parameters, for `info`."""
-        return {"layout": self.layout, "params": {**self._params, **self._search_params(10)}, "tuning": {},
-                "vectors": len(self), "tombstones": 0, "collection": self.name,
-                "store": redacted(self._store.uri), "generation": self.generation()}
+        with _milvus_errors(self._store.uri):
+            return {"layout": self.layout, "params": {**self._params, **self._search_params(10)}, "tuning": {},
+                    "vectors": len(self), "tombstones": 0, "collection": self.name,
+                    "store": redacted(self._store.uri), "generation": self.generation()}
 
-    def _search_params(self, k: int) -> dict[str, Any]:
+    def _search_params(self, k: int, wide: bool = False) -> dict[str, Any]:
+        """HNSW's beam and IVF's lists probed for `k` results; `wide`: as many as it takes."""
         if self.layout.startswith("HNSW") or self.layout == "AUTOINDEX":
-            return {"ef": max(HNSW_EF_SEARCH, k)}
+            return {"ef": max(HNSW_EF_SEARCH, k * (8 if wide else 1))}
         if self.layout.startswith("IVF"):
-            nlist = int(self._params.get("nlist") or (self._params.get("params") or {}).get("nlist") or 1)
-            return {"nprobe": max(1, math.ceil(nlist * IVF_PROBE_FRACTION))}
+            nlist = int(self._params.get("nlist") or 1)
+            return {"nprobe": nlist if wide else max(1, math.ceil(nlist * IVF_PROBE_FRACTION))}
         return {}
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
@@ -441,6 +448,12 @@ class MilvusVectorSet:
         fetch = min(k * RERANK_FACTOR if rerank else k, MAX_TOPK)
         with _milvus_errors(self._store.uri):
             hits = self._search(q, fetch, allowed, min_score)
+            if self.layout != "FLAT" and any(len(found) < fetch for found in hits):
+                # An approximate index may stop short of what exists (few IVF lists probed, a
+                # cut-off or a filter far from the query): search those wide, as FAISS does.
+                exist = min(fetch, len(self) if allowed is None else len(allowed))
+                if any(len(found) < exist for found in hits):
+                    hits = self._search(q, fetch, allowed, min_score, wide=True)
         for row, found in enumerate(hits):
             if rerank and found:
                 ids = np.array([i for _, i in found], dtype=np.int64)
@@ -454,7 +467,7 @@ class MilvusVectorSet:
         return scores, labels
 
     def _search(self, q: np.ndarray, limit: int, allowed: np.ndarray | None,
-                min_score: float | None = None) -> list[list[tuple[float, int]]]:
+                min_score: float | None = None, wide: bool = False) -> list[list[tuple[float, int]]]:
         """Hits (score, id) per query, at least `limit` allowed ones where that many exist.
 
         Up to BATCH allowed ids: one search filtered by `id in [...]` inside Milvus. More (a
@@ -463,10 +476,10 @@ class MilvusVectorSet:
         allowed, until `limit` pass; where that reaches Milvus' largest topk, one filtered search
         per BATCH allowed ids, merged."""
         if allowed is None or len(allowed) <= BATCH:
-            return self._filtered(q, limit, allowed, min_score)
+            return self._filtered(q, limit, allowed, min_score, wide)
         fetch = min(MAX_TOPK, max(limit, math.ceil(2 * limit * len(self) / len(allowed))))
         while True:
-            hits = self._filtered(q, fetch, None, min_score)
+            hits = self._filtered(q, fetch, None, min_score, wide)
             kept = [[hit for hit, ok in zip(found, _allowed_mask(allowed, found)) if ok] for found in hits]
             if all(len(k) >= limit for k in kept) or all(len(found) < fetch for found in hits):
                 return kept
@@ -475,16 +488,16 @@ class MilvusVectorSet:
             fetch = min(MAX_TOPK, fetch * 4)
         merged: list[list[tuple[float, int]]] = [[] for _ in q]
         for start in range(0, len(allowed), BATCH):
-            for row, found in enumerate(self._filtered(q, limit, allowed[start:start + BATCH], min_score)):
+            for row, found in enumerate(self._filtered(q, limit, allowed[start:start + BATCH], min_score, wide)):
                 merged[row].extend(found)
         return merged
 
     def _filtered(self, q: np.ndarray, limit: int, allowed: np.ndarray | None,
-                  min_score: float | None) -> list[list[tuple[float, int]]]:
+                  min_score: float | None, wide: bool) -> list[list[tuple[float, int]]]:
         """One Milvus search: hits (score, id) per query, restricted to `allowed` inside Milvus, a
         range search (scores above `radius`) with a `min_score`."""
         expr = "" if allowed is None else f"{_ID} in [{','.join(map(str, allowed.tolist()))}]"
-        params = self._search_params(limit)
+        params = self._search_params(limit, wide)
         if min_score is not None:  # radius is exclusive: a hair below keeps a score equal to min_score
             params["radius"] = float(np.nextafter(np.float32(min_score), np.float32(-2)))
         result = self._client.search(self.name, data=list(q), limit=limit, filter=expr, output_fields=[_ID],

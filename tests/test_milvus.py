@@ -232,6 +232,9 @@ def test_index_types_forced_and_refused(tmp_path, lite, corpus) -> None:
         shutil.copy(corpus / "red_circle_01.jpg", photos / "red.jpg")
         idx.add([photos])
         assert idx.info()["layouts"]["image"] == "HNSW"  # the forced type is kept
+        assert idx.reindex("IVF_FLAT")["image"] == "IVF_FLAT"
+        assert idx.info()["vector_index"]["image"]["params"] == {"nlist": 16, "nprobe": 1}
+        assert answers(idx.search("a blue star", k=3)) == exact  # one list of a few vectors holds them all
         assert idx.reindex(None)["image"] == "FLAT"  # back to the automatic choice
 
 
