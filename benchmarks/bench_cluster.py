@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.records import ModelManifest
+
 
 def generated(n: int, dim: int, seed: int = 0) -> np.ndarray:
     """Clustered unit vectors (1,000 centres, spread like image embeddings of many subjects)."""
@@ -44,12 +46,16 @@ class GeneratedReader:
         self.ids = np.arange(1, len(vectors) + 1, dtype=np.int64)
         settings: dict[str, str | None] = {}
         self.setting, self.set_setting = settings.get, settings.__setitem__  # also the writer's
-        self.generation = lambda: 1
+        self.generation = lambda model=None: 1
 
-    def item_ids(self, kind: str) -> np.ndarray:
+    def models(self) -> dict[str, ModelManifest]:
+        return {"bench": ModelManifest("bench", None, None, self.vecs.shape[1])}
+
+    def item_ids(self, kind: str, model: str | None = None) -> np.ndarray:
         return self.ids if kind == "image" else np.zeros(0, np.int64)
 
-    def vectors(self, kind: str, ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def vectors(self, kind: str, ids: np.ndarray | None = None,
+                model: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if kind != "image":
             return
         ids = self.ids if ids is None else np.asarray(ids)
@@ -107,7 +113,7 @@ def part_vectors(n: int, dim: int, n_queries: int, k: int = 10) -> dict[str, obj
     out["faiss"] = {"layout": faiss_index.layout, "build_s": round(build, 1), **stats, "recall@10": _recall(found, truth)}
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = MilvusVectorStore(str(Path(tmp) / "bench.db"), reader, dim, "bench", lambda: reader)  # type: ignore[arg-type]
+        store = MilvusVectorStore(str(Path(tmp) / "bench.db"), reader, "bench", lambda: reader)  # type: ignore[arg-type]
         key = VectorKey("bench", "image")
         start = time.perf_counter()
         vector_set = store.get(key)  # a new collection, filled from the "metadata store", flushed

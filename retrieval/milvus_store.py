@@ -109,18 +109,17 @@ def redacted(uri: str) -> str:
 
 
 class MilvusVectorStore:
-    """The vector sets of an index in Milvus at `uri`, cached from the metadata store `reader`
-    (vectors of dimension `dim`, of the model `model`, a `model_key`); `writer` opens the metadata
-    store for writing, where the index's collection prefix is kept on first use."""
+    """The vector sets of an index in Milvus at `uri`, cached from the metadata store `reader`; the
+    signature of `faiss_store.FaissVectorStore` with `uri` for its directory. `primary`, the key of
+    the index's default model, names nothing here: every collection is named by its model's key.
+    `writer` opens the metadata store for writing, where the index's collection prefix is kept."""
 
-    def __init__(self, uri: str, reader: MetadataReader, dim: int, model: str,
-                 writer: Callable[[], MetadataWriter]) -> None:
+    def __init__(self, uri: str, reader: MetadataReader, primary: str, writer: Callable[[], MetadataWriter]) -> None:
         self.uri = uri
         self._args = client_args(uri)
         self.lite = self._args["uri"].endswith(".db")
         self._reader = reader
-        self._dim = dim
-        self._model = model
+        self._dims: dict[str, int] = {}  # of each model, by key
         self._writer = writer
         self._client: Any = None
         self._sets: dict[VectorKey, MilvusVectorSet] = {}
@@ -160,10 +159,17 @@ class MilvusVectorStore:
                     self._writer().set_setting(INDEX_ID_SETTING, found)
         return found
 
+    def dim(self, key: VectorKey) -> int:
+        """The dimension of the set's model (BadQuery for a model the index does not have)."""
+        if key.model not in self._dims:
+            manifest = self._reader.models().get(key.model)
+            if manifest is None:
+                raise BadQuery(f"this index holds no vectors of model {key.model}")
+            self._dims[key.model] = manifest.dim
+        return self._dims[key.model]
+
     def collection(self, key: VectorKey) -> str:
         """The collection of one vector set (letters, digits and `_`, at most 255 characters)."""
-        if key.model != self._model:
-            raise ValueError(f"this index holds no vectors of model {key.model}")
         name = re.sub(r"[^A-Za-z0-9_]", "_", f"mm_{self._index_id()}_{key.model}_{key.kind}")
         if len(name) > 255:  # a long model name: keep it unique with a hash
             name = f"{name[:200]}_{hashlib.sha256(name.encode()).hexdigest()[:16]}"
@@ -179,14 +185,14 @@ class MilvusVectorStore:
             return found
         with self._opening, _milvus_errors(self.uri):
             if key not in self._sets:
-                name = self.collection(key)
+                dim, name = self.dim(key), self.collection(key)  # BadQuery for a model the index lacks
                 if not self.client.has_collection(name):
-                    n = len(self._reader.item_ids(key.kind))
-                    self._create(name, n, self._auto_layout(n))
+                    n = len(self._reader.item_ids(key.kind, key.model))
+                    self._create(key, name, n, self._auto_layout(key, n))
                 else:
                     self.client.load_collection(name)  # milvus-lite opens collections released
-                vector_set = MilvusVectorSet(self, name, key.kind)
-                if vector_set.generation() != self._reader.generation():
+                vector_set = MilvusVectorSet(self, name, key, dim)
+                if vector_set.generation() != self._reader.generation(key.model):
                     self._reconcile(vector_set)
                 self._sets[key] = vector_set
             return self._sets[key]
@@ -209,13 +215,13 @@ class MilvusVectorStore:
         """Record the metadata generation in every set loaded (each mirrored every batch committed
         since it was loaded, under the write lock), re-indexing those whose size or memory budget
         now asks for another index type."""
-        generation = self._reader.generation()
         with _milvus_errors(self.uri):
             for key in sorted(self._sets):
                 vector_set = self._sets[key]
+                generation = self._reader.generation(key.model)
                 if key in self._changed or key in self._relayout:
                     forced = vector_set.forced_layout()
-                    want = forced or self._auto_layout(len(vector_set), vector_set.layout)
+                    want = forced or self._auto_layout(key, len(vector_set), vector_set.layout)
                     if want != vector_set.layout or key in self._relayout:
                         vector_set.reindex(want, forced)
                 if vector_set.unflushed:
@@ -252,25 +258,34 @@ class MilvusVectorStore:
                 name = self.collection(key)
                 self.client.drop_collection(name)
                 self._sets.pop(key, None)
-                n = len(self._reader.item_ids(key.kind))
+                n = len(self._reader.item_ids(key.kind, key.model))
                 try:
-                    self._create(name, n, layout or self._auto_layout(n), layout)
+                    self._create(key, name, n, layout or self._auto_layout(key, n), layout)
                 except Exception as exc:  # noqa: BLE001 - the server names what it cannot build
                     self.client.drop_collection(name)
-                    self._create(name, n, self._auto_layout(n))
+                    self._create(key, name, n, self._auto_layout(key, n))
                     raise BadQuery(f"Milvus cannot build index type {layout!r}: {_reason(exc)}") from None
                 built[key] = self.get(key)
                 self._relayout.discard(key)
         return built
 
+    def drop(self, keys: Sequence[VectorKey]) -> None:
+        """Drop the collections of these sets (their model was removed)."""
+        with self._opening, _milvus_errors(self.uri):
+            for key in keys:
+                self._sets.pop(key, None)
+                self._changed.discard(key)
+                self._relayout.discard(key)
+                self.client.drop_collection(self.collection(key))
+
     # --- inside -----------------------------------------------------------------------------------
 
-    def _create(self, name: str, n: int, layout: str, forced: str | None = None) -> None:
+    def _create(self, key: VectorKey, name: str, n: int, layout: str, forced: str | None = None) -> None:
         from pymilvus import DataType, MilvusClient
 
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(_ID, DataType.INT64, is_primary=True)
-        schema.add_field(_VECTOR, DataType.FLOAT_VECTOR, dim=self._dim)
+        schema.add_field(_VECTOR, DataType.FLOAT_VECTOR, dim=self.dim(key))
         self.client.create_collection(name, schema=schema, consistency_level="Strong",
                                       properties={GENERATION_PROPERTY: "-1", LAYOUT_PROPERTY: forced or ""})
         self._build_index(name, layout, n)
@@ -285,28 +300,29 @@ class MilvusVectorStore:
         self.client.create_index(name, params, sync=False)
         self.client.load_collection(name)
 
-    def _auto_layout(self, n: int, current: str | None = None) -> str:
+    def _auto_layout(self, key: VectorKey, n: int, current: str | None = None) -> str:
         """FLAT while a scan is cheap (the FAISS store's threshold, with its hysteresis on the way
         back), HNSW above, IVF_FLAT where an HNSW build would exceed the CPU budget, IVF_SQ8 (one
         byte per dimension) where the memory budget is smaller than HNSW's."""
-        floats = n * self._dim
-        if floats <= FLAT_MAX_FLOATS * (1 if current in (None, "FLAT") else SHRINK_HYSTERESIS):
+        dim = self.dim(key)
+        if n * dim <= FLAT_MAX_FLOATS * (1 if current in (None, "FLAT") else SHRINK_HYSTERESIS):
             return "FLAT"
         budget = self._reader.setting(MAX_MEMORY_SETTING)
-        if budget and layout_bytes("HNSW32", n, self._dim) > int(budget):
+        if budget and layout_bytes("HNSW32", n, dim) > int(budget):
             return "IVF_SQ8"
-        return "IVF_FLAT" if hnsw_build_cpu_s(n, self._dim) > BUILD_BUDGET_CPU_S else "HNSW"
+        return "IVF_FLAT" if hnsw_build_cpu_s(n, dim) > BUILD_BUDGET_CPU_S else "HNSW"
 
     def _reconcile(self, vector_set: MilvusVectorSet) -> None:
         """Bring a collection to the metadata store's items by id: upsert missing, delete orphans."""
-        generation = self._reader.generation()  # first: the ids read next are at least this new
-        want = self._reader.item_ids(vector_set.kind)
+        model, kind = vector_set.key
+        generation = self._reader.generation(model)  # first: the ids read next are at least this new
+        want = self._reader.item_ids(kind, model)
         have = vector_set.ids()
         missing = np.setdiff1d(want, have, assume_unique=True)
         orphans = np.setdiff1d(have, want, assume_unique=True)
-        for ids, vecs in self._reader.vectors(vector_set.kind, missing):
+        for ids, vecs in self._reader.vectors(kind, missing, model):
             vector_set.upsert(ids, vecs)
-        settled = self._reader.generation() == generation
+        settled = self._reader.generation(model) == generation
         if len(orphans) and settled:  # else a writer is at work: an id may be newer than `want`
             vector_set.delete(orphans)
         if vector_set.unflushed:
@@ -320,10 +336,11 @@ class MilvusVectorStore:
 class MilvusVectorSet:
     """One collection: the vectors of one (model, kind), searched in Milvus."""
 
-    def __init__(self, store: MilvusVectorStore, name: str, kind: str) -> None:
+    def __init__(self, store: MilvusVectorStore, name: str, key: VectorKey, dim: int) -> None:
         self._store = store
         self.name = name
-        self.kind = kind
+        self.key = key
+        self.dim = dim
         self.layout, self._params = self._read_index()
         self.unflushed = False  # written since the last flush
 
@@ -436,7 +453,7 @@ class MilvusVectorSet:
         -inf / -1. `allowed` restricts the search (inside Milvus) to those ids; `exact(ids)` gives
         the stored vectors, used to re-score the candidates of a quantized (SQ) index type;
         `min_score` makes it a range search in Milvus (only scores at or above it come back)."""
-        q = np.asarray(queries, dtype=np.float32).reshape(-1, self._store._dim)
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         k = int(k)
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         labels = np.full((len(q), k), -1, dtype=np.int64)

@@ -20,7 +20,8 @@ from retrieval.collection import Collection  # noqa: E402
 from retrieval.errors import BadQuery, VectorStoreUnavailable  # noqa: E402
 from retrieval.local import LocalStorage  # noqa: E402
 from retrieval.milvus_store import MilvusVectorStore, client_args  # noqa: E402
-from retrieval.records import NewFile  # noqa: E402
+from retrieval.records import ModelManifest, NewFile  # noqa: E402
+from retrieval.stores import MAX_MEMORY_SETTING, VectorKey  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "index_data" / "demo"
@@ -63,10 +64,10 @@ class MilvusStorage(LocalStorage):
     @property
     def vectors(self) -> MilvusVectorStore:
         if self._vectors is None:
-            manifest, model = self.manifest(), self.model()
-            if manifest is None or model is None:
+            model = self.model()
+            if model is None:
                 raise self.empty_index_error()
-            self._vectors = MilvusVectorStore(self.uri, self.reader, manifest.dim, model, lambda: self.writer)
+            self._vectors = MilvusVectorStore(self.uri, self.reader, model, lambda: self.writer)
         return self._vectors
 
 
@@ -238,25 +239,43 @@ def test_index_types_forced_and_refused(tmp_path, lite, corpus) -> None:
         assert idx.reindex(None)["image"] == "FLAT"  # back to the automatic choice
 
 
+def test_a_second_model_has_its_own_collections_dropped_with_it(tmp_path, lite, corpus, tiny_model) -> None:
+    """Another model's vectors (`add_model`) go to their own collections, answer as FAISS does from
+    the same metadata, and leave Milvus with the model (`remove_model`)."""
+    photos = tmp_path / "photos"
+    shutil.copytree(corpus / "blue", photos)
+    index = tmp_path / "idx"
+    with milvus(index, lite) as idx:
+        idx.add([photos], workers=0)
+        idx.add_model(tiny_model, "random", workers=0)
+        got = idx.search("a blue star", k=5, model=tiny_model)
+        first = idx.search("a blue star", k=5)
+        vectors = idx.storage.vectors
+        name = vectors.collection(idx.storage.key("image", idx.model_of(tiny_model)))
+        assert vectors.client.has_collection(name) and name != vectors.collection(idx.storage.key("image"))
+    with retrieval.open_index(index, create=False) as ref:  # FAISS files made from the same metadata
+        same(got, ref.search("a blue star", k=5, model=tiny_model))
+        same(first, ref.search("a blue star", k=5))
+    with milvus(index, lite, None, create=False) as idx:
+        idx.remove_model(tiny_model)
+        assert not idx.storage.vectors.client.has_collection(name)
+        same(idx.search("a blue star", k=5), first)
+
+
 def test_automatic_index_type_by_size() -> None:
     """FLAT while a scan is cheap (the FAISS threshold, with its hysteresis), HNSW above, IVF_FLAT
     when an HNSW build would exceed the CPU budget, IVF_SQ8 within a small memory budget."""
 
-    class Reader:
-        budget: str | None = None
-
-        def setting(self, key: str) -> str | None:
-            return self.budget
-
-    reader = Reader()
-    store = MilvusVectorStore("/nonexistent/x.db", reader, 512, "m", lambda: None)  # type: ignore[arg-type]
-    assert store._auto_layout(10_000) == "FLAT"
-    assert store._auto_layout(60_000) == "HNSW"
-    assert store._auto_layout(40_000, "HNSW") == "HNSW"  # not back to FLAT at once
-    assert store._auto_layout(20_000, "HNSW") == "FLAT"
-    assert store._auto_layout(5_000_000) == "IVF_FLAT"
-    reader.budget = str(100 * 2**20)
-    assert store._auto_layout(1_000_000) == "IVF_SQ8"
+    reader = Generated(np.zeros((1, 512), np.float32))
+    store = MilvusVectorStore("/nonexistent/x.db", reader, "gen", lambda: reader)  # type: ignore[arg-type]
+    key = VectorKey("gen", "image")
+    assert store._auto_layout(key, 10_000) == "FLAT"
+    assert store._auto_layout(key, 60_000) == "HNSW"
+    assert store._auto_layout(key, 40_000, "HNSW") == "HNSW"  # not back to FLAT at once
+    assert store._auto_layout(key, 20_000, "HNSW") == "FLAT"
+    assert store._auto_layout(key, 5_000_000) == "IVF_FLAT"
+    reader.set_setting(MAX_MEMORY_SETTING, str(100 * 2**20))
+    assert store._auto_layout(key, 1_000_000) == "IVF_SQ8"
 
 
 def test_uris() -> None:
@@ -303,8 +322,11 @@ class Generated:
         self.ids = np.arange(1, len(vectors) + 1, dtype=np.int64) * 3  # sparse ids, as after deletions
         self.settings: dict[str, str] = {}
 
-    def generation(self) -> int:
+    def generation(self, model: str | None = None) -> int:
         return 1
+
+    def models(self) -> dict[str, ModelManifest]:
+        return {"gen": ModelManifest("gen", None, None, self.vecs.shape[1])}
 
     def setting(self, key: str) -> str | None:
         return self.settings.get(key)
@@ -312,10 +334,10 @@ class Generated:
     def set_setting(self, key: str, value: str | None) -> None:
         self.settings[key] = value
 
-    def item_ids(self, kind: str) -> np.ndarray:
+    def item_ids(self, kind: str, model: str | None = None) -> np.ndarray:
         return self.ids if kind == "image" else self.ids[:0]
 
-    def vectors(self, kind: str, ids: np.ndarray | None = None):
+    def vectors(self, kind: str, ids: np.ndarray | None = None, model: str | None = None):
         want = self.ids if ids is None else np.asarray(ids)
         if kind == "image" and len(want):
             yield want, self.vecs[want // 3 - 1]
@@ -326,7 +348,6 @@ def test_allowed_sets_of_every_size_give_the_exact_top_k(lite, monkeypatch) -> N
     than one request takes (per-batch filtered searches): always the exact top k among them."""
     from retrieval import milvus_store
     from retrieval.milvus_store import BATCH
-    from retrieval.stores import VectorKey
 
     monkeypatch.setattr(milvus_store, "MAX_TOPK", 1000)  # below the set's size, as at scale
 
@@ -334,7 +355,7 @@ def test_allowed_sets_of_every_size_give_the_exact_top_k(lite, monkeypatch) -> N
     vecs = rng.standard_normal((2 * BATCH + 500, 16)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     reader = Generated(vecs)
-    store = MilvusVectorStore(lite, reader, 16, "gen", lambda: reader)  # type: ignore[arg-type]
+    store = MilvusVectorStore(lite, reader, "gen", lambda: reader)  # type: ignore[arg-type]
     vector_set = store.get(VectorKey("gen", "image"))
     assert len(vector_set) == len(vecs)
     query = vecs[7] + 0.1 * vecs[70]
