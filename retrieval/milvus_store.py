@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from .errors import BadQuery, VectorStoreUnavailable
-from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, VectorKey
+from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, ModelDims, VectorKey
 from .vectors import (BUILD_BUDGET_CPU_S, FLAT_MAX_FLOATS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_PROBE_FRACTION,
                       SHRINK_HYSTERESIS, hnsw_build_cpu_s, ivf_nlist, layout_bytes)
 
@@ -119,7 +119,7 @@ class MilvusVectorStore:
         self._args = client_args(uri)
         self.lite = self._args["uri"].endswith(".db")
         self._reader = reader
-        self._dims: dict[str, int] = {}  # of each model, by key
+        self._dims = ModelDims(reader)
         self._writer = writer
         self._client: Any = None
         self._sets: dict[VectorKey, MilvusVectorSet] = {}
@@ -161,12 +161,7 @@ class MilvusVectorStore:
 
     def dim(self, key: VectorKey) -> int:
         """The dimension of the set's model (BadQuery for a model the index does not have)."""
-        if key.model not in self._dims:
-            manifest = self._reader.models().get(key.model)
-            if manifest is None:
-                raise BadQuery(f"this index holds no vectors of model {key.model}")
-            self._dims[key.model] = manifest.dim
-        return self._dims[key.model]
+        return self._dims(key.model)
 
     def collection(self, key: VectorKey) -> str:
         """The collection of one vector set (letters, digits and `_`, at most 255 characters)."""

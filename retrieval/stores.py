@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import numpy as np
 
 from .config import KINDS
-from .errors import EmptyIndex
+from .errors import BadQuery, EmptyIndex
 from .records import FileMetadata, FileRow, ItemRow, ModelManifest, NewFile, RootOptions
 
 if TYPE_CHECKING:
@@ -102,6 +102,23 @@ def model_key(manifest: ModelManifest) -> str:
 
     digest = hashlib.sha256(repr(manifest.identity()).encode()).hexdigest()[:10]
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(manifest.name).name)}-{digest}"
+
+
+class ModelDims:
+    """The vector dimension of each model of an index, by model key, read once from its metadata
+    store (BadQuery for a model the index does not have)."""
+
+    def __init__(self, reader: MetadataReader) -> None:
+        self._reader = reader
+        self._dims: dict[str, int] = {}
+
+    def __call__(self, model: str) -> int:
+        if model not in self._dims:
+            manifest = self._reader.models().get(model)
+            if manifest is None:
+                raise BadQuery(f"this index holds no vectors of model {model}")
+            self._dims[model] = manifest.dim
+        return self._dims[model]
 
 
 class VectorSet(Protocol):
