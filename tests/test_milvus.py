@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 import retrieval  # noqa: E402
+from conftest import free_port  # noqa: E402
 from retrieval.collection import Collection  # noqa: E402
 from retrieval.errors import BadQuery, VectorStoreUnavailable  # noqa: E402
 from retrieval.local import LocalStorage  # noqa: E402
@@ -304,6 +306,48 @@ def test_a_milvus_lite_file_open_in_another_process_is_a_clear_error(tmp_path, c
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
+
+
+def test_a_milvus_server_shared_by_two_clients(tmp_path, corpus, faiss_index) -> None:
+    """The same client code against a server (`milvus-lite server`, over gRPC, reached as
+    milvus://HOST:PORT): an index written through one client is searched through another while the
+    first is open (the sharing milvus-lite's embedded file refuses)."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "server"),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"milvus://127.0.0.1:{port}"
+        _wait_for_server(uri)
+        photos = tmp_path / "photos"
+        shutil.copytree(corpus / "blue", photos)
+        index = tmp_path / "idx"
+        with milvus(index, uri) as writer, retrieval.open_index(faiss_index, create=False) as ref:
+            writer.add([photos])
+            assert not writer.storage.vectors.lite
+            with milvus(index, uri, None, create=False) as reader:
+                want = ref.search("a blue star", k=3, under=corpus / "blue")
+                got = reader.search("a blue star", k=3)
+                assert [Path(h.path).name for h in got] == [Path(h.path).name for h in want]
+                assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=2e-3)
+                assert reader.info()["vector_index"]["image"]["generation"] == reader.reader.generation()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_for_server(uri: str, timeout: float = 30.0) -> None:
+    from pymilvus import MilvusClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            MilvusClient(**client_args(uri), timeout=2).close()
+            return
+        except Exception:  # noqa: BLE001 - not listening yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def test_default_path_never_imports_pymilvus() -> None:
