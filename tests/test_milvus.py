@@ -416,3 +416,36 @@ def test_allowed_sets_of_every_size_give_the_exact_top_k(lite, monkeypatch) -> N
     assert sorted(got[0][got[0] >= 0]) == sorted(reader.ids[scores >= floor]) and len(got[0][got[0] >= 0]) == 40
     got_scores, got = vector_set.search(query[None, :], 1000, reader.ids[::2], min_score=floor)
     assert sorted(got[0][got[0] >= 0]) == sorted(reader.ids[::2][scores[::2] >= floor])
+
+
+def test_a_reconcile_racing_a_writer_deletes_nothing_it_cannot_be_sure_of(lite) -> None:
+    """An id in Milvus but not in the metadata store read a moment ago may be a writer's newest item:
+    while the metadata generation moves during a reconcile, no orphan is deleted and no generation is
+    recorded (the next open tries again); with it still, the orphan goes."""
+    from retrieval.stores import VectorKey
+
+    rng = np.random.default_rng(5)
+    vecs = rng.standard_normal((50, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    reader = Generated(vecs)
+    key = VectorKey("gen", "image")
+    MilvusVectorStore(lite, reader, "gen", lambda: reader).get(key).upsert(np.array([10**6]), vecs[:1])
+
+    class Busy(Generated):
+        """A metadata store a writer commits to while it is read."""
+
+        def __init__(self, vectors: np.ndarray) -> None:
+            super().__init__(vectors)
+            self.calls = 0
+
+        def generation(self, model: str | None = None) -> int:
+            self.calls += 1
+            return 1 + self.calls  # another commit between any two reads
+
+    busy = Busy(vecs)
+    busy.settings = reader.settings  # the same index (its collection prefix)
+    vector_set = MilvusVectorStore(lite, busy, "gen", lambda: busy).get(key)  # type: ignore[arg-type]
+    assert 10**6 in vector_set.ids() and vector_set.generation() != busy.generation()
+    reader.generation = lambda model=None: 9  # type: ignore[method-assign] - the writer is done
+    vector_set = MilvusVectorStore(lite, reader, "gen", lambda: reader).get(key)  # type: ignore[arg-type]
+    assert list(vector_set.ids()) == list(reader.ids) and vector_set.generation() == 9
