@@ -82,10 +82,10 @@ _VECTOR, _ID = "vector", "id"
 def client_args(uri: str) -> dict[str, Any]:
     """`MilvusClient` arguments for a `--vectors` URI (BadQuery for one it cannot be)."""
     parts = urlsplit(uri)
-    if parts.scheme in ("milvus", "http", "https", "tcp", "grpc"):
+    if parts.scheme in ("milvus", "http", "https"):
         if not parts.hostname:
             raise BadQuery(f"--vectors {uri!r}: no host (use milvus://HOST:19530)")
-        scheme = "http" if parts.scheme in ("milvus", "tcp", "grpc") else parts.scheme
+        scheme = "http" if parts.scheme == "milvus" else parts.scheme
         args: dict[str, Any] = {"uri": f"{scheme}://{parts.hostname}:{parts.port or 19530}"}
         if parts.username:
             args["token"] = f"{parts.username}:{parts.password or ''}"
