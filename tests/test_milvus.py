@@ -422,8 +422,6 @@ def test_a_reconcile_racing_a_writer_deletes_nothing_it_cannot_be_sure_of(lite) 
     """An id in Milvus but not in the metadata store read a moment ago may be a writer's newest item:
     while the metadata generation moves during a reconcile, no orphan is deleted and no generation is
     recorded (the next open tries again); with it still, the orphan goes."""
-    from retrieval.stores import VectorKey
-
     rng = np.random.default_rng(5)
     vecs = rng.standard_normal((50, 8)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
