@@ -32,7 +32,9 @@ AUTOINDEX (HNSW there); `mmsearch reindex --faiss TYPE` forces one of these, or 
 it builds (DISKANN, IVF_PQ, SCANN, ...). milvus-lite serves one process per file: a second process
 gets VectorStoreUnavailable; several processes use `milvus-lite server` or a Milvus server.
 
-pymilvus loads only when this module is used: `import retrieval` and the default store never import it.
+This module imports pymilvus (ImportError where it is not installed: `pip install 'mmsearch[cluster]'`);
+only an index opened with a Milvus URI imports this module, so `import retrieval` and the default
+store never load pymilvus.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
 
 from .errors import BadQuery, VectorStoreUnavailable
 from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, ModelDims, VectorKey
@@ -136,8 +140,6 @@ class MilvusVectorStore:
         if self._client is None:
             with self._opening:
                 if self._client is None:
-                    from pymilvus import MilvusClient  # only where Milvus is asked for
-
                     try:
                         self._client = MilvusClient(**self._args, timeout=CONNECT_TIMEOUT_S)
                     except Exception as exc:  # noqa: BLE001 - pymilvus raises several types for one failure
@@ -276,8 +278,6 @@ class MilvusVectorStore:
     # --- inside -----------------------------------------------------------------------------------
 
     def _create(self, key: VectorKey, name: str, n: int, layout: str, forced: str | None = None) -> None:
-        from pymilvus import DataType, MilvusClient
-
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(_ID, DataType.INT64, is_primary=True)
         schema.add_field(_VECTOR, DataType.FLOAT_VECTOR, dim=self.dim(key))
@@ -290,8 +290,8 @@ class MilvusVectorStore:
         params = self.client.prepare_index_params()
         params.add_index(field_name=_VECTOR, index_type=layout, metric_type="IP", params=built)
         self.client.alter_collection_properties(name, properties={INDEX_PARAMS_PROPERTY: json.dumps(built)})
-        # Not waited for (sync=False): milvus-lite builds it at once but lacks the RPC pymilvus waits
-        # with; a server builds it in the background and searches unindexed segments exactly meanwhile.
+        # Not waited for (sync=False): milvus-lite lacks the RPC pymilvus waits with; it, like a server,
+        # indexes each sealed segment in the background and searches unindexed ones exactly meanwhile.
         self.client.create_index(name, params, sync=False)
         self.client.load_collection(name)
 
@@ -391,8 +391,6 @@ class MilvusVectorSet:
         once sealed; its background HNSW build then takes a query at 20k from 179 ms to 12 ms). A
         server seals by itself and may refuse a flush soon after another (rate limit), which
         changes nothing written, so that refusal is only logged."""
-        from pymilvus.exceptions import MilvusException
-
         try:
             self._client.flush(self.name)
             self.unflushed = False
@@ -542,8 +540,6 @@ def _reason(exc: BaseException) -> str:
 @contextmanager
 def _milvus_errors(uri: str) -> Iterator[None]:
     """pymilvus and gRPC failures (a server gone, a request refused) as VectorStoreUnavailable."""
-    from pymilvus.exceptions import MilvusException
-
     try:
         yield
     except MilvusException as exc:
