@@ -45,6 +45,10 @@ class BadQuery(MMSearchError):
     """A query cannot be run: unreadable query image, empty text, bad option."""
 
 
+class VectorStoreUnavailable(MMSearchError):
+    """The vector store (a Milvus server, a milvus-lite file) cannot be reached, opened or written."""
+
+
 class IndexDamaged(MMSearchError):
     """The index database is not an SQLite database of mmsearch's, or is corrupt."""
 

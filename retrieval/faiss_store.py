@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import BadQuery
-from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, VectorKey
+from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, ModelDims, VectorKey
 
 if TYPE_CHECKING:
     from .vectors import VectorIndex
@@ -43,7 +43,7 @@ class FaissVectorStore:
         #: The metadata store's generation each loaded set reflects.
         self._generation: dict[VectorKey, int] = {}
         self._reader = reader
-        self._dims: dict[str, int] = {}  # of each model, by key
+        self._dims = ModelDims(reader)
         self._primary = primary
         self._writer = writer
         self._sets: dict[VectorKey, VectorIndex] = {}
@@ -59,12 +59,7 @@ class FaissVectorStore:
 
     def _dim(self, key: VectorKey) -> int:
         """The dimension of the set's model (BadQuery for a model the index does not have)."""
-        if key.model not in self._dims:
-            manifest = self._reader.models().get(key.model)
-            if manifest is None:
-                raise BadQuery(f"this index holds no vectors of model {key.model}")
-            self._dims[key.model] = manifest.dim
-        return self._dims[key.model]
+        return self._dims(key.model)
 
     def path(self, key: VectorKey) -> Path:
         """The file of one vector set."""

@@ -149,7 +149,8 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
                                               kind, searcher.model), vec)
         keep = exclusion(searcher, kind, vec, exclude, collapse, k)
         found.extend((score, row, calibration.relevance(score))
-                     for score, row in _search_kind(storage, kind, vec, k, folder, keep, filters, searcher.model))
+                     for score, row in _search_kind(storage, kind, vec, k, folder, keep, filters, searcher.model,
+                                                    None if auto else min_score))
     found.sort(key=lambda hit: -hit[0])
     floor = max(min_score if not auto and min_score is not None else -math.inf,
                 found[0][0] - within if found and within is not None else -math.inf)
@@ -177,7 +178,8 @@ def _stored(storage: Storage, kind: str, ids: np.ndarray, model: str | None = No
 
 def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: str | None,
                  keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
-                 filters: Filters | None = None, model: str | None = None) -> list[tuple[float, Any]]:
+                 filters: Filters | None = None, model: str | None = None,
+                 min_score: float | None = None) -> list[tuple[float, Any]]:
     index = storage.vector_set(kind, model)
     if filters:
         allowed = storage.reader.ids_filtered(kind, folder, filters)
@@ -187,8 +189,8 @@ def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: s
         return []
     fetch = k
     while True:
-        scores, ids = index.search(vec[None, :], fetch, allowed,
-                                    exact=lambda want: _stored(storage, kind, want, model))
+        scores, ids = index.search(vec[None, :], fetch, allowed, exact=lambda want: _stored(storage, kind, want, model),
+                                   min_score=min_score)  # a cosine cut-off, applied by the vector store
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         rows = storage.reader.items(i for _, i in pairs)
         # The store is the truth: an id the cache still holds but the store dropped is skipped.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import numpy as np
 
 from .config import KINDS
-from .errors import EmptyIndex
+from .errors import BadQuery, EmptyIndex
 from .records import FileMetadata, FileRow, ItemRow, ModelManifest, NewFile, RootOptions
 
 if TYPE_CHECKING:
@@ -104,11 +104,29 @@ def model_key(manifest: ModelManifest) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(manifest.name).name)}-{digest}"
 
 
+class ModelDims:
+    """The vector dimension of each model of an index, by model key, read once from its metadata
+    store (BadQuery for a model the index does not have)."""
+
+    def __init__(self, reader: MetadataReader) -> None:
+        self._reader = reader
+        self._dims: dict[str, int] = {}
+
+    def __call__(self, model: str) -> int:
+        if model not in self._dims:
+            manifest = self._reader.models().get(model)
+            if manifest is None:
+                raise BadQuery(f"this index holds no vectors of model {model}")
+            self._dims[model] = manifest.dim
+        return self._dims[model]
+
+
 class VectorSet(Protocol):
     """One searchable set of unit vectors keyed by item id (inner product == cosine).
 
-    `search` takes the ids `allowed` (None: all) and `exact`, which gives the stored vectors of
-    ids, for layouts that re-rank compressed candidates; `describe` is layout and tuning for `info`.
+    `search` takes the ids `allowed` (None: all), `exact`, which gives the stored vectors of
+    ids, for layouts that re-rank compressed candidates, and `min_score`: results below it are
+    left out (a range search where the store has one); `describe` is layout and tuning for `info`.
     """
 
     layout: str
@@ -117,7 +135,8 @@ class VectorSet(Protocol):
     def ids(self) -> np.ndarray: ...
     def describe(self) -> dict[str, Any]: ...
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
-               exact: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+               exact: Callable[[np.ndarray], np.ndarray] | None = None,
+               min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class VectorStore(Protocol):

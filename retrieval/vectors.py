@@ -542,7 +542,7 @@ class VectorIndex:
     # -- search ---------------------------------------------------------------------------
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None, *,
-               exact: Callable[[np.ndarray], np.ndarray] | None = None
+               exact: Callable[[np.ndarray], np.ndarray] | None = None, min_score: float | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` by inner product for each query.
 
@@ -552,7 +552,8 @@ class VectorIndex:
         result to those ids; at least ``min(k, |allowed ∩ index|)`` results are returned.
         ``exact(ids) -> vectors`` (rows in the order of ``ids``) gives the exact vectors kept
         outside the index: compressed layouts re-rank ``params["rerank"] * k`` candidates
-        with them and score small ``allowed`` sets exactly; other layouts ignore it.
+        with them and score small ``allowed`` sets exactly; other layouts ignore it. Results
+        scoring below ``min_score`` are left out (padding).
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim == 1:
@@ -607,7 +608,7 @@ class VectorIndex:
                     # query): score those rows exactly so they still get k results.
                     d[short], i[short] = self._exact(q[short], k, sel, fetch)
 
-        valid = i >= 0
+        valid = (i >= 0) if min_score is None else (i >= 0) & (d >= min_score)
         scores[valid] = d[valid]
         labels[valid] = self._slot_ids[i[valid]]
         return scores, labels

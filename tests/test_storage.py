@@ -39,7 +39,7 @@ class NumpyVectorSet:
         return {"layout": self.layout, "params": {}, "tuning": {}, "vectors": len(self), "tombstones": 0}
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
-               exact: object = None) -> tuple[np.ndarray, np.ndarray]:
+               exact: object = None, min_score: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         ids = [i for i in self.vecs if allowed is None or i in set(allowed.tolist())]
         scores = np.array([float(self.vecs[i] @ queries[0]) for i in ids])
         order = np.argsort(-scores)[:k]
