@@ -55,3 +55,7 @@ class DeviceUnavailable(ModelUnavailable):
 
 class NothingToIndex(MMSearchError):
     """`index` without paths on an index that has no folders to re-scan yet."""
+
+
+class ClusterUnavailable(MMSearchError):
+    """A cluster engine asked for (Ray) is not installed, does not answer, or failed the run."""
