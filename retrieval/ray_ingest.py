@@ -13,7 +13,8 @@ A batch is committed as it comes back, keyed by file path: a task Ray retries (i
 was restarted) replaces, never doubles, what it produced, and a driver killed mid-way keeps every
 committed batch, so the next run embeds only what is left. Text corpora are embedded on the driver,
 as in a local run. Workers run the driver's own `retrieval` package (shipped as a Ray `py_modules`
-runtime environment) with the driver's MMSEARCH_* and HF_* environment.
+runtime environment where this process starts or joins Ray) with the driver's export cache and
+offline settings (`_WORKER_ENV`).
 
 Only imported when asked for (`index --ray`, `Collection.add(ray=...)`): `import retrieval` never imports Ray.
 """
@@ -49,8 +50,9 @@ DECODE_CPUS = 0.5
 DECODE_BATCH = 16
 #: Seconds a `ray://` address has to accept a connection before the run is refused.
 CONNECT_TIMEOUT = 5.0
-#: Environment the workers get from the driver (the export cache, offline switches, the hub cache).
-_ENV_PREFIXES = ("MMSEARCH_", "HF_")
+#: Environment the workers get from the driver: where exports are cached, the offline switches,
+#: the engine asked for, and the model hub's settings (HF_*); not the rest (MMSEARCH_TOKEN is a secret).
+_WORKER_ENV = ("MMSEARCH_CACHE", "MMSEARCH_OFFLINE", "MMSEARCH_BACKEND", "XDG_CACHE_HOME")
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,8 @@ def _read_and_decode(batch: dict[str, np.ndarray], geometry: Geometry, draft: bo
 
 
 def _worker_env() -> dict[str, Any]:
-    """A runtime environment giving workers the driver's MMSEARCH_* and HF_* variables."""
-    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}}
+    """A runtime environment giving workers the driver's variables that decide which model loads how."""
+    return {"env_vars": {k: v for k, v in os.environ.items() if k in _WORKER_ENV or k.startswith("HF_")}}
 
 
 def _check_reachable(address: str) -> None:

@@ -145,9 +145,11 @@ SLOW_DRIVER = textwrap.dedent("""
 def test_a_driver_killed_mid_way_resumes_with_one_row_per_file(tmp_path: Path, corpus: Path) -> None:
     _index_local(corpus, tmp_path / "local")
     index = tmp_path / "ray"
+    # The driver joins this module's Ray (`--ray auto`), as a driver joins a running cluster.
+    address = ray.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-c", SLOW_DRIVER, str(REPO), "index", str(corpus), "--index", str(index),
-                             "--model", "shapes-mini", "--ray", "local", "--batch-size", "4"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                             "--model", "shapes-mini", "--ray", "auto", "--batch-size", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "RAY_ADDRESS": address})
     committed = 0
     deadline = time.monotonic() + 120
     while committed < 8 and proc.poll() is None and time.monotonic() < deadline:
@@ -158,7 +160,7 @@ def test_a_driver_killed_mid_way_resumes_with_one_row_per_file(tmp_path: Path, c
             except sqlite3.OperationalError:
                 pass
     assert proc.poll() is None, proc.stderr.read().decode()
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.send_signal(signal.SIGKILL)  # the driver dies; the cluster outlives it
     proc.wait()
     proc.stderr.close()
     kept = len(_rows(index)[0])
@@ -206,3 +208,17 @@ def test_a_thousand_generated_images_match_the_local_path(tmp_path: Path) -> Non
         report = idx.add([root], ray="local")
     assert report.added == 1000
     _assert_same(tmp_path / "local", tmp_path / "ray")
+
+
+def test_the_default_path_never_imports_ray(tmp_path: Path) -> None:
+    code = (
+        "import sys, retrieval, cli\n"
+        "from click.testing import CliRunner\n"
+        "assert CliRunner().invoke(cli.cli, ['--help']).exit_code == 0\n"
+        f"r = CliRunner().invoke(cli.cli, ['index', {str(retrieval.demo_path())!r}, '--index', {str(tmp_path / 'i')!r},"
+        " '--model', 'shapes-mini'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
