@@ -10,7 +10,9 @@ processes, start to exit, each into a fresh index of the same photo-like JPEGs (
 --unique distinct ones cycled over --n files, read once beforehand so both find them in the page
 cache), the two alternated in ABBA order over --repeat rounds; random weights, the model's ONNX
 export made once beforehand (untimed). Two folder sizes separate Ray's fixed cost (start-up,
-actor and model load) from its per-image rate: marginal images/s = (n2 - n1) / (t2 - t1).
+actor and model load) from its per-image rate: marginal images/s = (n2 - n1) / (t2 - t1). CPU s: all
+processes of the run (each is started in a session of its own, which Ray's processes inherit), so a
+pipeline that spreads over more processes is not credited for taking more of a shared machine.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +32,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_index import ensure_photos, loadavg, log, run_process  # noqa: E402 - the same photos and process timer
+from bench_index import ensure_photos, loadavg, log  # noqa: E402 - the same photos
+
+
+def _session_cpu(session: int, seen: dict[int, float]) -> None:
+    """Record the CPU seconds (user + system) of every process of `session` now alive, into `seen` by pid."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:  # field 6 of stat: the session id
+            seen[int(entry)] = max(seen.get(int(entry), 0.0), (int(fields[11]) + int(fields[12])) / tick)
+
+
+def run_session(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
+    """Run one process in a session of its own to its exit: wall seconds, and the CPU seconds of every
+    process of that session (Ray's raylet, workers and actors too), sampled every 0.1 s (a process's
+    last 0.1 s before it exits can be missed)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen: dict[int, float] = {}
+    while proc.poll() is None:
+        _session_cpu(proc.pid, seen)
+        time.sleep(0.1)
+    seconds = time.perf_counter() - t0
+    err = proc.stderr.read()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {err[-2000:]}")
+    _session_cpu(proc.pid, seen)  # what the session left behind (Ray processes still exiting)
+    return {"seconds": seconds, "cpu_s": sum(seen.values()), "processes": len(seen)}
 
 
 def index_cmd(folder: Path, index: Path, args: argparse.Namespace, ray: bool) -> list[str]:
@@ -50,30 +88,32 @@ def part_ingest(args: argparse.Namespace) -> dict:
     runs: dict[str, dict[int, list[dict]]] = {name: {n: [] for n in sizes} for name, _ in contenders}
     try:
         log(f"export (untimed, once) of {args.model} into {args.model_cache} ...")
-        run_process(index_cmd(folders[sizes[0]], work / "warm", args, ray=False), REPO, env)
+        run_session(index_cmd(folders[sizes[0]], work / "warm", args, ray=False), REPO, env)
         for r in range(args.repeat):
             for n in sizes:
                 for name, ray in contenders if r % 2 == 0 else contenders[::-1]:
-                    res = run_process(index_cmd(folders[n], work / f"{name}-{n}-{r}", args, ray), REPO, env)
+                    res = run_session(index_cmd(folders[n], work / f"{name}-{n}-{r}", args, ray), REPO, env)
                     res.update(round=r, load=loadavg(), images_per_s=n / res["seconds"])
                     runs[name][n].append(res)
                     log(f"  [{r}] {name:5s} n={n:5d} {res['seconds']:6.2f} s  {res['images_per_s']:6.1f} img/s  "
-                        f"(load {res['load']})")
+                        f"CPU {res['cpu_s']:6.1f} s in {res['processes']} processes  (load {res['load']})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{args.model} (random weights, ONNX on the CPU), {width}x{height} JPEGs, whole `mmsearch index` "
           f"processes, medians over {args.repeat} rounds, {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
-    print(f"{'path':6s} " + " ".join(f"{f'n={n} s':>9s} {'img/s':>6s}" for n in sizes) + "  marginal img/s  fixed s")
+    print(f"{'path':6s} " + " ".join(f"{f'n={n} s':>9s} {'img/s':>6s} {'CPU s':>6s}" for n in sizes)
+          + "  marginal img/s  fixed s")
     summary = {}
     for name, by_n in runs.items():
         wall = {n: statistics.median(x["seconds"] for x in rs) for n, rs in by_n.items()}
+        cpu = {n: statistics.median(x["cpu_s"] for x in rs) for n, rs in by_n.items()}
         marginal = fixed = None
         if len(sizes) > 1:
             lo, hi = sizes[0], sizes[-1]
             marginal = (hi - lo) / (wall[hi] - wall[lo]) if wall[hi] > wall[lo] else float("inf")
             fixed = wall[lo] - lo / marginal
-        summary[name] = {"wall_s": wall, "marginal_images_per_s": marginal, "fixed_s": fixed}
-        cells = " ".join(f"{wall[n]:9.2f} {n / wall[n]:6.1f}" for n in sizes)
+        summary[name] = {"wall_s": wall, "cpu_s": cpu, "marginal_images_per_s": marginal, "fixed_s": fixed}
+        cells = " ".join(f"{wall[n]:9.2f} {n / wall[n]:6.1f} {cpu[n]:6.1f}" for n in sizes)
         extra = f"  {marginal:14.1f}  {fixed:7.2f}" if marginal is not None else ""
         print(f"{name:6s} {cells}{extra}")
     ratio = {n: summary["local"]["wall_s"][n] / summary["ray"]["wall_s"][n] for n in sizes}

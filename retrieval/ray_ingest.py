@@ -179,9 +179,9 @@ class RayIngest:
         # The workers run this very `retrieval` (a checkout, or another version than the cluster's).
         env = {"py_modules": [str(Path(__file__).resolve().parent)], **_worker_env()}
         try:
-            ray.init(address=None if self.address == "local" else self.address, include_dashboard=False,
-                     logging_level=logging.ERROR, log_to_driver=False, runtime_env=env)
-        except ConnectionError as exc:
+            ray.init(address=self.address, include_dashboard=False, logging_level=logging.ERROR,
+                     log_to_driver=False, runtime_env=env)
+        except (ConnectionError, RuntimeError, ValueError) as exc:  # no cluster, a version mismatch, ...
             hint = " (start one with `ray start --head`, or use --ray local)" if self.address == "auto" else ""
             raise ClusterUnavailable(f"cannot connect to Ray at {self.address}: {exc}{hint}") from None
         self._started = True
@@ -234,6 +234,16 @@ class RayIngest:
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=1,
             runtime_env=env)
         started = time.perf_counter()
+        try:
+            self._commit_all(embedded, storage, encoder, changed, report, batch_size=batch_size, progress=progress)
+        except ray.exceptions.RayError as exc:  # a worker's error (a model that cannot load, ...): committed work stays
+            reason = next((line for line in str(exc).splitlines()[::-1] if line.strip()), type(exc).__name__)
+            raise ClusterUnavailable(f"the Ray run failed: {reason.strip()}") from None
+        report.timings["images"] = time.perf_counter() - started
+
+    def _commit_all(self, embedded: Any, storage: Storage, encoder: Encoder, changed: set[str], report: IndexReport,
+                    *, batch_size: int, progress: Callable[[int], None] | None) -> None:
+        """Commit the embedded batches as they come back (see the module docstring)."""
         last_save = time.monotonic()
         done: set[str] = set()  # a row Ray hands back twice is committed once
         for batch in embedded.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=1):
@@ -256,4 +266,3 @@ class RayIngest:
             if time.monotonic() - last_save > SAVE_EVERY:
                 storage.vectors.save()
                 last_save = time.monotonic()
-        report.timings["images"] = time.perf_counter() - started

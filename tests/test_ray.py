@@ -126,6 +126,22 @@ def test_a_worker_killed_mid_ingest_is_retried_without_loss_or_doubles(tmp_path:
     _assert_same(tmp_path / "local", tmp_path / "ray")
 
 
+class CannotLoad(Embedder):
+    """An embedding actor whose model cannot load on its node."""
+
+    def __init__(self, spec: object, device: str) -> None:
+        raise retrieval.ModelUnavailable("weights not found on this node")
+
+
+def test_a_model_that_cannot_load_on_the_workers_is_a_one_line_error(tmp_path: Path, corpus: Path) -> None:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with retrieval.open_index(tmp_path / "ray", model="shapes-mini") as idx:
+        with pytest.raises(ClusterUnavailable, match="weights not found on this node") as caught:
+            idx.add([corpus], ray=RayIngest("local", embedder=CannotLoad))
+        assert "\n" not in str(caught.value)
+        assert idx.info()["texts"] == 0 and idx.info()["images"] == 0
+
+
 SLOW_DRIVER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[1])
