@@ -13,6 +13,7 @@ from .collection import Collection, open_index
 from .config import DEMO_MODEL, demo_path
 from .errors import (
     BadQuery,
+    ClusterUnavailable,
     DeviceUnavailable,
     EmptyIndex,
     IndexDamaged,
@@ -32,6 +33,7 @@ from .search import Result
 
 __all__ = [
     "BadQuery",
+    "ClusterUnavailable",
     "Collection",
     "DEMO_MODEL",
     "DeviceUnavailable",

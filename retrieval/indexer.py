@@ -43,6 +43,7 @@ class ImageEmbedder(Protocol):
                  report: IndexReport, *, batch_size: int, workers: int, draft: bool,
                  progress: Callable[[int], None] | None) -> None: ...
 
+
 #: Seconds between atomic saves of the vector cache during a long run.
 SAVE_EVERY = 60.0
 
