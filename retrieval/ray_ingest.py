@@ -219,7 +219,7 @@ class RayIngest:
         device = "cuda" if gpus else "cpu"
         actors = self.actors or gpus or max(1, sum(1 for node in ray.nodes()
                                                    if node.get("Alive") and node["Resources"].get("CPU")))
-        spec = ModelSpec(encoder.manifest, storage.reader.setting("model:config"),
+        spec = ModelSpec(encoder.manifest, storage.reader.setting("model:config"),  # collection.CONFIG_SETTING
                          "torch" if encoder.backend == "torch" and not gpus else "auto",
                          encoder.precision if encoder.precision in ("fp32", "int8") and not gpus else "auto")
         env = _worker_env()  # the driver's now, also where Ray was initialized by the caller

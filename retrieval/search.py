@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .calibrate import AUTO_RELEVANCE, Calibration, load_sample
+from .calibrate import AUTO_RELEVANCE, Calibration, load_sample, sample_path
 from .compose import exclusion, query_of
 from .errors import BadQuery, EmptyIndex
 from .filters import Filters, parse_filters
@@ -35,11 +35,13 @@ TARGETS = {"images": ("image",), "texts": ("text",), "all": ("image", "text")}
 
 @dataclass(frozen=True)
 class Searcher:
-    """What a query needs: the index's storage and its model's embedding functions."""
+    """What a query needs: the index's storage, the model searched (its key; None: the index's default)
+    and that model's embedding functions."""
 
     storage: Storage
     embed_text: EmbedText
     embed_images: EmbedImages
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def query_vector(searcher: Searcher, query: str | Path | Image.Image | np.ndarra
     """The unit query vector, and the default target ('images' for text, 'texts' for an image)."""
     if isinstance(query, np.ndarray):
         vec = np.asarray(query, dtype=np.float32).reshape(-1)
-        manifest = searcher.storage.manifest()
+        manifest = searcher.storage.manifest(searcher.model)
         dim = manifest.dim if manifest else len(vec)
         if vec.shape[0] != dim:
             raise BadQuery(f"query vector has dimension {vec.shape[0]}, the index {dim}")
@@ -142,10 +144,12 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
     folder = os.path.abspath(os.path.expanduser(str(under))) if under else None
     found: list[tuple[float, Any, float]] = []
     for kind in kinds:
-        calibration = Calibration(load_sample(storage.reader, storage.cache_dir, kind), vec)
+        key = storage.key(kind, searcher.model)
+        calibration = Calibration(load_sample(storage.reader, sample_path(storage.cache_dir, key.name(storage.model())),
+                                              kind, searcher.model), vec)
         keep = exclusion(searcher, kind, vec, exclude, collapse, k)
         found.extend((score, row, calibration.relevance(score))
-                     for score, row in _search_kind(storage, kind, vec, k, folder, keep, filters))
+                     for score, row in _search_kind(storage, kind, vec, k, folder, keep, filters, searcher.model))
     found.sort(key=lambda hit: -hit[0])
     floor = max(min_score if not auto and min_score is not None else -math.inf,
                 found[0][0] - within if found and within is not None else -math.inf)
@@ -160,21 +164,21 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
     return results
 
 
-def _stored(storage: Storage, kind: str, ids: np.ndarray) -> np.ndarray:
-    """Exact vectors of `ids` from the metadata store, in that order (zeros for ids it lacks), for
-    layouts that re-rank compressed candidates with them."""
-    manifest = storage.manifest()
+def _stored(storage: Storage, kind: str, ids: np.ndarray, model: str | None = None) -> np.ndarray:
+    """Exact vectors of `ids` (of model `model`) from the metadata store, in that order (zeros for ids
+    it lacks), for layouts that re-rank compressed candidates with them."""
+    manifest = storage.manifest(model)
     out = np.zeros((len(ids), manifest.dim if manifest else 0), dtype=np.float32)
     order = np.argsort(ids)
-    for got, vecs in storage.reader.vectors(kind, ids):
+    for got, vecs in storage.reader.vectors(kind, ids, model):
         out[order[np.searchsorted(ids, got, sorter=order)]] = vecs
     return out
 
 
 def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: str | None,
                  keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
-                 filters: Filters | None = None) -> list[tuple[float, Any]]:
-    index = storage.vector_set(kind)
+                 filters: Filters | None = None, model: str | None = None) -> list[tuple[float, Any]]:
+    index = storage.vector_set(kind, model)
     if filters:
         allowed = storage.reader.ids_filtered(kind, folder, filters)
     else:
@@ -184,7 +188,7 @@ def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: s
     fetch = k
     while True:
         scores, ids = index.search(vec[None, :], fetch, allowed,
-                                    exact=lambda want: _stored(storage, kind, want))
+                                    exact=lambda want: _stored(storage, kind, want, model))
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         rows = storage.reader.items(i for _, i in pairs)
         # The store is the truth: an id the cache still holds but the store dropped is skipped.
