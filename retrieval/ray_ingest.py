@@ -12,7 +12,7 @@ embed go through Ray::
 A batch is committed as it comes back, keyed by file path: a task Ray retries (its actor died and
 was restarted) replaces, never doubles, what it produced, and a driver killed mid-way keeps every
 committed batch, so the next run embeds only what is left. Text corpora are embedded on the driver,
-as in a local run. Workers run the driver's own `retrieval` package (shipped as a Ray `py_modules`
+as in a local run, and so are the vectors of an index's other models (`Collection.add_model`). Workers run the driver's own `retrieval` package (shipped as a Ray `py_modules`
 runtime environment where this process starts or joins Ray) with the driver's export cache and
 offline settings (`_WORKER_ENV`).
 
