@@ -215,7 +215,10 @@ class RayIngest:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the caller shows progress
         context.print_on_execution_start = False
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        # A CPU for the actor, but never so much that no decode task fits beside it (a 1-CPU Ray).
+        actor_cpus = max(DECODE_CPUS, min(1.0, resources.get("CPU", 1.0) - 1.0))
         device = "cuda" if gpus else "cpu"
         actors = self.actors or gpus or max(1, sum(1 for node in ray.nodes()
                                                    if node.get("Alive") and node["Resources"].get("CPU")))
@@ -231,7 +234,7 @@ class RayIngest:
         # An actor that dies is restarted and its batch retried (Ray Data's actor pool default).
         embedded = decoded.map_batches(
             self.embedder, fn_constructor_kwargs={"spec": spec, "device": device}, batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0, num_cpus=actor_cpus,
             runtime_env=env)
         started = time.perf_counter()
         try:
