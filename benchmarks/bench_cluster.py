@@ -19,6 +19,22 @@ answers the same single-vector queries one at a time; p50/p95 latency and recall
 search are printed as JSON.
 
     .venv/bin/python benchmarks/bench_cluster.py --part vectors --n 100000 [--dim 512] [--queries 300]
+
+    .venv/bin/python benchmarks/bench_cluster.py --part ingest [--n 100,400] [--model ViT-B-32] [--repeat 3]
+        [--batch-size 64] [--photo-size 1280x960] [--unique 32] [--json out.json]
+
+--part ingest: images/s of `mmsearch index` (the local path: a decode thread or processes and the
+model in one process) against `mmsearch index --ray local` (Ray Data: read + decode tasks, an
+embedding actor, the driver committing; Ray started by the run and shut down at its end), as whole
+processes, start to exit, each into a fresh index of the same photo-like JPEGs (bench_index.py's,
+--unique distinct ones cycled over --n files, read once beforehand so both find them in the page
+cache), the two alternated in ABBA order over --repeat rounds; random weights, the model's ONNX
+export made once beforehand (untimed). Two folder sizes separate Ray's fixed cost (start-up,
+actor and model load) from its per-image rate: marginal images/s = (n2 - n1) / (t2 - t1). CPU s: all
+processes of the run (each is started in a session of its own, which Ray's processes inherit), so a
+pipeline that spreads over more processes is not credited for taking more of a shared machine.
+
+Each part takes its own options (`--part NAME --help` lists them).
 """
 
 from __future__ import annotations
@@ -27,6 +43,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +55,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]
 from retrieval.records import ModelManifest, NewFile  # noqa: E402
 from retrieval.store import Store  # noqa: E402
+from bench_index import ensure_photos, loadavg, log  # noqa: E402 - the same photos as bench_index
 
 
 def batches(args: argparse.Namespace) -> list[list[NewFile]]:
@@ -237,23 +257,150 @@ def part_vectors_cli(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1))
 
 
-PARTS = {"metadata": part_metadata, "vectors": part_vectors_cli}
+def _session_cpu(session: int, seen: dict[int, float]) -> None:
+    """Record the CPU seconds (user + system) of every process of `session` now alive, into `seen` by pid."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:  # field 6 of stat: the session id
+            seen[int(entry)] = max(seen.get(int(entry), 0.0), (int(fields[11]) + int(fields[12])) / tick)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=sorted(PARTS), required=True)
+def run_session(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
+    """Run one process in a session of its own to its exit: wall seconds, and the CPU seconds of every
+    process of that session (Ray's raylet, workers and actors too), sampled every 0.1 s (a process's
+    last 0.1 s before it exits can be missed)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen: dict[int, float] = {}
+    while proc.poll() is None:
+        _session_cpu(proc.pid, seen)
+        time.sleep(0.1)
+    seconds = time.perf_counter() - t0
+    err = proc.stderr.read()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {err[-2000:]}")
+    _session_cpu(proc.pid, seen)  # what the session left behind (Ray processes still exiting)
+    return {"seconds": seconds, "cpu_s": sum(seen.values()), "processes": len(seen)}
+
+
+def index_cmd(folder: Path, index: Path, args: argparse.Namespace, ray: bool) -> list[str]:
+    """A whole `mmsearch index` of `folder` into a new `index`, locally or on a local Ray."""
+    return [sys.executable, str(REPO / "cli.py"), "index", str(folder), "--index", str(index), "--model", args.model,
+            "--pretrained", "random", "--device", "cpu", "-q", "--batch-size", str(args.batch_size),
+            *(["--ray", "local"] if ray else [])]
+
+
+def part_ingest(args: argparse.Namespace) -> dict:
+    """--part ingest: see the module docstring."""
+    width, height = (int(v) for v in args.photo_size.split("x"))
+    sizes = sorted(int(n) for n in args.n.split(","))
+    folders = {n: ensure_photos(args.cache, n, width, height, 90, args.unique) for n in sizes}
+    env = {**os.environ, "MMSEARCH_CACHE": str(args.model_cache), "MMSEARCH_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    contenders = [("local", False), ("ray", True)]
+    runs: dict[str, dict[int, list[dict]]] = {name: {n: [] for n in sizes} for name, _ in contenders}
+    try:
+        log(f"export (untimed, once) of {args.model} into {args.model_cache} ...")
+        run_session(index_cmd(folders[sizes[0]], work / "warm", args, ray=False), REPO, env)
+        for r in range(args.repeat):
+            for n in sizes:
+                for name, ray in contenders if r % 2 == 0 else contenders[::-1]:
+                    res = run_session(index_cmd(folders[n], work / f"{name}-{n}-{r}", args, ray), REPO, env)
+                    res.update(round=r, load=loadavg(), images_per_s=n / res["seconds"])
+                    runs[name][n].append(res)
+                    log(f"  [{r}] {name:5s} n={n:5d} {res['seconds']:6.2f} s  {res['images_per_s']:6.1f} img/s  "
+                        f"CPU {res['cpu_s']:6.1f} s in {res['processes']} processes  (load {res['load']})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{args.model} (random weights, ONNX on the CPU), {width}x{height} JPEGs, whole `mmsearch index` "
+          f"processes, medians over {args.repeat} rounds, {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
+    print(f"{'path':6s} " + " ".join(f"{f'n={n} s':>9s} {'img/s':>6s} {'CPU s':>6s}" for n in sizes)
+          + "  marginal img/s  fixed s")
+    summary = {}
+    for name, by_n in runs.items():
+        wall = {n: statistics.median(x["seconds"] for x in rs) for n, rs in by_n.items()}
+        cpu = {n: statistics.median(x["cpu_s"] for x in rs) for n, rs in by_n.items()}
+        marginal = fixed = None
+        if len(sizes) > 1:
+            lo, hi = sizes[0], sizes[-1]
+            marginal = (hi - lo) / (wall[hi] - wall[lo]) if wall[hi] > wall[lo] else float("inf")
+            fixed = wall[lo] - lo / marginal
+        summary[name] = {"wall_s": wall, "cpu_s": cpu, "marginal_images_per_s": marginal, "fixed_s": fixed}
+        cells = " ".join(f"{wall[n]:9.2f} {n / wall[n]:6.1f} {cpu[n]:6.1f}" for n in sizes)
+        extra = f"  {marginal:14.1f}  {fixed:7.2f}" if marginal is not None else ""
+        print(f"{name:6s} {cells}{extra}")
+    ratio = {n: summary["local"]["wall_s"][n] / summary["ray"]["wall_s"][n] for n in sizes}
+    print("ray / local images/s: " + ", ".join(f"n={n}: {v:.2f}x" for n, v in ratio.items()))
+    return {"runs": runs, "summary": summary, "ratio": ratio}
+
+
+def part_ingest_cli(args: argparse.Namespace) -> None:
+    """`--part ingest`: run `part_ingest`, print when and under what load, and keep the results (`--json`)."""
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_start = loadavg()
+    result = part_ingest(args)
+    print(f"{started}, load average {load_start} at the start, {loadavg()} at the end; command: "
+          f"{' '.join(sys.argv)}")
+    if args.json:
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "started": started, "load_start": load_start,
+                                         "load_end": loadavg(), **result}, indent=1, default=str))
+
+
+def metadata_options(ap: argparse.ArgumentParser) -> None:
+    """Options of `--part metadata`."""
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--n", type=int, default=100_000, help="vectors (--part vectors)")
-    ap.add_argument("--queries", type=int, default=300, help="queries (--part vectors)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--pg", metavar="URL", help="a PostgreSQL server to use (postgresql+psycopg://USER@HOST:PORT), "
                     "default: a throwaway local cluster")
-    args = ap.parse_args()
-    PARTS[args.part](args)
 
+
+def vectors_options(ap: argparse.ArgumentParser) -> None:
+    """Options of `--part vectors`."""
+    ap.add_argument("--n", type=int, default=100_000, help="vectors")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=300)
+
+
+def ingest_options(ap: argparse.ArgumentParser) -> None:
+    """Options of `--part ingest`."""
+    ap.add_argument("--n", default="100,400", help="comma-separated folder sizes (two give Ray's fixed cost)")
+    ap.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds, alternating the contenders (medians reported)")
+    ap.add_argument("--photo-size", default="1280x960")
+    ap.add_argument("--unique", type=int, default=32, help="distinct photos generated; the files cycle over them")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MMSEARCH_BENCH_DIR", "~/.cache/mmsearch-bench")).expanduser())
+    ap.add_argument("--model-cache", type=Path, default=Path(tempfile.gettempdir()) / "mmsearch-bench-model-cache",
+                    help="MMSEARCH_CACHE of the mmsearch processes (their ONNX exports)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+
+
+#: Each part: the options it takes, and what it runs.
+PARTS = {"metadata": (metadata_options, part_metadata), "vectors": (vectors_options, part_vectors_cli),
+         "ingest": (ingest_options, part_ingest_cli)}
+
+
+def main() -> None:
+    first = argparse.ArgumentParser(add_help=False)  # the part first: its options depend on it
+    first.add_argument("--part", choices=sorted(PARTS))
+    part = first.parse_known_args()[0].part
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=sorted(PARTS), required=True, help="which comparison to run")
+    if part is not None:
+        PARTS[part][0](ap)
+    args = ap.parse_args()
+    PARTS[args.part][1](args)
 
 if __name__ == "__main__":
     main()

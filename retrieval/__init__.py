@@ -13,6 +13,7 @@ from .collection import Collection, open_index
 from .config import DEMO_MODEL, demo_path
 from .errors import (
     BadQuery,
+    ClusterUnavailable,
     DatabaseUnavailable,
     DeviceUnavailable,
     EmptyIndex,
@@ -34,6 +35,7 @@ from .search import Result
 
 __all__ = [
     "BadQuery",
+    "ClusterUnavailable",
     "Collection",
     "DEMO_MODEL",
     "DatabaseUnavailable",

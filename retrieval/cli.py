@@ -40,6 +40,7 @@ Environment variables:
   MMSEARCH_OFFLINE     if set, never try to reach the model hub
   MMSEARCH_GPU_DECODE  auto (JPEGs decoded on the GPU when the model runs on CUDA), on or off
   MMSEARCH_TOKEN       the secret of `serve --token`
+  MMSEARCH_RAY         `index --ray`: embed images on Ray (local, auto or ray://HOST:PORT)
   MMSEARCH_PRUNE_MAX_SHARE, MMSEARCH_PRUNE_MAX_FILES
                        a re-scan keeps a folder's missing files when more than this
                        share (0.2) and this many (10) are gone, unless --prune
@@ -180,14 +181,17 @@ def cli() -> None:
                    "than 10) are gone at once, which is otherwise kept as a likely unmounted drive.")
 @click.option("--failures", "failures_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every skipped file and its reason to this file (tab-separated).")
+@click.option("--ray", "ray_address", envvar="MMSEARCH_RAY", metavar="ADDRESS",
+              help="Decode and embed the images on Ray Data: local (start Ray here), auto (the cluster running "
+                   "on this machine) or ray://HOST:PORT; needs pip install 'mmsearch[cluster]'.")
 @_max_memory_option
 @_wait_option
 @_quiet_option
 @_reports_errors
 def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, add_model: bool,
           device: str, precision: str | None, batch_size: int, workers: int | None, text_field: str | None, exclude: tuple[str, ...],
-          include_hidden: bool | None, prune: bool, failures_file: Path | None, max_memory: int | None,
-          wait: float, quiet: bool, db: str | None, vectors: str | None) -> None:
+          include_hidden: bool | None, prune: bool, failures_file: Path | None, ray_address: str | None,
+          max_memory: int | None, wait: float, quiet: bool, db: str | None, vectors: str | None) -> None:
     """Index image folders and text corpora (.txt, .jsonl, .json, .csv), incrementally.
 
     With no PATHS, re-scans every folder indexed before, each with its stored options; with
@@ -212,7 +216,8 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
         if paths or not add_model:
             report = idx.add(list(paths), text_field=text_field, exclude=list(exclude) if exclude else None,
                              include_hidden=include_hidden, prune=prune, batch_size=batch_size, workers=workers,
-                             progress=bar.update, on_total=lambda n: bar.reset(total=n), max_memory=max_memory)
+                             progress=bar.update, on_total=lambda n: bar.reset(total=n), max_memory=max_memory,
+                             ray=ray_address)
     bar.close()
     if add_model and not paths:
         return

@@ -9,6 +9,7 @@ call back into it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from .dupes import Group
     from .encoder import Encoder, ModelSource
     from .indexer import IndexReport, Removal
+    from .ray_ingest import RayIngest
     from .search import Result
     from .stores import VectorSet
 
@@ -344,18 +346,23 @@ class Collection:
 
         With no paths, re-scans every root indexed before. Options include `prune=True`,
         `exclude=[patterns]`, `include_hidden=True` and `text_field=NAME` (the last three are
-        stored with each root; None keeps what is stored). A new index is created only once
-        the paths exist and its model loads. New files are embedded with the default model, then
-        with each other model of the index (`add_model`).
+        stored with each root; None keeps what is stored), and `ray=ADDRESS` ('local', 'auto',
+        'ray://HOST:PORT', or a `ray_ingest.RayIngest`) to embed the images on Ray Data. A new
+        index is created only once the paths exist and its model loads. New files are embedded
+        with the default model (on Ray, if asked), then with each other model of the index
+        (`add_model`, here).
         """
         from .indexer import check_paths, index_paths
 
         paths = [str(p) for p in _listed(paths, "add")]
         max_memory = options.pop("max_memory", None)
+        ingest = _ray_ingest(options.pop("ray", None))  # refused here, before anything is written
+        if ingest is not None:
+            options["embed_images"] = ingest.embed_images
         if not self.storage.exists:
             check_paths(paths)
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
-        with self.writing():
+        with self.writing(), ingest or contextlib.nullcontext():
             if max_memory is not None:
                 self.storage.set_memory_budget(max_memory)
             report = index_paths(self.storage, self.claim_model, paths, **options)
@@ -547,6 +554,18 @@ class Collection:
 def open_index(directory: str | Path | None = None, **options: Any) -> Collection:
     """Open (or create) an index; see `Collection.open`."""
     return Collection.open(directory, **options)
+
+
+def _ray_ingest(ray: Any) -> RayIngest | None:
+    """The checked Ray executor of `add(ray=...)`: None for no Ray, else one for the address or the
+    `RayIngest` given (ClusterUnavailable when Ray is missing or the address does not answer)."""
+    if not ray:
+        return None
+    from .ray_ingest import RayIngest
+
+    ingest = ray if isinstance(ray, RayIngest) else RayIngest(str(ray))
+    ingest.check()
+    return ingest
 
 
 def _listed(values: Any, method: str) -> list[Any]:

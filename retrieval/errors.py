@@ -67,3 +67,7 @@ class NothingToIndex(MMSearchError):
 
 class DatabaseUnavailable(MMSearchError):
     """The metadata database given by URL cannot be used: a bad URL, a server down, its driver missing."""
+
+
+class ClusterUnavailable(MMSearchError):
+    """A cluster engine asked for (Ray) is not installed, does not answer, or failed the run."""

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -30,9 +30,19 @@ from .records import FileRow, NewFile, RootOptions
 
 if TYPE_CHECKING:
     from .encoder import Encoder
+    from .images import Decoded
     from .stores import MetadataReader, Storage
 
 log = logging.getLogger("mmsearch")
+
+
+class ImageEmbedder(Protocol):
+    """Embeds image files and commits them in batches (`commit_images`), as `_embed_images` does."""
+
+    def __call__(self, storage: Storage, encoder: Encoder, images: list[str], changed: set[str],
+                 report: IndexReport, *, batch_size: int, workers: int, draft: bool,
+                 progress: Callable[[int], None] | None) -> None: ...
+
 
 #: Seconds between atomic saves of the vector cache during a long run.
 SAVE_EVERY = 60.0
@@ -286,7 +296,8 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
                 exclude: Sequence[str] | None = None, include_hidden: bool | None = None, prune: bool = False,
                 batch_size: int = 64, workers: int | None = None, draft: bool = True,
                 progress: Callable[[int], None] | None = None,
-                on_total: Callable[[int], None] | None = None) -> IndexReport:
+                on_total: Callable[[int], None] | None = None,
+                embed_images: ImageEmbedder | None = None) -> IndexReport:
     """Index files and folders into `storage` incrementally; see the module docstring.
 
     `claim_model()` loads the index's encoder and records it as the index's model (or refuses
@@ -297,6 +308,8 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
     replaces it for the roots scanned. Hidden files are skipped unless `include_hidden`.
     `prune` removes gone files even past the prune rule (config.PRUNE_MAX_SHARE/FILES).
     `progress(n)` is called as n more files are done; `on_total(n)` once with the number to embed.
+    `embed_images`: what embeds and commits the images to index (default: decode processes or a
+    thread and the encoder here; `ray_ingest.RayIngest.embed_images` spreads them over a Ray cluster).
     Raises PathNotFound/UnsupportedFile for bad paths, NothingToIndex for no paths and no
     known roots, before changing anything.
     """
@@ -327,8 +340,8 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
     if workers is None:
         workers = default_workers()
     if images:
-        _embed_images(storage, encoder, images, changed, report, batch_size=batch_size, workers=workers,
-                      draft=draft, progress=progress)
+        (embed_images or _embed_images)(storage, encoder, images, changed, report, batch_size=batch_size,
+                                        workers=workers, draft=draft, progress=progress)
     for path in texts:
         _index_corpus(storage, encoder, path, work.text_fields.get(path), path in changed, report)
         if progress:
@@ -432,25 +445,13 @@ def _embed_images(storage: Storage, encoder: Encoder, images: list[str], changed
             on_device.finish(batch, draft)
             timings["device_decode"] = timings.get("device_decode", 0.0) + time.perf_counter() - start
         ok = [d for d in batch if d.pixels is not None]
-        bad = [(d.path, d.error or "unreadable") for d in batch if d.pixels is None]
-        added = []
+        vectors = np.zeros((0, encoder.dim), np.float32)
         if ok:
             start = time.perf_counter()
             pixels = [d.pixels for d in ok]
             vectors = encoder.embed_pixels(on_device.stack(pixels) if on_device else np.stack(pixels))
             timings["embed"] += time.perf_counter() - start
-            added = [NewFile(d.path, "image", d.size, d.mtime, d.sha256, [0], [None], vectors[i : i + 1])
-                     for i, d in enumerate(ok)]
-        start = time.perf_counter()
-        storage.commit(added=added, failures=bad, cleared_failures=[d.path for d in ok])
-        timings["database"] += time.perf_counter() - start
-        for d in ok:
-            if d.path in changed:
-                report.updated += 1
-            else:
-                report.added += 1
-        report.skipped += len(bad)
-        report.failures.extend(bad)
+        commit_images(storage, ok, vectors, [d for d in batch if d.pixels is None], changed, report)
         if progress:
             progress(len(batch))
 
@@ -476,6 +477,28 @@ def _embed_images(storage: Storage, encoder: Encoder, images: list[str], changed
     finally:
         decoded_stream.close()  # stops the decoders
     timings["images"] = time.perf_counter() - started
+
+
+def commit_images(storage: Storage, ok: Sequence[Decoded], vectors: np.ndarray, bad: Sequence[Decoded],
+                  changed: set[str], report: IndexReport) -> None:
+    """Commit one batch of images: `ok` with their `vectors` (row by row), `bad` as failures (their
+    `error`); counts them in `report` (`changed` paths as updated) and in its "database" timing.
+
+    Keyed by path: an image committed again replaces its earlier entry, never doubles it.
+    """
+    added = [NewFile(d.path, "image", d.size, d.mtime, d.sha256, [0], [None], vectors[i : i + 1])
+             for i, d in enumerate(ok)]
+    failures = [(d.path, d.error or "unreadable") for d in bad]
+    start = time.perf_counter()
+    storage.commit(added=added, failures=failures, cleared_failures=[d.path for d in ok])
+    report.timings["database"] = report.timings.get("database", 0.0) + time.perf_counter() - start
+    for d in ok:
+        if d.path in changed:
+            report.updated += 1
+        else:
+            report.added += 1
+    report.skipped += len(failures)
+    report.failures.extend(failures)
 
 
 def _index_corpus(storage: Storage, encoder: Encoder, path: str, text_field: str | None, changed: bool, report: IndexReport) -> None:
