@@ -260,15 +260,17 @@ class Collection:
     def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:
         """Index image files/folders and text corpora (incremental); see `indexer.index_paths`.
 
-        With no paths, re-scans every root indexed before. Options include `prune=True`,
+        With no paths, re-scans every root indexed before. Options include `prune=True`, `ocr=True/False`,
         `exclude=[patterns]`, `include_hidden=True` and `text_field=NAME` (the last three are
         stored with each root; None keeps what is stored). A new index is created only once
         the paths exist and its model loads.
         """
         from .indexer import check_paths, index_paths
+        from .ocr import wanted
 
         paths = [str(p) for p in _listed(paths, "add")]
         max_memory = options.pop("max_memory", None)
+        options["ocr"] = wanted(options.get("ocr"))  # OCR asked for and not installed: refused before any write
         if not self.storage.exists:
             check_paths(paths)
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
@@ -324,8 +326,9 @@ class Collection:
         """Search by text, image (path or PIL image), vector, or a list of texts and images combined.
 
         Options include `k`, `target`, `under`, `add`/`subtract` (texts, "text::weight"), `exclude`
-        (texts), `min_score` (a cosine or 'auto'), `within`, `collapse` and the filters `after`, `before`,
-        `camera`, `ext`, `min_size`; see `search.search`.
+        (texts), `min_score` (a cosine or 'auto'), `within`, `collapse`, the filters `after`, `before`,
+        `camera`, `ext`, `min_size`, `mode` ('hybrid': meaning and words fused, 'semantic', 'words') and
+        `sort` ('score' or 'date'); see `search.search`.
         """
         from .search import Searcher, search
 

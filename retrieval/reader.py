@@ -58,6 +58,11 @@ def is_under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+#: Full-text matches scoring at most this (−bm25) are left out: only words that FTS5 weighs at its
+#: floor (found in half the items or more) reach so little.
+MIN_BM25 = 1e-4
+
+
 def root_of(path: str, roots: Iterable[str]) -> str | None:
     """The innermost of `roots` that `path` is or lies below (None: none)."""
     return max((r for r in roots if is_under(path, r)), key=len, default=None)
@@ -272,7 +277,8 @@ class StoreReader:
     def match_words(self, query: str, kind: str, limit: int, folder: str | None = None,
                     filters: Filters | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(item ids, scores) of one kind whose words match any word of `query`, best first, at most
-        `limit`; restricted like `ids_filtered`. The score is FTS5's bm25 negated (higher is better).
+        `limit`; restricted like `ids_filtered`. The score is FTS5's bm25 negated (higher is better); a
+        word found in half the items or more matches nothing.
 
         The query's words are quoted one by one (`words.query_terms`), so no text is read as FTS5
         syntax; a query of punctuation only, or an index without words (read-only, not migrated to
@@ -289,6 +295,9 @@ class StoreReader:
             f"JOIN {ITEMS} ON {ITEMS.cols('id')} = {WORDS_FTS}.rowid JOIN {FILES} ON {_JOIN} "
             f"WHERE {WORDS_FTS} MATCH ? AND {ITEMS.cols('kind')} = ? AND {where} AND {cond} "
             f"ORDER BY bm25({WORDS_FTS}), {WORDS_FTS}.rowid LIMIT ?", [match, kind, *params, *more, limit])
+        # FTS5 gives a word found in half the items or more its floor weight, 1e-6: it tells nothing
+        # apart (the indexed folder's own name, say), and is left out rather than ranking at random.
+        rows = [r for r in rows or [] if -r[1] > MIN_BM25]
         if not rows:
             return empty
         return (np.fromiter((r[0] for r in rows), np.int64, len(rows)),

@@ -21,7 +21,7 @@ from .compose import exclusion, item_vectors, query_of
 from .errors import BadQuery, EmptyIndex
 from .filters import Filters, parse_filters
 from .records import ItemRow
-from .words import fuse, query_terms
+from .words import fuse, query_terms, ranks
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -246,8 +246,8 @@ class _Ranking:
             meaning = self.semantic(depth, keep=False) if mode == "hybrid" else []
             matched = self.words(text, depth)
             semantic_rank = {row.id: n for n, (_, row, _) in enumerate(meaning, 1)}
-            words_rank = {item: n for n, (_, item, _) in enumerate(matched, 1)}
-            words_score = {item: score for score, item, _ in matched}
+            words_score = {item: round(score, 6) for score, item, _ in matched}
+            words_rank = dict(zip(words_score, ranks(list(words_score.values()))))
             rows = {row.id: row for _, row, _ in meaning}
             rows.update(reader.items(i for i in words_rank if i not in rows))
             cosine = {row.id: score for score, row, _ in meaning}
@@ -257,7 +257,7 @@ class _Ranking:
             floor = self._floor(max(cosine.values(), default=None))
             passing = {i for i, row in rows.items()
                        if self._passes(cosine[i], self.calibrations[row.kind].relevance(cosine[i]), floor)}
-            order = [(item, score) for item, score in fuse([list(semantic_rank), list(words_rank)]) if item in passing]
+            order = [(item, score) for item, score in fuse([semantic_rank, words_rank]) if item in passing]
             kept = self._kept([(cosine[item], rows[item]) for item, _ in order], k)
             if len(kept) >= k or (len(meaning) < depth and len(matched) < depth):
                 break
@@ -267,12 +267,12 @@ class _Ranking:
             if item not in kept:
                 continue
             row, n = rows[item], len(results) + 1
-            ranks = {"semantic": semantic_rank.get(item), "words": words_rank[item] if item in words_rank else None}
+            placed = {"semantic": semantic_rank.get(item), "words": words_rank.get(item)}
             results.append(Result(n, round(cosine[item], 6), row.kind, row.path, row.text,
                                   row.line if row.kind == "text" else None, item,
                                   round(self.calibrations[row.kind].relevance(cosine[item]), 3),
-                                  ranks if mode == "hybrid" else {"words": ranks["words"]},
-                                  round(words_score[item], 6) if item in words_score else None,
+                                  placed if mode == "hybrid" else {"words": placed["words"]},
+                                  words_score.get(item),
                                   round(fused, 6) if mode == "hybrid" else None))
             if n == k:
                 break

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from .compose import item_vectors
 from .errors import BadQuery, EmptyIndex, MMSearchError
 from .gallery import FileChanged, ItemNotFound, Thumbnails, image_file, item_row
-from .search import TARGETS
+from .search import MODES, SORTS, TARGETS, by_date
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -209,6 +209,9 @@ def _search_options(params: Any) -> dict[str, Any]:
         if not math.isfinite(options["min_score"]):
             raise BadQuery("min_score must be a finite number")
     options["under"] = params.get("under") or None
+    options["sort"] = params.get("sort") or "score"
+    if options["sort"] not in SORTS:
+        raise BadQuery(f"sort must be {' or '.join(SORTS)}")
     return options
 
 
@@ -267,7 +270,11 @@ def create_app(collection: Collection, *, host: str = "127.0.0.1", token: str | 
         if not query.strip():
             raise BadQuery("give a query text: /api/search?q=...")
         options["target"] = options["target"] or "images"  # a text finds images unless told otherwise
-        return _results(await run_in_threadpool(lambda: fresh().search(text_vector(query), **options)))
+        mode = request.query_params.get("mode") or "hybrid"
+        if mode not in MODES:
+            raise BadQuery(f"mode must be {', '.join(MODES)}")
+        return _results(await run_in_threadpool(
+            lambda: fresh().search(text_vector(query), words=query, mode=mode, **options)))
 
     async def search_image(request: Request) -> Response:
         image, form = await _upload(request, max_upload, max_pixels)
@@ -415,7 +422,7 @@ def _decode_upload(data: bytes, max_pixels: int) -> Any:
 
 
 def similar_items(collection: Collection, item_id: int, *, k: int = 20, target: str | None = None,
-                  min_score: float | None = None, under: str | None = None) -> list[Result]:
+                  min_score: float | None = None, under: str | None = None, sort: str = "score") -> list[Result]:
     """Items like an indexed one, by its stored vector (no re-embedding); the item itself left out.
 
     `target` defaults to the item's own kind (more images like an image, texts like a text).
@@ -424,7 +431,8 @@ def similar_items(collection: Collection, item_id: int, *, k: int = 20, target: 
     vector = item_vectors(collection.reader, item.kind, [item_id])[item_id]
     target = target or ("images" if item.kind == "image" else "texts")
     found = collection.search(vector, k=k + 1, target=target, min_score=min_score, under=under)
-    return [replace(r, rank=rank) for rank, r in enumerate((r for r in found if r.id != item_id), 1)][:k]
+    found = [replace(r, rank=rank) for rank, r in enumerate((r for r in found if r.id != item_id), 1)][:k]
+    return by_date(collection.reader, found) if sort == "date" else found
 
 
 def _params(*names: str) -> list[dict[str, Any]]:
@@ -435,6 +443,11 @@ def _params(*names: str) -> list[dict[str, Any]]:
                    "What to return (default: the other modality; for /api/similar the item's own).", False),
         "min_score": ("query", {"type": "number"}, "Drop results below this cosine similarity.", False),
         "under": ("query", {"type": "string"}, "Only items whose file lies in this folder.", False),
+        "mode": ("query", {"type": "string", "enum": list(MODES), "default": "hybrid"},
+                 "hybrid: meaning and matching words (file and folder names, EXIF, OCR text) fused by reciprocal "
+                 "rank fusion, 1/(60 + rank) summed, where words match; semantic or words: one ranking.", False),
+        "sort": ("query", {"type": "string", "enum": list(SORTS), "default": "score"},
+                 "score: the ranking; date: by capture time, oldest first, undated last.", False),
         "id": ("path", {"type": "integer", "minimum": 0}, "Item id (the `id` of a search result).", True),
     }
     return [{"name": n, "in": described[n][0], "schema": described[n][1], "description": described[n][2],
@@ -459,17 +472,18 @@ OPENAPI: dict[str, Any] = {
              "description": "Search an mmsearch index by text or image. With a token, send "
                             "'Authorization: Bearer TOKEN' (or the cookie the page's login sets)."},
     "paths": {
-        "/api/search": {"get": {"summary": "Text query", "parameters": _params("q", "k", "target", "min_score", "under"),
+        "/api/search": {"get": {"summary": "Text query", "parameters": _params("q", "k", "target", "min_score", "under", "mode",
+                                                                         "sort"),
                                 "responses": _responses(_RESULTS, 400, 404)}},
         "/api/search/image": {"post": {
             "summary": "Image query (multipart upload, field 'image'; other parameters as query or form fields)",
-            "parameters": _params("k", "target", "min_score", "under"),
+            "parameters": _params("k", "target", "min_score", "under", "sort"),
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "properties": {"image": {"type": "string", "format": "binary"}},
                 "required": ["image"]}}}},
             "responses": _responses(_RESULTS, 400, 413, 415)}},
         "/api/similar/{id}": {"get": {"summary": "More like an indexed item (its stored vector)",
-                                      "parameters": _params("id", "k", "target", "min_score", "under"),
+                                      "parameters": _params("id", "k", "target", "min_score", "under", "sort"),
                                       "responses": _responses(_RESULTS, 400, 404)}},
         "/api/info": {"get": {"summary": "What `mmsearch info --json` prints",
                               "responses": _responses({"description": "Index information",
@@ -487,7 +501,11 @@ OPENAPI: dict[str, Any] = {
         "Result": {"type": "object", "required": ["rank", "score", "kind", "path", "id"], "properties": {
             "rank": {"type": "integer"}, "score": {"type": "number", "description": "cosine similarity"},
             "kind": {"type": "string", "enum": ["image", "text"]}, "path": {"type": "string"},
-            "id": {"type": "integer"}, "text": {"type": "string"}, "line": {"type": "integer"}}},
+            "id": {"type": "integer"}, "text": {"type": "string"}, "line": {"type": "integer"},
+            "relevance": {"type": "number"},
+            "ranks": {"type": "object", "description": "rank in each ranking run (semantic, words); null: not in it"},
+            "words_score": {"type": "number"}, "fused": {"type": "number"},
+            "taken": {"type": "string", "description": "capture time (sort=date)"}}},
         "Error": {"type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}},
     }},
 }

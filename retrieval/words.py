@@ -15,14 +15,15 @@ rank fusion (Cormack et al., 2009): an item's fused score is
 
     rrf(d) = Σ_r 1 / (RRF_K + rank_r(d))
 
-over the rankings r that hold it (rank 1 is the best), with RRF_K = 60. No SQLAlchemy here.
+over the rankings r that hold it (rank 1 is the best; items with equal words scores share a rank),
+with RRF_K = 60. No SQLAlchemy here.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 #: The k constant of reciprocal rank fusion: larger values flatten the advantage of the top ranks.
@@ -81,13 +82,22 @@ def query_terms(text: str) -> list[str]:
     return list(dict.fromkeys(w.lower() for w in split_words(text)))
 
 
-def fuse(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion of rankings of ids (best first): (id, Σ 1/(k + rank)) best first.
+def ranks(scores: Sequence[float]) -> list[int]:
+    """Competition ranks of scores sorted best first ("1224"): equal scores share the best rank, so
+    the photos of one folder, which match its name equally, are boosted equally."""
+    out: list[int] = []
+    for n, score in enumerate(scores):
+        out.append(out[-1] if n and score == scores[n - 1] else n + 1)
+    return out
+
+
+def fuse(rankings: Sequence[Mapping[int, int]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion of rankings ({id: rank}, rank 1 the best): (id, Σ 1/(k + rank)) best first.
 
     Ties keep the order of first appearance (the first ranking's order first).
     """
     scores: dict[int, float] = {}
     for ranking in rankings:
-        for rank, item in enumerate(ranking, start=1):
+        for item, rank in ranking.items():
             scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
     return sorted(scores.items(), key=lambda pair: -pair[1])
