@@ -163,8 +163,9 @@ def cli() -> None:
 @click.option("--failures", "failures_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every skipped file and its reason to this file (tab-separated).")
 @click.option("--ocr/--no-ocr", default=None,
-              help="Read the text in images for words search (needs the ocr extra and Tesseract; slow: "
-                   "about 0.3 s an image). Default: $MMSEARCH_OCR (auto, on, off), auto = where installed.")
+              help="Read the text in images for words search (needs the ocr extra and Tesseract; slow: 0.1-1 s "
+                   "an image, more than embedding it). Default: $MMSEARCH_OCR (auto, on, off), auto = where installed. "
+                   "--ocr on an index also reads the images indexed before.")
 @_max_memory_option
 @_wait_option
 @_quiet_option
@@ -311,8 +312,6 @@ def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subt
         return
     if not results and not quiet:
         click.echo("no results", err=True)
-    if mode is None and any(r.ranks.get("words") for r in results) and not quiet:
-        click.echo("words matched too: meaning and words rankings fused (--semantic-only for meaning alone)", err=True)
     for r in results:
         shown = r.path if r.kind == "image" else f"{r.text}  [{Path(r.path).name}:{r.line}]"
         taken = f"{(r.taken or '-')[:16].replace('T', ' '):<16}  " if sort == "date" else ""

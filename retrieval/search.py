@@ -257,7 +257,9 @@ class _Ranking:
             floor = self._floor(max(cosine.values(), default=None))
             passing = {i for i, row in rows.items()
                        if self._passes(cosine[i], self.calibrations[row.kind].relevance(cosine[i]), floor)}
-            order = [(item, score) for item, score in fuse([semantic_rank, words_rank]) if item in passing]
+            # Equal fused scores (a words match and a meaning match both ranked first) go by cosine.
+            order = sorted(((item, score) for item, score in fuse([semantic_rank, words_rank]) if item in passing),
+                           key=lambda pair: (-round(pair[1], 12), -cosine[pair[0]]))
             kept = self._kept([(cosine[item], rows[item]) for item, _ in order], k)
             if len(kept) >= k or (len(meaning) < depth and len(matched) < depth):
                 break
