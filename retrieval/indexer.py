@@ -63,6 +63,8 @@ class IndexReport:
     empty_paths: list[str] = field(default_factory=list)
     #: Number of paths named for this run (0 for a re-scan of the known roots).
     named_paths: int = 0
+    #: Images whose text was read by OCR in this run (see `fill_words`); its seconds are timings["ocr"].
+    ocr: int = 0
     #: Seconds spent on images: "images" (wall time of the image loop), "decode" (reading, hashing
     #: and decoding, summed over the decoders working in parallel with the rest), "wait_decode" (the
     #: loop waiting for decoded images), "embed" (batch stacking, host→device copy, model, copy
@@ -80,6 +82,8 @@ class IndexReport:
             line += f", {self.truncated} truncated to the model's context"
         if self.kept:
             line += f"; kept {self.kept} missing"
+        if self.ocr:
+            line += f"; read the text in {self.ocr} images ({self.timings.get('ocr', 0.0):.1f} s)"
         ignored = self.ignored_summary()
         return f"{line}\n{ignored}" if ignored else line
 
@@ -367,7 +371,7 @@ def fill_words(storage: Storage, ocr: bool | None = None, report: IndexReport | 
     added, a renamed file's, and those of an index built before migration 0005 whose metadata it
     lacked; nothing is embedded. With OCR (`ocr.wanted(ocr)`), also read the text of every image not
     read yet (an index's older images too, once OCR is installed or asked for). Returns how many items
-    got words; the OCR time goes to `report.timings["ocr"]`."""
+    got words; the images read and the time it took go to `report.ocr` and `report.timings["ocr"]`."""
     from . import ocr as engine
     from .words import item_words
 
@@ -385,6 +389,8 @@ def fill_words(storage: Storage, ocr: bool | None = None, report: IndexReport | 
                 text = engine.read_text(src.path)
             except Exception:  # noqa: BLE001 - gone or unreadable since it was embedded: tried next scan
                 text = None
+            if report is not None:
+                report.ocr += 1
         words = src.words if src.words is not None else item_words(
             src.kind, src.path, root_of(src.path, roots), src.text, src.camera, src.taken_at, src.taken_offset)
         rows.append((src.item_id, words, text))
