@@ -129,10 +129,10 @@ def test_cli_filters_and_json(runner, library) -> None:
 
 # --- the previous release's index (schema 0002) ---------------------------------------------
 
-def v2_copy(tmp_path: Path) -> Path:
-    """A copy of the previous release's index, its model's checkpoint pointed at this checkout's."""
-    index = tmp_path / "index-v2"
-    shutil.copytree(FIXTURE, index)
+def v2_copy(tmp_path: Path, fixture: Path = FIXTURE) -> Path:
+    """A copy of the previous release's index (or another `fixture`), its model's checkpoint pointed at this checkout's."""
+    index = tmp_path / fixture.name
+    shutil.copytree(fixture, index)
     with sqlite3.connect(index / "mmsearch.db") as db:
         model = json.loads(db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0])
         model["pretrained"] = str(BUNDLED_DIR / "shapes-mini.pt")

@@ -268,14 +268,7 @@ def test_ocr_asked_for_without_the_engine_is_a_one_line_error(tmp_path: Path, ru
 
 def v3_copy(tmp_path: Path) -> Path:
     """A copy of the previous release's index, its model's checkpoint pointed at this checkout's."""
-    index = tmp_path / "index-v3"
-    shutil.copytree(V3, index)
-    with sqlite3.connect(index / "mmsearch.db") as db:
-        model = json.loads(db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0])
-        model["pretrained"] = str(BUNDLED_DIR / "shapes-mini.pt")
-        db.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps(model),))
-    db.close()
-    return index
+    return v2_copy(tmp_path, V3)
 
 
 def test_previous_release_index_migrates_with_its_words_searchable_at_once(tmp_path: Path, monkeypatch) -> None:
