@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from retrieval import store as store_module  # noqa: E402
 from retrieval.config import DB_NAME  # noqa: E402
-from retrieval.records import NewFile  # noqa: E402
+from retrieval.records import ModelManifest, NewFile  # noqa: E402
 
 
 def run(page_size: int, args: argparse.Namespace) -> tuple[float, float]:
@@ -30,6 +30,7 @@ def run(page_size: int, args: argparse.Namespace) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         store = store_module.Store.open(Path(tmp))
+        store.claim_model(ModelManifest("bench", None, "0" * 64, args.dim))  # the model the vectors are of
         elapsed = 0.0
         for b in range(args.batches):
             batch = [NewFile(f"/photos/{b}/{i}.jpg", "image", 1000, 1.0, "0" * 64, [0], [None],

@@ -8,7 +8,8 @@ above the query's mean score over the index,
 
 The sample (at most SAMPLE_SIZE vectors per kind) is chosen deterministically by a hash of the
 item ids, so adding items changes it little, and it is cached next to the vector caches
-(`sample-KIND.npz`, keyed by the database generation): a query costs one small matrix product,
+(`sample-KIND.npz`, `sample-MODEL-KIND.npz` for a model other than the index's default, keyed by
+the database generation): a query costs one small matrix product,
 never a scan of every item. `min_score="auto"` keeps the results whose relevance is at least
 AUTO_RELEVANCE, so a query that matches nothing in particular prints nothing.
 """
@@ -48,17 +49,22 @@ def sample_ids(ids: np.ndarray, size: int = SAMPLE_SIZE) -> np.ndarray:
     return np.sort(ids[np.argpartition(keys, size - 1)[:size]])
 
 
-def load_sample(reader: MetadataReader, directory: Path, kind: str) -> np.ndarray:
-    """The calibration sample of one kind ([n, dim] float32), from its cache file or the database."""
-    path = directory / f"sample-{kind}.npz"
-    generation = reader.generation()
+def sample_path(directory: Path, name: str) -> Path:
+    """The cache file of the sample of the vector set `name` (`VectorKey.name`)."""
+    return directory / f"sample-{name}.npz"
+
+
+def load_sample(reader: MetadataReader, path: Path, kind: str, model: str | None = None) -> np.ndarray:
+    """The calibration sample of one kind and model (None: the default) ([n, dim] float32), from its
+    cache file `path` or the database."""
+    generation = reader.generation(model)
     try:
         with np.load(path, allow_pickle=False) as cached:
             if int(cached["generation"]) == generation:
                 return cached["vectors"]
     except (OSError, ValueError, KeyError):
         pass  # no cache yet, or a damaged one: rebuilt below
-    chunks = [vecs for _, vecs in reader.vectors(kind, sample_ids(reader.item_ids(kind)))]
+    chunks = [vecs for _, vecs in reader.vectors(kind, sample_ids(reader.item_ids(kind, model)), model)]
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     data = io.BytesIO()
     np.savez(data, generation=np.int64(generation), vectors=vectors)

@@ -91,6 +91,12 @@ def _max_memory_option(func: Callable[..., Any]) -> Callable[..., Any]:
                              "Kept by later runs; 0 clears it.")(func)
 
 
+def _model_choice_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--model", metavar="NAME",
+                        help="Which of the index's models to use (one added with `index --add-model`): its name as "
+                             "given to --model, or its key from `info`. Default: the index's first model.")(func)
+
+
 def _quiet_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings or hints (errors still show).")(func)
 
@@ -143,6 +149,10 @@ def cli() -> None:
               help=f"open_clip tag, a local checkpoint file, or 'random' (random weights, for tests). Default: the "
                    f"architecture's usual weights ({DEFAULT_MODEL}: {DEFAULT_PRETRAINED}); other architectures and "
                    f".json configs need it.")
+@click.option("--add-model", is_flag=True,
+              help="Add --model (and --pretrained) to this existing index as another model: every item gets a vector "
+                   "of it too (the first model's are kept and stay the default); from then on new files are embedded "
+                   "with every model. Without this flag a different --model is refused.")
 @_device_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "int8"]),
               help="Image tower precision: auto = int8 on CPU where the model passes its int8 check (else fp32), "
@@ -170,25 +180,37 @@ def cli() -> None:
 @_wait_option
 @_quiet_option
 @_reports_errors
-def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, device: str,
-          precision: str | None, batch_size: int, workers: int | None, text_field: str | None, exclude: tuple[str, ...],
-          include_hidden: bool | None, prune: bool, failures_file: Path | None, ocr: bool | None,
-          max_memory: int | None, wait: float, quiet: bool) -> None:
+def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, add_model: bool,
+          device: str, precision: str | None, batch_size: int, workers: int | None, text_field: str | None, exclude: tuple[str, ...],
+          include_hidden: bool | None, prune: bool, failures_file: Path | None, ocr: bool | None, max_memory: int | None,
+          wait: float, quiet: bool) -> None:
     """Index image folders and text corpora (.txt, .jsonl, .json, .csv), incrementally.
 
-    With no PATHS, re-scans every folder indexed before, each with its stored options.
+    With no PATHS, re-scans every folder indexed before, each with its stored options; with
+    --add-model and no PATHS, only adds the model.
     """
     from tqdm import tqdm
 
     _setup_logging(quiet)
+    if add_model and not model:
+        raise click.UsageError("--add-model needs --model (the model to add)")
     bar = tqdm(total=0, unit="file", file=sys.stderr, disable=quiet or not sys.stderr.isatty(), desc="embedding")
-    # A re-scan (no PATHS) needs an index to exist already: it creates none.
-    with retrieval.open_index(index_dir, model=model, pretrained=pretrained, device=device, wait=wait,
-                              precision=precision, create=bool(paths)) as idx:
-        report = idx.add(list(paths), text_field=text_field, exclude=list(exclude) if exclude else None,
-                         include_hidden=include_hidden, prune=prune, batch_size=batch_size, workers=workers, ocr=ocr,
-                         progress=bar.update, on_total=lambda n: bar.reset(total=n), max_memory=max_memory)
+    # A re-scan (no PATHS) needs an index to exist already: it creates none; nor does --add-model.
+    with retrieval.open_index(index_dir, model=None if add_model else model, pretrained=None if add_model else pretrained,
+                              device=device, wait=wait, precision=precision, create=bool(paths) and not add_model) as idx:
+        if add_model:
+            report = idx.add_model(model, pretrained, workers=workers)
+            for key, n in report.filled.items():
+                click.echo(f"model {key}: {n} items embedded", err=True)
+            if not report.filled:
+                click.echo(f"{model} is a model of this index already, with a vector for every item", err=True)
+        if paths or not add_model:
+            report = idx.add(list(paths), text_field=text_field, exclude=list(exclude) if exclude else None,
+                             include_hidden=include_hidden, prune=prune, batch_size=batch_size, workers=workers, ocr=ocr,
+                             progress=bar.update, on_total=lambda n: bar.reset(total=n), max_memory=max_memory)
     bar.close()
+    if add_model and not paths:
+        return
     if failures_file:
         failures_file.write_text("".join(f"{path}\t{reason}\n" for path, reason in report.failures), encoding="utf-8")
     if report.failures and not quiet:
@@ -234,6 +256,7 @@ Examples:
   mmsearch query "a beach" --after 2024-06-01 --before 2024-09-01 --camera pixel --min-size 800x600
   mmsearch query "germany" --sort date           # words and meaning, oldest first
   mmsearch query "invoice" --words-only --json   # file/folder names, EXIF, text read by OCR
+  mmsearch query "a dog" --model ViT-L-14        # with another model of the index (index --add-model)
 
 \b
 Words as well as meaning: a text query also matches the words of each item (file and folder
@@ -271,6 +294,7 @@ result's score is its cosine; --json gives each result's `ranks` (and `words_sco
 @click.option("--camera", metavar="TEXT", help="Only images whose EXIF make or model contains TEXT (any case).")
 @click.option("--ext", metavar="EXTS", help="Only files with these extensions, e.g. jpg,png.")
 @click.option("--min-size", metavar="WxH", help="Only images at least W pixels wide and H high, e.g. 800x600.")
+@_model_choice_option
 @click.option("--semantic-only", is_flag=True, help="Rank by meaning (CLIP) alone.")
 @click.option("--words-only", is_flag=True,
               help="Rank by matching words alone (file and folder names, EXIF, OCR text).")
@@ -284,7 +308,8 @@ result's score is its cosine; --json gives each result's `ranks` (and `words_sco
 @_reports_errors
 def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subtract: tuple[str, ...],
           exclude: tuple[str, ...], index_dir: Path | None, target: str | None, k: int, min_score: float | str | None,
-          within: float | None, collapse: bool, under: Path | None, semantic_only: bool, words_only: bool, sort: str, as_json: bool,
+          within: float | None, collapse: bool, under: Path | None, model: str | None, semantic_only: bool,
+          words_only: bool, sort: str, as_json: bool,
           html_file: Path | None, device: str, quiet: bool, **filters: str | None) -> None:
     """The `query` command (its help is QUERY_HELP); `filters` are --after, --before, --camera, --ext, --min-size."""
     _setup_logging(quiet)
@@ -299,8 +324,8 @@ def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subt
     with retrieval.open_index(index_dir, device=device, create=False) as idx:
         results = idx.search(parts[0] if len(parts) == 1 else parts, k=k, target=target, min_score=min_score,
                              under=under, add=add, subtract=subtract, exclude=exclude, within=within,
-                             collapse=DEFAULT_THRESHOLD if collapse else None, mode=mode or "hybrid", sort=sort,
-                             **filters)
+                             collapse=DEFAULT_THRESHOLD if collapse else None, model=model, mode=mode or "hybrid",
+                             sort=sort, **filters)
         if html_file:
             from retrieval.gallery import Thumbnails, results_html
 
@@ -322,10 +347,11 @@ def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subt
 @_index_option
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_THRESHOLD, show_default=True,
               help="Cosine similarity from which two images are near-duplicates.")
+@_model_choice_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of groups.")
 @_quiet_option
 @_reports_errors
-def dupes(index_dir: Path | None, threshold: float, as_json: bool, quiet: bool) -> None:
+def dupes(index_dir: Path | None, threshold: float, model: str | None, as_json: bool, quiet: bool) -> None:
     """List groups of near-identical images, largest (most pixels) first. Reports only: never deletes or moves.
 
     \b
@@ -336,7 +362,7 @@ def dupes(index_dir: Path | None, threshold: float, as_json: bool, quiet: bool) 
     """
     _setup_logging(quiet)
     with retrieval.open_index(index_dir, create=False) as idx:
-        groups = idx.duplicates(threshold)
+        groups = idx.duplicates(threshold, model)
     if as_json:
         click.echo(json.dumps([g.to_dict() for g in groups], ensure_ascii=False, indent=2))
         return
@@ -373,6 +399,9 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
     model = data["model"]
     click.echo(f"index:    {_shown(data['index'])}")
     click.echo(_shown(f"model:    {'-' if model is None else model['name'] + ' / ' + str(model['pretrained']) + ', dim ' + str(model['dim'])}"))
+    for m in data["models"]:
+        click.echo(_shown(f"vectors:  {m['key']}{' (default)' if m['default'] else ''}: {m['images']} images, "
+                          f"{m['texts']} texts  [{m['name']} / {m['pretrained']}, dim {m['dim']}]"))
     click.echo(f"images:   {data['images']}")
     click.echo(f"texts:    {data['texts']}")
     click.echo(f"files:    {data['files']}")
@@ -419,15 +448,27 @@ def _describe_precision(setting: dict[str, Any] | None) -> str:
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @_index_option
+@click.option("--model", metavar="NAME", help="Instead of PATHS: remove this model's vectors (one added with "
+              "`index --add-model`; the first model cannot be removed). Its name or its key from `info`.")
 @_wait_option
 @_quiet_option
 @_reports_errors
-def remove(paths: tuple[Path, ...], index_dir: Path | None, wait: float, quiet: bool) -> None:
-    """Take PATHS (files or folders; they need not exist any more) out of the index; they are not re-scanned."""
+def remove(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, wait: float, quiet: bool) -> None:
+    """Take PATHS (files or folders; they need not exist any more) out of the index; they are not re-scanned.
+
+    With --model instead, remove one of the index's models (its vectors only; every item stays).
+    """
     _setup_logging(quiet)
+    if bool(paths) == bool(model):
+        raise click.UsageError("give PATHS to remove, or --model NAME, not both")
     with retrieval.open_index(index_dir, create=False, wait=wait) as idx:
+        if model:
+            key = idx.model_of(model)
+            removed = idx.remove_model(model)
+            click.echo(f"removed model {key}: {removed} vectors; the index keeps every item", err=True)
+            return
         removal = idx.remove(list(paths))
     click.echo(_shown(removal.summary()), err=True)
 

@@ -8,6 +8,7 @@ call back into it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -19,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .calibrate import sample_path
 from .config import KINDS, default_index_dir, default_model
-from .errors import ModelMismatch, ModelUnavailable
+from .errors import ModelInUse, ModelMismatch, ModelUnavailable
 from .local import LocalStorage
 from .scan import type_counts
 from .records import ModelManifest
@@ -60,6 +62,8 @@ class Collection:
         self.precision = precision
         self._encoder: Encoder | None = None
         self._query_encoder: Encoder | None = None
+        #: Encoders of the index's other models (`add_model`), by model key.
+        self._encoders: dict[str, Encoder] = {}
         # Threads of one process (a web server) share this object: the model loads once.
         self._loading = threading.RLock()
 
@@ -121,7 +125,7 @@ class Collection:
         name, pretrained = self._requested
         if name is not None and model_key(name) != manifest.name:
             raise ModelMismatch(f"this index was built with {manifest.describe()}, not {name}; "
-                                "use the same model or another --index")
+                                "use the same model or another --index (or add it with --add-model)")
         if pretrained is None:
             return None
         source = resolve_model(manifest.name, pretrained)
@@ -148,9 +152,22 @@ class Collection:
         source = self._checked_request(manifest)
         if source is not None:
             return source
+        return self._source_of(manifest)
+
+    @staticmethod
+    def _source_of(manifest: ModelManifest) -> ModelSource:
+        """The recorded model `manifest` to load (ModelUnavailable when its checkpoint file is gone)."""
+        from .encoder import resolve_model
+
         if manifest.checkpoint_sha256 and manifest.pretrained and not Path(manifest.pretrained).is_file():
             raise ModelUnavailable(f"the checkpoint this index was built with is missing: {manifest.pretrained}")
         return resolve_model(manifest.name, manifest.pretrained)
+
+    def _on_cpu(self) -> bool:
+        """Whether the model runs on a CPU (there its ONNX export is used, without torch)."""
+        from .encoder import gpu_likely
+
+        return self.device == "cpu" or (self.device == "auto" and not gpu_likely())
 
     @property
     def encoder(self) -> Encoder:
@@ -162,10 +179,10 @@ class Collection:
             return self._encoder
         with self._loading:
             if self._encoder is None:
-                from .encoder import find_export, gpu_likely, load_source
+                from .encoder import find_export, load_source
 
                 manifest = self.manifest
-                cpu = self.device == "cpu" or (self.device == "auto" and not gpu_likely())
+                cpu = self._on_cpu()
                 encoder = None
                 if manifest is not None and cpu and self.backend != "torch":
                     self._checked_request(manifest)
@@ -178,11 +195,60 @@ class Collection:
                 self._encoder = encoder
         return self._encoder
 
-    def _export(self, manifest: ModelManifest) -> Encoder | None:
-        """The index model's ONNX export (no torch), None where it was never exported."""
+    def _export(self, manifest: ModelManifest, model: str | None = None) -> Encoder | None:
+        """The ONNX export (no torch) of the index's model of key `model` (None: the default), None
+        where it was never exported."""
         from .encoder import load_export  # not for a cached query
 
-        return load_export(manifest, self.reader.setting(CONFIG_SETTING))
+        return load_export(manifest, self.reader.setting(self._config_setting(model)))
+
+    def _config_setting(self, model: str | None) -> str:
+        """The setting holding a config-file model's content key (CONFIG_SETTING for the default, as before)."""
+        return CONFIG_SETTING if model is None or model == self.storage.model() else f"{CONFIG_SETTING}:{model}"
+
+    def models(self) -> dict[str, ModelManifest]:
+        """Every model of the index by key (the name of its vector sets), the default first."""
+        return self.storage.models()
+
+    def model_of(self, model: str | None) -> str | None:
+        """The key of the index's model `model` (a name as given to --model, or a key from `models`);
+        None for the default (and for None). ModelMismatch for a model the index does not have, or a
+        name that fits several (give the key)."""
+        if model is None:
+            return None
+        models = self.storage.models()
+        if not models:
+            raise self.storage.empty_index_error()
+        if model in models:
+            key = model
+        else:
+            from .encoder import model_key as recorded_name  # how the index records a name (a config by path)
+
+            matches = [k for k, m in models.items() if m.name == recorded_name(model)]
+            if len(matches) != 1:
+                known = "; ".join(f"{m.describe()} (key {k})" for k, m in models.items())
+                raise ModelMismatch(f"{'several models of this index are' if matches else 'this index has no model'} "
+                                    f"{model}: use one of its models by name or key: {known}")
+            key = matches[0]
+        return None if key == self.storage.model() else key
+
+    def _encoder_of(self, model: str | None) -> Encoder:
+        """The encoder of the index's model of key `model` (None: the default), loaded once."""
+        if model is None or model == self.storage.model():
+            return self.encoder
+        with self._loading:
+            if model not in self._encoders:
+                from .encoder import load_source
+
+                manifest = self.storage.manifest(model)
+                if manifest is None:
+                    raise ModelMismatch(f"this index has no model {model}")
+                encoder = self._export(manifest, model) if self._on_cpu() and self.backend != "torch" else None
+                if encoder is None:
+                    encoder = load_source(self._source_of(manifest), self.device, self.backend)
+                encoder.set_precision(self._requested_precision(self.precision_setting()))
+                self._encoders[model] = encoder
+            return self._encoders[model]
 
     def precision_setting(self) -> dict[str, Any]:
         """The precision recorded by the last `add`: requested, used, and the int8 gate's outcome."""
@@ -197,16 +263,21 @@ class Collection:
         """The precision asked for: this run's, else the one `stored` with the index, else auto."""
         return self.precision or stored.get("requested") or "auto"
 
-    def embed_query_text(self, text: str) -> np.ndarray:
-        """The unit vector of one query text: from the query cache, else the fastest encoder at hand.
+    def embed_query_text(self, text: str, model: str | None = None) -> np.ndarray:
+        """The unit vector of one query text under the model of key `model` (None: the default): from
+        the query cache (keyed by the model's identity), else the fastest encoder at hand.
 
         Even beside a GPU, a single query runs on the ONNX text tower: no torch import, no CUDA start.
         """
         from .query_cache import QueryCache
 
-        manifest = self.manifest
+        manifest = self.storage.manifest(model)
         cache = QueryCache(self.storage.cache_dir / "query-cache", repr(manifest.identity())) if manifest else None
         vector = cache.get(text) if cache else None
+        if vector is None and model is not None:
+            vector = self._encoder_of(model).embed_texts([text])[0]
+            if cache:
+                cache.put(text, vector)
         if vector is None:
             with self._loading:
                 if self._query_encoder is None:
@@ -219,15 +290,15 @@ class Collection:
                 cache.put(text, vector)
         return vector
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalized float32 [n, dim] embeddings of texts with this index's model."""
+    def embed_texts(self, texts: Sequence[str], model: str | None = None) -> np.ndarray:
+        """L2-normalized float32 [n, dim] embeddings of texts with this index's model (or its model `model`)."""
         texts = _listed(texts, "embed_texts")
-        return self.encoder.embed_texts(texts)
+        return self._encoder_of(self.model_of(model)).embed_texts(texts)
 
-    def embed_images(self, images: Sequence[Image.Image | str | Path]) -> np.ndarray:
-        """L2-normalized float32 [n, dim] embeddings of PIL images or image files."""
+    def embed_images(self, images: Sequence[Image.Image | str | Path], model: str | None = None) -> np.ndarray:
+        """L2-normalized float32 [n, dim] embeddings of PIL images or image files (with the model `model`)."""
         images = _listed(images, "embed_images")
-        return self.encoder.embed_images(images)
+        return self._encoder_of(self.model_of(model)).embed_images(images)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -263,7 +334,8 @@ class Collection:
         With no paths, re-scans every root indexed before. Options include `prune=True`, `ocr=True/False`,
         `exclude=[patterns]`, `include_hidden=True` and `text_field=NAME` (the last three are
         stored with each root; None keeps what is stored). A new index is created only once
-        the paths exist and its model loads.
+        the paths exist and its model loads. New files are embedded with the default model, then
+        with each other model of the index (`add_model`).
         """
         from .indexer import check_paths, index_paths
         from .ocr import wanted
@@ -277,7 +349,62 @@ class Collection:
         with self.writing():
             if max_memory is not None:
                 self.storage.set_memory_budget(max_memory)
-            return index_paths(self.storage, self.claim_model, paths, **options)
+            report = index_paths(self.storage, self.claim_model, paths, **options)
+            self._fill_models(report, options.get("workers"))
+            return report
+
+    def _fill_models(self, report: IndexReport, workers: int | None = None) -> None:
+        """Give every item a vector of each model of the index besides the default (see `indexer.fill_vectors`)."""
+        from .indexer import fill_vectors
+
+        for model in list(self.storage.models())[1:]:
+            fill_vectors(self.storage, model, functools.partial(self._encoder_of, model), report, workers=workers)
+
+    def add_model(self, model: str, pretrained: str | None = None, *, workers: int | None = None) -> IndexReport:
+        """Add another model to the index: every item gets a vector of it (its own vector sets; the
+        default model's are untouched), and later `add` runs embed new files with it too.
+
+        `model`/`pretrained` as for a new index. Run again, it embeds only what still lacks a vector of
+        it (a run cut short resumes). EmptyIndex on an index without a model yet (index it first);
+        ModelUnavailable as for a new index. `report.filled` says how many items were embedded.
+        """
+        from .encoder import export_name, find_export, load_source, resolve_model
+        from .indexer import IndexReport, fill_vectors
+
+        if self.storage.model() is None:
+            raise self.storage.empty_index_error()
+        encoder = find_export(model, pretrained) if self._on_cpu() and self.backend != "torch" else None
+        if encoder is None:
+            encoder = load_source(resolve_model(model, pretrained), self.device, self.backend)
+        encoder.set_precision(self._requested_precision(self.precision_setting()))
+        report = IndexReport()
+        with self.writing():
+            key = self.storage.add_model(encoder.manifest)
+            setting = self._config_setting(key)
+            if model.lower().endswith(".json") and self.reader.setting(setting) is None:
+                self.store.set_setting(setting, export_name(model))  # the config's content, as built
+            if key != self.storage.model():
+                self._encoders.setdefault(key, encoder)
+                fill_vectors(self.storage, key, lambda: encoder, report, workers=workers)
+        return report
+
+    def remove_model(self, model: str) -> int:
+        """Remove one of the index's models: its vectors and vector sets (the other models' are untouched).
+
+        ModelInUse for the default model (it embeds new files first and answers plain queries);
+        ModelMismatch for a model the index does not have. Returns how many vectors were removed.
+        """
+        key = self.model_of(model)
+        if key is None:
+            raise ModelInUse(f"{model} is this index's default model (its first): it cannot be removed; "
+                             "remove the other models, or build a new index with another model")
+        with self.writing():
+            removed = self.storage.remove_model(key)
+            self.store.set_setting(self._config_setting(key), None)
+        for kind in KINDS:
+            sample_path(self.storage.cache_dir, self.storage.key(kind, key).name(self.storage.model())).unlink(missing_ok=True)
+        self._encoders.pop(key, None)
+        return removed
 
     def remove(self, paths: Sequence[str | Path]) -> Removal:
         """Take files and folders (and what was indexed from them) out of the index; see `indexer.remove_paths`."""
@@ -295,54 +422,65 @@ class Collection:
         if not self.storage.exists:
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
         with self.writing():
-            return index_texts(self.storage, self.claim_model, texts, source)
+            report = index_texts(self.storage, self.claim_model, texts, source)
+            self._fill_models(report)
+            return report
 
     def reindex(self, layout: str | None = None, max_memory: int | None = None) -> dict[str, str]:
         """Rebuild (and re-tune) every vector set from the metadata store.
 
         A FAISS `layout` given is kept by later runs; None goes back to the automatic choice.
         `max_memory` (bytes, kept by later runs; 0 clears it; None keeps the stored one) has
-        the automatic choice pick a layout that fits, compressed if need be.
+        the automatic choice pick a layout that fits, compressed if need be. Returns the layout of
+        each set, by its name (the kind for the default model, `KEY-kind` for another model).
         """
         with self.writing():
             if max_memory is not None:
                 self.storage.set_memory_budget(max_memory)
-            built = self.storage.vectors.rebuild([self.storage.key(kind) for kind in KINDS], layout)
-        return {key.kind: index.layout for key, index in built.items()}
+            built = self.storage.vectors.rebuild(self.storage.keys(), layout)
+        return {key.name(self.storage.model()): index.layout for key, index in built.items()}
 
-    def vectors(self, kind: str) -> VectorSet:
-        """The searchable vectors of one kind, up to date with the metadata store."""
-        return self.storage.vector_set(kind)
+    def vectors(self, kind: str, model: str | None = None) -> VectorSet:
+        """The searchable vectors of one kind (of the index's model `model`), up to date with the metadata store."""
+        return self.storage.vector_set(kind, self.model_of(model))
 
     def refresh(self) -> list[str]:
         """Take up the vectors another process (`mmsearch index`) saved since they were loaded
-        (see `VectorStore.refresh`); returns the kinds swapped."""
-        return [key.kind for key in self.storage.vectors.refresh()] if self.storage.model() is not None else []
+        (see `VectorStore.refresh`); returns the names of the sets swapped."""
+        if self.storage.model() is None:
+            return []
+        return [key.name(self.storage.model()) for key in self.storage.vectors.refresh()]
 
     # --- searching --------------------------------------------------------------------------
 
     def search(self, query: str | Path | Image.Image | np.ndarray | Sequence[str | Path | Image.Image],
-               **options: Any) -> list[Result]:
+               model: str | None = None, **options: Any) -> list[Result]:
         """Search by text, image (path or PIL image), vector, or a list of texts and images combined.
 
         Options include `k`, `target`, `under`, `add`/`subtract` (texts, "text::weight"), `exclude`
         (texts), `min_score` (a cosine or 'auto'), `within`, `collapse`, the filters `after`, `before`,
         `camera`, `ext`, `min_size`, `mode` ('hybrid': meaning and words fused, 'semantic', 'words') and
-        `sort` ('score' or 'date'); see `search.search`.
+        `sort` ('score' or 'date'); see `search.search`. `model`: which of the index's models embeds the
+        query and whose vectors are searched (a name or key, see `model_of`; default: the first).
         """
         from .search import Searcher, search
 
-        return search(Searcher(self.storage, self.embed_query_text, self.embed_images), query, **options)
+        key = self.model_of(model)
+        return search(Searcher(self.storage, functools.partial(self.embed_query_text, model=key),
+                               functools.partial(self.embed_images, model=key), key), query, **options)
 
-    def duplicates(self, threshold: float | None = None) -> list[Group]:
-        """Groups of near-identical images (cosine ≥ threshold, default 0.95); reports only; see `dupes`."""
+    def duplicates(self, threshold: float | None = None, model: str | None = None) -> list[Group]:
+        """Groups of near-identical images (cosine ≥ threshold, default 0.95, under the index's model
+        `model`, default the first); reports only; see `dupes`."""
         from .dupes import DEFAULT_THRESHOLD, find_duplicates
 
-        return find_duplicates(self.storage, DEFAULT_THRESHOLD if threshold is None else threshold)
+        return find_duplicates(self.storage, DEFAULT_THRESHOLD if threshold is None else threshold,
+                               self.model_of(model))
 
     def info(self) -> dict[str, Any]:
-        """Index path, model, counts per kind, FAISS layouts, roots and how each is scanned,
-        files ignored for their type (count, and per type), and size on disk."""
+        """Index path, model (the default), every model with its vectors per kind, counts per kind, FAISS
+        layouts, roots and how each is scanned, files ignored for their type (count, and per type), and
+        size on disk."""
         counts = self.reader.counts()
         ignored = self.reader.ignored()
         manifest = self.manifest
@@ -359,6 +497,7 @@ class Collection:
                 "name": manifest.name, "pretrained": manifest.pretrained,
                 "checkpoint_sha256": manifest.checkpoint_sha256, "dim": manifest.dim,
             },
+            "models": self._models_info(),
             "images": counts.get("image", 0),
             "texts": counts.get("text", 0),
             "files": counts["files"],
@@ -374,6 +513,18 @@ class Collection:
             "ignored_files": ignored,
             "size_bytes": size,
         }
+
+    def _models_info(self) -> list[dict[str, Any]]:
+        """Each model of the index (the default first): key, manifest, vectors per kind (`images`,
+        `texts`) and the layout of each of its vector sets."""
+        counts = self.reader.model_counts() if self.storage.exists else {}
+        out = []
+        for key, manifest in self.storage.models().items():
+            have = counts.get(key, {})
+            out.append({"key": key, "default": key == self.storage.model(), **asdict(manifest),
+                        "images": have.get("image", 0), "texts": have.get("text", 0),
+                        "layouts": {kind: self.storage.vector_set(kind, key).layout for kind in KINDS if have.get(kind)}})
+        return out
 
     def failures(self) -> list[tuple[str, str]]:
         """(path, reason) of every file or record skipped and not indexed since."""

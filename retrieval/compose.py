@@ -118,7 +118,7 @@ def exclusion(searcher: Searcher, kind: str, query: np.ndarray, avoid: Sequence[
     avoided = np.stack([_text_vector(searcher, text) for text in avoid]) if avoid else None
 
     def keep(hits: list[tuple[float, Any]]) -> list[tuple[float, Any]]:
-        vectors = item_vectors(searcher.storage.reader, kind, [row.id for _, row in hits])
+        vectors = item_vectors(searcher.storage.reader, kind, [row.id for _, row in hits], searcher.model)
         kept: list[tuple[float, Any]] = []
         shown: list[np.ndarray] = []
         for hit in hits:
@@ -136,9 +136,9 @@ def exclusion(searcher: Searcher, kind: str, query: np.ndarray, avoid: Sequence[
     return keep
 
 
-def item_vectors(reader: MetadataReader, kind: str, ids: Sequence[int]) -> dict[int, np.ndarray]:
-    """Stored vectors of these item ids, by id (read from the database, the truth)."""
+def item_vectors(reader: MetadataReader, kind: str, ids: Sequence[int], model: str | None = None) -> dict[int, np.ndarray]:
+    """Stored vectors of these item ids under `model` (None: the default), by id (read from the database, the truth)."""
     out: dict[int, np.ndarray] = {}
-    for chunk_ids, vecs in reader.vectors(kind, np.asarray(ids, dtype=np.int64)):
+    for chunk_ids, vecs in reader.vectors(kind, np.asarray(ids, dtype=np.int64), model):
         out.update(zip(chunk_ids.tolist(), vecs))
     return out

@@ -130,8 +130,9 @@ def describe(rows: Sequence[tuple[int, str, str]]) -> Group:
     return Group(members)
 
 
-def find_duplicates(storage: Storage, threshold: float = DEFAULT_THRESHOLD) -> list[Group]:
-    """Groups of near-identical images in the index (cosine ≥ `threshold`), biggest group first.
+def find_duplicates(storage: Storage, threshold: float = DEFAULT_THRESHOLD, model: str | None = None) -> list[Group]:
+    """Groups of near-identical images in the index (cosine ≥ `threshold` under the model of key
+    `model`, None: the default), biggest group first.
 
     Reads the stored vectors (the database, not the approximate FAISS layout); only group
     members' files are opened, and only their headers. Reports only: nothing is changed.
@@ -140,7 +141,7 @@ def find_duplicates(storage: Storage, threshold: float = DEFAULT_THRESHOLD) -> l
         raise BadQuery(f"threshold must be a cosine similarity in (0, 1], not {threshold}")
     if storage.manifest() is None:
         return []
-    chunks = list(storage.reader.vectors("image"))
+    chunks = list(storage.reader.vectors("image", model=model))
     if not chunks:
         return []
     ids = np.concatenate([c[0] for c in chunks])

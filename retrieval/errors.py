@@ -21,6 +21,10 @@ class ModelMismatch(MMSearchError):
     """The index was built by another model than the one asked for."""
 
 
+class ModelInUse(MMSearchError):
+    """A model the index cannot do without (its default) was asked to be removed."""
+
+
 class IndexInUse(MMSearchError):
     """Another process holds the write lock of this index."""
 

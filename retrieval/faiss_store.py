@@ -1,11 +1,11 @@
 """The embedded vector store: one FAISS file per vector set in the index directory.
 
 Each file is a cache of the metadata store's vectors of one (model, kind), recording the
-generation it reflects: checked when loaded, synced by id when behind (a crash between a
-commit and a save), rebuilt when damaged or missing, and written atomically. The sets of
-the index's own model keep the file names of earlier releases (`vectors-image.faiss`), so
-an existing index, read-only ones included, opens without a rebuild. FAISS loads only once
-a set is needed.
+generation it reflects (`MetadataReader.generation(model)`): checked when loaded, synced by id
+when behind (a crash between a commit and a save), rebuilt when damaged or missing, and written
+atomically. The sets of the index's default model keep the file names of earlier releases
+(`vectors-image.faiss`), so an existing index, read-only ones included, opens without a rebuild;
+another model's are `vectors-<model key>-image.faiss`. FAISS loads only once a set is needed.
 """
 
 from __future__ import annotations
@@ -28,17 +28,17 @@ log = logging.getLogger("mmsearch")
 
 
 class FaissVectorStore:
-    """FAISS files in `directory`, cached from the metadata store `reader` (vectors of dimension `dim`).
+    """FAISS files in `directory`, cached from the metadata store `reader`.
 
-    `primary` is the key of the model whose vectors the metadata store holds (the index's model);
-    `writer` opens the metadata store for writing, where a layout chosen by `rebuild` is kept.
+    `primary` is the key of the index's default model (its sets keep the file names of one-model
+    indexes); `writer` opens the metadata store for writing, where a layout chosen by `rebuild` is kept.
     """
 
-    def __init__(self, directory: Path, reader: MetadataReader, dim: int, primary: str,
+    def __init__(self, directory: Path, reader: MetadataReader, primary: str,
                  writer: Callable[[], MetadataWriter]) -> None:
         self.directory = directory
         self._reader = reader
-        self._dim = dim
+        self._dims: dict[str, int] = {}  # of each model, by key
         self._primary = primary
         self._writer = writer
         self._sets: dict[VectorKey, VectorIndex] = {}
@@ -49,19 +49,21 @@ class FaissVectorStore:
         # Threads of one process (a web server) share this store: each set is loaded once.
         self._loading = threading.RLock()
 
-    def _name(self, key: VectorKey) -> str:
-        """The set's name in file and setting names: the kind alone for the index's model, as before."""
-        if key.model != self._primary:
-            # The metadata store holds one model's vectors: no other set could be built or synced.
-            raise ValueError(f"this index holds no vectors of model {key.model}")
-        return key.kind
+    def _dim(self, key: VectorKey) -> int:
+        """The dimension of the set's model (BadQuery for a model the index does not have)."""
+        if key.model not in self._dims:
+            manifest = self._reader.models().get(key.model)
+            if manifest is None:
+                raise BadQuery(f"this index holds no vectors of model {key.model}")
+            self._dims[key.model] = manifest.dim
+        return self._dims[key.model]
 
     def path(self, key: VectorKey) -> Path:
         """The file of one vector set."""
-        return self.directory / f"vectors-{self._name(key)}.faiss"
+        return self.directory / f"vectors-{key.name(self._primary)}.faiss"
 
     def _layout_setting(self, key: VectorKey) -> str:
-        return f"layout:{self._name(key)}"
+        return f"layout:{key.name(self._primary)}"
 
     def get(self, key: VectorKey) -> VectorIndex:
         """The set of `key`, loaded and brought up to date with the metadata store."""
@@ -76,11 +78,11 @@ class FaissVectorStore:
     def _load(self, key: VectorKey) -> VectorIndex:
         from .vectors import VectorFileDamaged, VectorIndex  # faiss loads only when vectors are needed
 
-        generation = self._reader.generation()
+        generation = self._reader.generation(key.model)
         path = self.path(key)
         stamp = _file_stamp(path)
         try:
-            index, saved = VectorIndex.load(path, self._dim)
+            index, saved = VectorIndex.load(path, self._dim(key))
         except VectorFileDamaged as exc:
             if path.exists():
                 log.warning("vector file %s is damaged (%s); rebuilding it from the database", path.name, exc)
@@ -109,7 +111,7 @@ class FaissVectorStore:
                 if stamp is None or stamp == self._loaded.get(key) or key in self._dirty:
                     continue
                 try:
-                    index, _ = VectorIndex.load(path, self._dim)
+                    index, _ = VectorIndex.load(path, self._dim(key))
                 except VectorFileDamaged:
                     continue  # keep answering from the one we have
                 self._sets[key] = index
@@ -129,8 +131,8 @@ class FaissVectorStore:
 
     def save(self) -> None:
         """Atomically write every changed set, re-laid out when it outgrew its layout."""
-        generation = self._reader.generation()
         for key in sorted(self._dirty):
+            generation = self._reader.generation(key.model)
             index = self._sets[key]
             forced = self._reader.setting(self._layout_setting(key))
             if index.needs_rebuild(keep_layout=forced is not None) or key in self._relayout:
@@ -164,35 +166,48 @@ class FaissVectorStore:
             self._relayout.discard(key)  # just built with the budget
         return built
 
+    def drop(self, keys: Sequence[VectorKey]) -> None:
+        """Forget these sets and delete their files and layout settings (their model was removed)."""
+        with self._loading:
+            for key in keys:
+                self._sets.pop(key, None)
+                self._loaded.pop(key, None)
+                self._dirty.discard(key)
+                self._relayout.discard(key)
+                self.path(key).unlink(missing_ok=True)
+                self._writer().set_setting(self._layout_setting(key), None)
+
     def _build(self, key: VectorKey, layout: str | None = None) -> VectorIndex:
         from .vectors import VectorIndex
 
-        chunks = list(self._reader.vectors(key.kind))
+        dim = self._dim(key)
+        chunks = list(self._reader.vectors(key.kind, model=key.model))
         ids = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros(0, np.int64)
-        vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, self._dim), np.float32)
+        vecs = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
         # The other modality's vectors also tune the layout: they query across the gap.
-        other = next(self._reader.vectors("text" if key.kind == "image" else "image"), (None, None))[1]
+        other = next(self._reader.vectors("text" if key.kind == "image" else "image", model=key.model), (None, None))[1]
         budget = self._reader.setting(MAX_MEMORY_SETTING)
         try:
-            return VectorIndex.build(ids, vecs, self._dim, layout, cross_queries=other,
+            return VectorIndex.build(ids, vecs, dim, layout, cross_queries=other,
                                      max_memory=int(budget) if budget and not layout else None)
         except ValueError as exc:
             if not budget or layout or "no layout fits" not in str(exc):
                 raise
             log.warning("%s; using the automatic layout for the %s vectors", exc, key.kind)
-            return VectorIndex.build(ids, vecs, self._dim, cross_queries=other)
+            return VectorIndex.build(ids, vecs, dim, cross_queries=other)
 
     def _sync(self, key: VectorKey, index: VectorIndex) -> None:
         """Bring a set that lags the metadata store (a crash between commit and save) up to date by id."""
-        have, want = index.ids(), self._reader.item_ids(key.kind)
+        have, want = index.ids(), self._reader.item_ids(key.kind, key.model)
         extra = np.setdiff1d(have, want, assume_unique=True)
         missing = np.setdiff1d(want, have, assume_unique=True)
         if len(extra):
             index.remove(extra)
-        for ids, vecs in self._reader.vectors(key.kind, missing):
+        for ids, vecs in self._reader.vectors(key.kind, missing, key.model):
             index.add(ids, vecs)
         if len(extra) or len(missing):
-            log.info("vector cache %s: %d added, %d removed to match the database", key.kind, len(missing), len(extra))
+            log.info("vector cache %s: %d added, %d removed to match the database", key.name(self._primary),
+                     len(missing), len(extra))
             self._dirty.add(key)
 
 

@@ -71,6 +71,8 @@ class IndexReport:
     #: back), "database" (commits + vector-cache updates), and where JPEGs are decoded on the GPU
     #: (`gpu_decode`), "device_decode" (that decode, with the CPU retries of files it rejects).
     timings: dict[str, float] = field(default_factory=dict)
+    #: Items given a vector of one of the index's other models (`fill_vectors`), by model key.
+    filled: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for the end of `mmsearch index`."""
@@ -82,6 +84,8 @@ class IndexReport:
             line += f", {self.truncated} truncated to the model's context"
         if self.kept:
             line += f"; kept {self.kept} missing"
+        for model, n in self.filled.items():
+            line += f"; {n} items embedded with model {model}"
         if self.ocr:
             line += f"; read the text in {self.ocr} images ({self.timings.get('ocr', 0.0):.1f} s)"
         ignored = self.ignored_summary()
@@ -582,3 +586,57 @@ def index_texts(storage: Storage, claim_model: Callable[[], Encoder], texts: lis
     fill_words(storage, False)
     report.added = 1
     return report
+
+
+def fill_vectors(storage: Storage, model: str, encoder: Callable[[], Encoder], report: IndexReport, *,
+                 batch_size: int = 64, workers: int | None = None, draft: bool = True) -> int:
+    """Embed with the index's model of key `model` every item that has no vector of it (all of them
+    for a model just added; the files added since by the default model, for one added before), one
+    transaction per batch, so a run cut short resumes where it stopped. `encoder()` is called only
+    when there is something to embed. Returns how many items got a vector (also in `report.filled`).
+
+    Texts are embedded from the stored text; images from their file, read again (decoded for this
+    model's geometry). An image changed or unreadable since it was indexed is left without one and
+    counted in a warning: its next re-scan re-embeds it with every model.
+    """
+    from .images import decode_many
+
+    missing = storage.reader.missing_vectors(model)
+    if not missing:
+        return 0
+    enc = encoder()
+    done = 0
+    texts = [(item, text or "") for item, kind, _, text, _, _ in missing if kind == "text"]
+    for start in range(0, len(texts), 256):
+        part = texts[start : start + 256]
+        storage.add_vectors(model, "text", np.array([i for i, _ in part], np.int64), enc.embed_texts([t for _, t in part]))
+        done += len(part)
+    images = {path: (item, size, mtime) for item, kind, path, _, size, mtime in missing if kind == "image"}
+    stale = 0
+    batch: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        storage.add_vectors(model, "image", np.array([i for i, _ in batch], np.int64),
+                            enc.embed_pixels(np.stack([p for _, p in batch])))
+        batch.clear()
+
+    decoded_stream = decode_many(list(images), enc.geometry, default_workers() if workers is None else workers, draft)
+    try:
+        for decoded in decoded_stream:
+            item, size, mtime = images[decoded.path]
+            if decoded.pixels is None or (decoded.size, decoded.mtime) != (size, mtime):
+                stale += 1  # its stored vectors are of the content indexed then: never mix in another
+                continue
+            batch.append((item, decoded.pixels))
+            done += 1
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
+            flush()
+    finally:
+        decoded_stream.close()
+    if stale:
+        report.warn(f"{stale} images changed or unreadable since they were indexed have no vectors of model {model} "
+                    "yet: the re-scan that re-embeds them adds them")
+    report.filled[model] = report.filled.get(model, 0) + done
+    return done

@@ -87,11 +87,10 @@ class LocalStorage(Storage):
 
             with self._opening:
                 if self._vectors is None:
-                    manifest, model = self.manifest(), self.model()
-                    if manifest is None or model is None:
+                    model = self.model()
+                    if model is None:
                         raise self.empty_index_error()
-                    self._vectors = FaissVectorStore(self.directory, self.reader, manifest.dim, model,
-                                                     lambda: self.writer)
+                    self._vectors = FaissVectorStore(self.directory, self.reader, model, lambda: self.writer)
         return self._vectors
 
     @property

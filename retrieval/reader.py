@@ -23,7 +23,8 @@ import numpy as np
 from .config import DB_NAME, KINDS
 from .errors import BadQuery, IndexDamaged, IndexInUse, IndexNotFound, IndexReadOnly, IndexTooNew, MMSearchError
 from .records import FileRow, ItemRow, ModelManifest, RootOptions, WordSource
-from .schema import FAILURES, FILES, IGNORED, ITEMS, META, MIGRATIONS, ROOTS, SCHEMA_VERSION, WORDS, WORDS_FTS
+from .schema import (FAILURES, FILES, IGNORED, ITEMS, META, MIGRATIONS, MODELS, ROOTS, SCHEMA_VERSION, VECTORS,
+                     WORDS, WORDS_FTS)
 from .words import query_terms
 
 if TYPE_CHECKING:
@@ -67,6 +68,10 @@ def root_of(path: str, roots: Iterable[str]) -> str | None:
 _FILE_ROW = FILES.cols(*(f.name for f in fields(FileRow)))
 _ITEM_ROW = f"{ITEMS.cols('id', 'kind')}, {FILES.cols('path')}, {ITEMS.cols('line', 'text')}"
 _JOIN = f"{FILES.cols('id')} = {ITEMS.cols('file_id')}"
+#: The items joined to their vectors (of the model a condition picks), and the model picked by key / the default.
+_VECTOR_JOIN = f"{ITEMS} JOIN {VECTORS} ON {VECTORS.cols('item_id')} = {ITEMS.cols('id')}"
+_BY_KEY = f"{VECTORS.cols('model_id')} = (SELECT id FROM {MODELS} WHERE key = ?)"
+_BY_DEFAULT = f"{VECTORS.cols('model_id')} = (SELECT id FROM {MODELS} WHERE is_default = 1)"
 
 
 def _under(column: str, folder: str) -> tuple[str, list[object]]:
@@ -83,6 +88,8 @@ class StoreReader:
         self.directory = directory
         # One connection, shared by the threads of a library user (a web server, say).
         self._lock = threading.Lock()
+        #: Whether the vectors are still a column of `items` (an index before 0004 that could not be migrated).
+        self._legacy: bool | None = None
 
     @classmethod
     def open(cls, directory: Path) -> StoreReader:
@@ -158,18 +165,57 @@ class StoreReader:
         except MMSearchError:
             return True  # no migrations table yet
 
+    def _before_models(self) -> bool:
+        """Whether the index predates migration 0004 (one model, in meta; vectors in items.vector)."""
+        if self._legacy is None:
+            self._legacy = self._newer(f"SELECT 1 FROM {MODELS} WHERE 1 = 0") is None
+        return self._legacy
+
     def manifest(self) -> ModelManifest | None:
-        """The model recorded by the first `index` run, or None for a new index."""
-        raw = self._meta("model")
-        return ModelManifest(**json.loads(raw)) if raw else None
+        """The index's default model (the first recorded), or None for a new index."""
+        if self._before_models():
+            raw = self._meta("model")
+            return ModelManifest(**json.loads(raw)) if raw else None
+        rows = self._all(f"SELECT manifest FROM {MODELS} WHERE is_default = 1")
+        return ModelManifest(**json.loads(rows[0][0])) if rows else None
+
+    def models(self) -> dict[str, ModelManifest]:
+        """Every model of the index by its key (`stores.model_key`), the default first, then as added."""
+        if self._before_models():
+            from .stores import model_key
+
+            manifest = self.manifest()
+            return {model_key(manifest): manifest} if manifest else {}
+        rows = self._all(f"SELECT key, manifest FROM {MODELS} ORDER BY is_default DESC, id")
+        return {key: ModelManifest(**json.loads(raw)) for key, raw in rows}
+
+    def model_counts(self) -> dict[str, dict[str, int]]:
+        """Vectors per model key and item kind (models without vectors are absent)."""
+        if self._before_models():
+            return {key: {k: n for k, n in self.counts().items() if k in KINDS} for key in self.models()}
+        rows = self._all(f"SELECT {MODELS.cols('key')}, {ITEMS.cols('kind')}, count(*) FROM {_VECTOR_JOIN} "
+                         f"JOIN {MODELS} ON {MODELS.cols('id')} = {VECTORS.cols('model_id')} "
+                         f"GROUP BY {MODELS.cols('key')}, {ITEMS.cols('kind')}")
+        out: dict[str, dict[str, int]] = {}
+        for key, kind, n in rows:
+            out.setdefault(key, {})[kind] = n
+        return out
+
+    def _vectors_of(self, model: str | None) -> tuple[str, str, str, list[object]]:
+        """(FROM clause, vector column, condition, parameters) reading the vectors of `model` (None: the default)."""
+        if self._before_models():
+            return str(ITEMS), f"{ITEMS}.vector", "1 = 1", []  # one model, its vectors in the column 0004 moved
+        return _VECTOR_JOIN, VECTORS.cols("vector"), _BY_KEY if model else _BY_DEFAULT, [model] if model else []
 
     def setting(self, key: str) -> str | None:
         """A value stored with the index (for instance a FAISS layout the user forced)."""
         return self._meta(f"setting:{key}")
 
-    def generation(self) -> int:
-        """Counter bumped by every write; the vector cache records the one it reflects."""
-        return int(self._meta("generation") or 0)
+    def generation(self, model: str | None = None) -> int:
+        """Counter bumped by every write; a vector cache records the one it reflects. With `model`,
+        also counts the writes of that model's vectors alone (which leave the other models' caches current)."""
+        own = self._newer(f"SELECT generation FROM {MODELS} WHERE key = ?", [model]) if model else None
+        return int(self._meta("generation") or 0) + (int(own[0][0]) if own else 0)
 
     def kinds(self) -> set[str]:
         """The item kinds present, each found by one index lookup (counting is O(n))."""
@@ -225,10 +271,20 @@ class StoreReader:
         rows = self._all(f"SELECT {_FILE_ROW} FROM {FILES} WHERE path = ?", [path])
         return FileRow(*rows[0]) if rows else None
 
-    def item_ids(self, kind: str) -> np.ndarray:
-        """Every item id of one kind, ascending."""
-        rows = self._all(f"SELECT id FROM {ITEMS} WHERE kind = ? ORDER BY id", [kind])
+    def item_ids(self, kind: str, model: str | None = None) -> np.ndarray:
+        """Every item id of one kind that has a vector of `model` (None: the default), ascending."""
+        source, _, cond, params = self._vectors_of(model)
+        rows = self._all(f"SELECT {ITEMS.cols('id')} FROM {source} WHERE {ITEMS.cols('kind')} = ? AND {cond} "
+                         f"ORDER BY {ITEMS.cols('id')}", [kind, *params])
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def missing_vectors(self, model: str) -> list[tuple[int, str, str, str | None, int, float]]:
+        """(item id, kind, file path, text, file size, file mtime) of the items without a vector of `model`."""
+        rows = self._all(f"SELECT {ITEMS.cols('id', 'kind')}, {FILES.cols('path')}, {ITEMS.cols('text')}, "
+                         f"{FILES.cols('size', 'mtime')} FROM {ITEMS} JOIN {FILES} ON {_JOIN} WHERE NOT EXISTS "
+                         f"(SELECT 1 FROM {VECTORS} WHERE {VECTORS.cols('item_id')} = {ITEMS.cols('id')} AND {_BY_KEY}) "
+                         f"ORDER BY {ITEMS.cols('id')}", [model])
+        return [tuple(r) for r in rows]
 
     def ids_under(self, folder: str, kind: str) -> np.ndarray:
         """Item ids of one kind whose file lies under `folder`."""
@@ -313,10 +369,10 @@ class StoreReader:
             out.update((r[0], (r[1], r[2])) for r in rows or [])
         return out
 
-    def _by_ids(self, sql: str, ids: Iterable[int]) -> Iterator[list[tuple]]:
-        """Rows of `sql`, whose `{ids}` is an IN list, for `ids` sent CHUNK at a time."""
+    def _by_ids(self, sql: str, ids: Iterable[int], params: Sequence[object] = ()) -> Iterator[list[tuple]]:
+        """Rows of `sql`, whose `{ids}` is an IN list after `params`, for `ids` sent CHUNK at a time."""
         for part in chunks([int(i) for i in ids]):
-            yield self._all(sql.format(ids=",".join("?" * len(part))), part)
+            yield self._all(sql.format(ids=",".join("?" * len(part))), [*params, *part])
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
         """Display rows for item ids that still exist (a missing id is simply absent)."""
@@ -330,17 +386,23 @@ class StoreReader:
                f"WHERE {ITEMS.cols('id')} IN ({{ids}})")
         return {r[0]: (r[1], r[2]) for rows in self._by_ids(sql, ids) for r in rows}
 
-    def vectors(self, kind: str, ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, float32 vectors) of one kind in chunks of at most CHUNK; all items, or only `ids`."""
+    def vectors(self, kind: str, ids: np.ndarray | None = None,
+                model: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, float32 vectors) of one kind under `model` (None: the default) in chunks of at most
+        CHUNK; all items, or only `ids` (those without a vector of that model are left out)."""
+        source, column, cond, params = self._vectors_of(model)
+        item_id = ITEMS.cols("id")
         if ids is None:
             # Keyset pagination: each chunk is one short statement, so no read stays open between chunks.
             after = -1
-            while rows := self._all(f"SELECT id, vector FROM {ITEMS} WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
-                                    [kind, after, CHUNK]):
+            while rows := self._all(f"SELECT {item_id}, {column} FROM {source} WHERE {ITEMS.cols('kind')} = ? "
+                                    f"AND {cond} AND {item_id} > ? ORDER BY {item_id} LIMIT ?",
+                                    [kind, *params, after, CHUNK]):
                 after = rows[-1][0]
                 yield _unpack(rows)
             return
-        for rows in self._by_ids(f"SELECT id, vector FROM {ITEMS} WHERE id IN ({{ids}})", ids):
+        for rows in self._by_ids(f"SELECT {item_id}, {column} FROM {source} WHERE {cond} AND {item_id} IN ({{ids}})",
+                                 ids, params):
             if rows:
                 yield _unpack(rows)
 

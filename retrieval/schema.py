@@ -101,16 +101,36 @@ FILES = Table("files", (
     Column("height", "integer", nullable=True),
 ))
 
-#: One embedded thing; its id is the key of its vector in the vector store.
+#: One embedded thing; its id is the key of its vectors in the vector store (one per model, in `VECTORS`).
 ITEMS = Table("items", (
     Column("id", "integer", primary_key=True),
     Column("file_id", "integer", index=True, references="files.id"),
     Column("kind", "string", index=True),
     Column("line", "integer", default=0),
     Column("text", "text", nullable=True),
-    #: float32, little-endian, the model's dimension.
-    Column("vector", "blob"),
 ), autoincrement=True)
+
+#: The models of an index (0004): the first recorded is the default, which embeds new files first and
+#: answers a query that names no model; the others are added with `index --add-model`.
+MODELS = Table("models", (
+    Column("id", "integer", primary_key=True),
+    #: `stores.model_key` of the manifest: names the model's vector sets (and their files).
+    Column("key", "string", unique=True),
+    #: `records.ModelManifest` as JSON.
+    Column("manifest", "text"),
+    Column("is_default", "integer", default=0),
+    #: Bumped by each write of this model's vectors alone (a backfill): with `meta.generation`, what
+    #: this model's vector caches are checked against (see `reader.StoreReader.generation`).
+    Column("generation", "integer", default=0),
+))
+
+#: One item's vector under one model: float32, little-endian, that model's dimension (0004; before,
+#: the one model's vector was a column of `items`).
+VECTORS = Table("vectors", (
+    Column("item_id", "integer", primary_key=True, references="items.id"),
+    Column("model_id", "integer", primary_key=True, references="models.id"),
+    Column("vector", "blob"),
+))
 
 #: A file (or text record) that could not be indexed, with the reason.
 FAILURES = Table("failures", (
@@ -141,4 +161,4 @@ WORDS = Table("words", (
 WORDS_FTS = "words_fts"
 
 #: Every table, in the order a new database creates them (a table after those it refers to).
-TABLES = (MIGRATIONS, META, ROOTS, FILES, FAILURES, IGNORED, ITEMS, WORDS)
+TABLES = (MIGRATIONS, META, ROOTS, FILES, FAILURES, IGNORED, ITEMS, MODELS, VECTORS, WORDS)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .calibrate import AUTO_RELEVANCE, Calibration, load_sample
+from .calibrate import AUTO_RELEVANCE, Calibration, load_sample, sample_path
 from .compose import exclusion, item_vectors, query_of
 from .errors import BadQuery, EmptyIndex
 from .filters import Filters, parse_filters
@@ -38,11 +38,13 @@ TARGETS = {"images": ("image",), "texts": ("text",), "all": ("image", "text")}
 
 @dataclass(frozen=True)
 class Searcher:
-    """What a query needs: the index's storage and its model's embedding functions."""
+    """What a query needs: the index's storage, the model searched (its key; None: the index's default)
+    and that model's embedding functions."""
 
     storage: Storage
     embed_text: EmbedText
     embed_images: EmbedImages
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def query_vector(searcher: Searcher, query: str | Path | Image.Image | np.ndarra
     """The unit query vector, and the default target ('images' for text, 'texts' for an image)."""
     if isinstance(query, np.ndarray):
         vec = np.asarray(query, dtype=np.float32).reshape(-1)
-        manifest = searcher.storage.manifest()
+        manifest = searcher.storage.manifest(searcher.model)
         dim = manifest.dim if manifest else len(vec)
         if vec.shape[0] != dim:
             raise BadQuery(f"query vector has dimension {vec.shape[0]}, the index {dim}")
@@ -198,8 +200,10 @@ class _Ranking:
                  collapse: float | None) -> None:
         self.searcher, self.kinds, self.vec, self.folder, self.filters = searcher, kinds, vec, folder, filters
         self.min_score, self.within, self.exclude, self.collapse = min_score, within, exclude, collapse
-        reader, cache_dir = searcher.storage.reader, searcher.storage.cache_dir
-        self.calibrations = {kind: Calibration(load_sample(reader, cache_dir, kind), vec) for kind in kinds}
+        storage = searcher.storage
+        self.calibrations = {kind: Calibration(load_sample(
+            storage.reader, sample_path(storage.cache_dir, storage.key(kind, searcher.model).name(storage.model())),
+            kind, searcher.model), vec) for kind in kinds}
 
     def semantic(self, n: int, keep: bool) -> list[tuple[float, ItemRow, float]]:
         """The best `n` items by cosine (score, row, relevance), cut-offs applied; with `keep`, `exclude`
@@ -208,7 +212,8 @@ class _Ranking:
         for kind in self.kinds:
             kept = exclusion(self.searcher, kind, self.vec, self.exclude, self.collapse, n) if keep else None
             found.extend((score, row, self.calibrations[kind].relevance(score)) for score, row in
-                         _search_kind(self.searcher.storage, kind, self.vec, n, self.folder, kept, self.filters))
+                         _search_kind(self.searcher.storage, kind, self.vec, n, self.folder, kept, self.filters,
+                                      self.searcher.model))
         found.sort(key=lambda hit: -hit[0])
         floor = self._floor(found[0][0] if found else None)
         out = []
@@ -253,7 +258,8 @@ class _Ranking:
             cosine = {row.id: score for score, row, _ in meaning}
             for kind in self.kinds:
                 missing = [i for i, row in rows.items() if row.kind == kind and i not in cosine]
-                cosine.update((i, float(v @ self.vec)) for i, v in item_vectors(reader, kind, missing).items())
+                cosine.update((i, float(v @ self.vec))
+                              for i, v in item_vectors(reader, kind, missing, self.searcher.model).items())
             floor = self._floor(max(cosine.values(), default=None))
             passing = {i for i, row in rows.items()
                        if self._passes(cosine[i], self.calibrations[row.kind].relevance(cosine[i]), floor)}
@@ -311,21 +317,21 @@ def local_time(taken_at: float | None, offset: int | None) -> str | None:
     return datetime.fromtimestamp(taken_at, timezone(timedelta(seconds=offset))).isoformat()
 
 
-def _stored(storage: Storage, kind: str, ids: np.ndarray) -> np.ndarray:
-    """Exact vectors of `ids` from the metadata store, in that order (zeros for ids it lacks), for
-    layouts that re-rank compressed candidates with them."""
-    manifest = storage.manifest()
+def _stored(storage: Storage, kind: str, ids: np.ndarray, model: str | None = None) -> np.ndarray:
+    """Exact vectors of `ids` (of model `model`) from the metadata store, in that order (zeros for ids
+    it lacks), for layouts that re-rank compressed candidates with them."""
+    manifest = storage.manifest(model)
     out = np.zeros((len(ids), manifest.dim if manifest else 0), dtype=np.float32)
     order = np.argsort(ids)
-    for got, vecs in storage.reader.vectors(kind, ids):
+    for got, vecs in storage.reader.vectors(kind, ids, model):
         out[order[np.searchsorted(ids, got, sorter=order)]] = vecs
     return out
 
 
 def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: str | None,
                  keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
-                 filters: Filters | None = None) -> list[tuple[float, Any]]:
-    index = storage.vector_set(kind)
+                 filters: Filters | None = None, model: str | None = None) -> list[tuple[float, Any]]:
+    index = storage.vector_set(kind, model)
     if filters:
         allowed = storage.reader.ids_filtered(kind, folder, filters)
     else:
@@ -335,7 +341,7 @@ def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: s
     fetch = k
     while True:
         scores, ids = index.search(vec[None, :], fetch, allowed,
-                                    exact=lambda want: _stored(storage, kind, want))
+                                    exact=lambda want: _stored(storage, kind, want, model))
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         rows = storage.reader.items(i for _, i in pairs)
         # The store is the truth: an id the cache still holds but the store dropped is skipped.

@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .compose import item_vectors
-from .errors import BadQuery, EmptyIndex, MMSearchError
+from .errors import BadQuery, EmptyIndex, MMSearchError, ModelMismatch
 from .gallery import FileChanged, ItemNotFound, Thumbnails, image_file, item_row
 from .search import MODES, SORTS, TARGETS, by_date
 
@@ -79,7 +79,7 @@ class NotAnImage(MMSearchError):
 
 
 _STATUS: list[tuple[type[MMSearchError], int]] = [
-    (BadQuery, 400), (ItemNotFound, 404), (FileChanged, 404), (EmptyIndex, 404),
+    (BadQuery, 400), (ModelMismatch, 400), (ItemNotFound, 404), (FileChanged, 404), (EmptyIndex, 404),
     (UploadTooLarge, 413), (NotAnImage, 415),
 ]
 
@@ -191,7 +191,7 @@ def _item_id(request: Request) -> int:
 
 
 def _search_options(params: Any) -> dict[str, Any]:
-    """k, target, min_score and under from query or form parameters (BadQuery when malformed)."""
+    """k, target, min_score, under, model and sort from query or form parameters (BadQuery when malformed)."""
     options: dict[str, Any] = {}
     raw_k = params.get("k") or "20"
     if not raw_k.isdecimal() or not 1 <= int(raw_k) <= MAX_K:
@@ -209,6 +209,7 @@ def _search_options(params: Any) -> dict[str, Any]:
         if not math.isfinite(options["min_score"]):
             raise BadQuery("min_score must be a finite number")
     options["under"] = params.get("under") or None
+    options["model"] = params.get("model") or None
     options["sort"] = params.get("sort") or "score"
     if options["sort"] not in SORTS:
         raise BadQuery(f"sort must be {' or '.join(SORTS)}")
@@ -237,10 +238,10 @@ def create_app(collection: Collection, *, host: str = "127.0.0.1", token: str | 
         {_host_name(host), *LOOPBACK_NAMES, *(_host_name(h) for h in allow_hosts)})
 
     @functools.lru_cache(maxsize=4096)
-    def text_vector(text: str) -> np.ndarray:
+    def text_vector(text: str, model: str | None) -> np.ndarray:
         # Kept in memory: the model is warm, and the on-disk query cache's write and pruning per
         # new text would cost more than the text tower of a small model.
-        return collection.embed_texts([text])[0]
+        return collection.embed_texts([text], model=model)[0]
 
     def fresh() -> Collection:
         """The collection, with the vector files another process saved since taken up; FAISS on one thread.
@@ -274,7 +275,7 @@ def create_app(collection: Collection, *, host: str = "127.0.0.1", token: str | 
         if mode not in MODES:
             raise BadQuery(f"mode must be {', '.join(MODES)}")
         return _results(await run_in_threadpool(
-            lambda: fresh().search(text_vector(query), words=query, mode=mode, **options)))
+            lambda: fresh().search(text_vector(query, options["model"]), words=query, mode=mode, **options)))
 
     async def search_image(request: Request) -> Response:
         image, form = await _upload(request, max_upload, max_pixels)
@@ -422,15 +423,19 @@ def _decode_upload(data: bytes, max_pixels: int) -> Any:
 
 
 def similar_items(collection: Collection, item_id: int, *, k: int = 20, target: str | None = None,
-                  min_score: float | None = None, under: str | None = None, sort: str = "score") -> list[Result]:
-    """Items like an indexed one, by its stored vector (no re-embedding); the item itself left out.
+                  min_score: float | None = None, under: str | None = None, model: str | None = None,
+                  sort: str = "score") -> list[Result]:
+    """Items like an indexed one, by its stored vector (no re-embedding) under the index's model `model`
+    (default: the first); the item itself left out.
 
     `target` defaults to the item's own kind (more images like an image, texts like a text).
     """
     item = item_row(collection, item_id)
-    vector = item_vectors(collection.reader, item.kind, [item_id])[item_id]
+    vector = item_vectors(collection.reader, item.kind, [item_id], collection.model_of(model)).get(item_id)
+    if vector is None:
+        raise BadQuery(f"item {item_id} has no vector of model {model} yet (its file changed since it was indexed?)")
     target = target or ("images" if item.kind == "image" else "texts")
-    found = collection.search(vector, k=k + 1, target=target, min_score=min_score, under=under)
+    found = collection.search(vector, k=k + 1, target=target, min_score=min_score, under=under, model=model)
     found = [replace(r, rank=rank) for rank, r in enumerate((r for r in found if r.id != item_id), 1)][:k]
     return by_date(collection.reader, found) if sort == "date" else found
 
@@ -443,6 +448,8 @@ def _params(*names: str) -> list[dict[str, Any]]:
                    "What to return (default: the other modality; for /api/similar the item's own).", False),
         "min_score": ("query", {"type": "number"}, "Drop results below this cosine similarity.", False),
         "under": ("query", {"type": "string"}, "Only items whose file lies in this folder.", False),
+        "model": ("query", {"type": "string"},
+                  "Which of the index's models (`index --add-model`): its name or key (default: the first).", False),
         "mode": ("query", {"type": "string", "enum": list(MODES), "default": "hybrid"},
                  "hybrid: meaning and matching words (file and folder names, EXIF, OCR text) fused by reciprocal "
                  "rank fusion, 1/(60 + rank) summed, where words match; semantic or words: one ranking.", False),
@@ -472,18 +479,19 @@ OPENAPI: dict[str, Any] = {
              "description": "Search an mmsearch index by text or image. With a token, send "
                             "'Authorization: Bearer TOKEN' (or the cookie the page's login sets)."},
     "paths": {
-        "/api/search": {"get": {"summary": "Text query", "parameters": _params("q", "k", "target", "min_score", "under", "mode",
-                                                                         "sort"),
+        "/api/search": {"get": {"summary": "Text query",
+                                "parameters": _params("q", "k", "target", "min_score", "under", "model", "mode", "sort"),
                                 "responses": _responses(_RESULTS, 400, 404)}},
         "/api/search/image": {"post": {
             "summary": "Image query (multipart upload, field 'image'; other parameters as query or form fields)",
-            "parameters": _params("k", "target", "min_score", "under", "sort"),
+            "parameters": _params("k", "target", "min_score", "under", "model", "sort"),
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "properties": {"image": {"type": "string", "format": "binary"}},
                 "required": ["image"]}}}},
             "responses": _responses(_RESULTS, 400, 413, 415)}},
         "/api/similar/{id}": {"get": {"summary": "More like an indexed item (its stored vector)",
-                                      "parameters": _params("id", "k", "target", "min_score", "under", "sort"),
+                                      "parameters": _params("id", "k", "target", "min_score", "under", "model",
+                                                            "sort"),
                                       "responses": _responses(_RESULTS, 400, 404)}},
         "/api/info": {"get": {"summary": "What `mmsearch info --json` prints",
                               "responses": _responses({"description": "Index information",

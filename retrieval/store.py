@@ -46,10 +46,11 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from . import schema
 from .config import DB_NAME
-from .errors import IndexReadOnly, ModelMismatch
+from .errors import IndexReadOnly, ModelInUse, ModelMismatch
 from .reader import chunks, database_error, is_under, root_of
 from .schema import SCHEMA_VERSION
 from .records import FileMetadata, ModelManifest, NewFile, RootOptions
+from .stores import model_key
 
 
 #: SQLAlchemy type of each `schema.TYPES` name.
@@ -72,9 +73,9 @@ def _table(metadata: MetaData, table: schema.Table) -> Table:
 METADATA = MetaData()
 for _t in schema.TABLES:
     _table(METADATA, _t)
-Migration, Meta, Root, File, Item, Failure, Ignored, Words = (METADATA.tables[t.name] for t in (
+Migration, Meta, Root, File, Item, Failure, Ignored, Model, Vector, Words = (METADATA.tables[t.name] for t in (
     schema.MIGRATIONS, schema.META, schema.ROOTS, schema.FILES, schema.ITEMS, schema.FAILURES, schema.IGNORED,
-    schema.WORDS))
+    schema.MODELS, schema.VECTORS, schema.WORDS))
 
 
 def _create(conn: Connection, table: Table) -> None:
@@ -106,6 +107,23 @@ def _m0003_file_metadata(conn: Connection) -> None:
     for column in schema.FILES.columns:
         if column.name not in have:
             conn.execute(text(f"ALTER TABLE files ADD COLUMN {column.name} {_TYPES[column.type]().compile(conn.dialect)}"))
+
+
+def _m0004_model_vectors(conn: Connection) -> None:
+    # The one model (meta 'model') becomes the default row of `models`, and its vectors move from
+    # items.vector to `vectors`; the generation is kept, so the FAISS files stay a valid cache.
+    _create(conn, Model)
+    _create(conn, Vector)
+    raw = conn.scalar(select(Meta.c.value).where(Meta.c.key == "model"))
+    if raw is not None:
+        model_id = conn.execute(insert(Model).values(
+            key=model_key(ModelManifest(**json.loads(raw))), manifest=raw, is_default=1, generation=0)).inserted_primary_key[0]
+        conn.execute(delete(Meta).where(Meta.c.key == "model"))
+    if "vector" in {c["name"] for c in inspect(conn).get_columns("items")}:
+        if raw is not None:
+            conn.execute(text("INSERT INTO vectors (item_id, model_id, vector) SELECT id, :model, vector FROM items"),
+                         {"model": model_id})
+        conn.execute(text("ALTER TABLE items DROP COLUMN vector"))
 
 
 #: SQLite's full-text index over `words` (external content: it stores only the index), kept in step by
@@ -147,7 +165,8 @@ def _m0005_words(conn: Connection) -> None:
 
 #: Named schema migrations, applied once each, in order; the last is `reader.SCHEMA_VERSION`.
 MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_root_options_ignored", _m0002_root_options_ignored),
-              ("0003_file_metadata", _m0003_file_metadata), ("0005_words", _m0005_words)]
+              ("0003_file_metadata", _m0003_file_metadata), ("0004_model_vectors", _m0004_model_vectors),
+              ("0005_words", _m0005_words)]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION, "reader.SCHEMA_VERSION must name the last migration"
 
 
@@ -221,18 +240,53 @@ class Store:
         conn.execute(insert(Meta).values(key=key, value=value))
 
     def claim_model(self, manifest: ModelManifest) -> None:
-        """Record the index's model, or refuse a different one (ModelMismatch)."""
+        """Record the index's (default) model, or refuse a different one (ModelMismatch)."""
         with self.engine.begin() as conn:
-            raw = self._get_meta(conn, "model")
+            raw = conn.scalar(select(Model.c.manifest).where(Model.c.is_default == 1))
             if raw is None:
-                self._set_meta(conn, "model", json.dumps(asdict(manifest)))
+                self._insert_model(conn, manifest, default=True)
                 return
         current = ModelManifest(**json.loads(raw))
         if current.identity() != manifest.identity():
             raise ModelMismatch(
                 f"this index was built with {current.describe()}, not {manifest.describe()}; "
-                "use the same model or another --index"
+                "use the same model or another --index (or add it with --add-model)"
             )
+
+    def _insert_model(self, conn: Connection, manifest: ModelManifest, default: bool) -> None:
+        conn.execute(insert(Model).values(key=model_key(manifest), manifest=json.dumps(asdict(manifest)),
+                                          is_default=int(default), generation=0))
+
+    def add_model(self, manifest: ModelManifest) -> bool:
+        """Record another model of the index (its vectors come with `add_vectors`); False if it is one already."""
+        with self.engine.begin() as conn:
+            if conn.scalar(select(Model.c.id).where(Model.c.key == model_key(manifest))) is not None:
+                return False
+            self._insert_model(conn, manifest, default=False)
+        return True
+
+    def remove_model(self, key: str) -> int:
+        """Forget a model that is not the default (ModelInUse for the default) and delete its vectors;
+        returns how many were deleted."""
+        with self.engine.begin() as conn:
+            row = conn.execute(select(Model.c.id, Model.c.is_default).where(Model.c.key == key)).first()
+            if row is None:
+                return 0
+            if row.is_default:
+                raise ModelInUse(f"model {key} is the index's default (it embeds new files first): it cannot be removed")
+            gone = conn.execute(delete(Vector).where(Vector.c.model_id == row.id)).rowcount
+            conn.execute(delete(Model).where(Model.c.id == row.id))
+        return gone
+
+    def add_vectors(self, key: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Store vectors of model `key` for existing items (one transaction; bumps that model's generation)."""
+        with self.engine.begin() as conn:
+            model_id = conn.scalar(select(Model.c.id).where(Model.c.key == key))
+            rows = [{"item_id": int(i), "model_id": model_id, "vector": v.tobytes()}
+                    for i, v in zip(ids, np.ascontiguousarray(vectors, dtype=np.float32))]
+            if rows:
+                conn.execute(insert(Vector), rows)
+            conn.execute(update(Model).where(Model.c.id == model_id).values(generation=Model.c.generation + 1))
 
     def set_setting(self, key: str, value: str | None) -> None:
         """Store (or with None, clear) a value kept with the index."""
@@ -333,8 +387,11 @@ class Store:
             if added:
                 removed.extend(conn.scalars(select(File.c.id).where(File.c.path.in_([nf.path for nf in added]))))
             for part in chunks(removed):  # a deleted folder can hold more files than one statement takes
-                for kind, item_id in conn.execute(select(Item.c.kind, Item.c.id).where(Item.c.file_id.in_(part))):
+                items = conn.execute(select(Item.c.kind, Item.c.id).where(Item.c.file_id.in_(part))).all()
+                for kind, item_id in items:
                     gone.setdefault(kind, []).append(item_id)
+                for ids in chunks([item_id for _, item_id in items]):
+                    conn.execute(delete(Vector).where(Vector.c.item_id.in_(ids)))
                 conn.execute(delete(Item).where(Item.c.file_id.in_(part)))
                 conn.execute(delete(File).where(File.c.id.in_(part)))
             # Bulk inserts with RETURNING (one statement per table, ids in parameter order): per-row
@@ -346,7 +403,7 @@ class Store:
                      for nf in added],
                 ).scalars().all()
                 rows = [
-                    (nf.kind, {"file_id": file_id, "kind": nf.kind, "line": line, "text": text, "vector": vec.tobytes()}, vec)
+                    (nf.kind, {"file_id": file_id, "kind": nf.kind, "line": line, "text": text}, vec)
                     for nf, file_id in zip(added, file_ids)
                     if nf.vectors is not None and len(nf.lines)
                     for line, text, vec in zip(nf.lines, nf.texts, np.ascontiguousarray(nf.vectors, dtype=np.float32))
@@ -358,6 +415,10 @@ class Store:
                     for (kind, _, vec), item_id in zip(rows, item_ids):
                         new_ids.setdefault(kind, []).append(item_id)
                         new_vecs.setdefault(kind, []).append(vec)
+                    # A new item's vector is the default model's; the other models' come with `add_vectors`.
+                    model_id = conn.scalar(select(Model.c.id).where(Model.c.is_default == 1))
+                    conn.execute(insert(Vector), [{"item_id": item_id, "model_id": model_id, "vector": vec.tobytes()}
+                                                  for (_, _, vec), item_id in zip(rows, item_ids)])
             stale = list(cleared_failures) + [path for path, _ in failures]
             for part in chunks(stale):
                 conn.execute(delete(Failure).where(Failure.c.path.in_(part)))

@@ -38,8 +38,10 @@ class MetadataReader(Protocol):
 
     def needs_migration(self) -> bool: ...
     def manifest(self) -> ModelManifest | None: ...
+    def models(self) -> dict[str, ModelManifest]: ...
+    def model_counts(self) -> dict[str, dict[str, int]]: ...
     def setting(self, key: str) -> str | None: ...
-    def generation(self) -> int: ...
+    def generation(self, model: str | None = None) -> int: ...
     def kinds(self) -> set[str]: ...
     def counts(self) -> dict[str, int]: ...
     def roots(self, under: str | None = None) -> list[str]: ...
@@ -49,7 +51,8 @@ class MetadataReader(Protocol):
     def failures(self, under: str | None = None) -> list[tuple[str, str]]: ...
     def files_under(self, root: str) -> dict[str, FileRow]: ...
     def file(self, path: str) -> FileRow | None: ...
-    def item_ids(self, kind: str) -> np.ndarray: ...
+    def item_ids(self, kind: str, model: str | None = None) -> np.ndarray: ...
+    def missing_vectors(self, model: str) -> list[tuple[int, str, str, str | None, int, float]]: ...
     def ids_under(self, folder: str, kind: str) -> np.ndarray: ...
     def ids_filtered(self, kind: str, folder: str | None, filters: Filters) -> np.ndarray: ...
     def files_without_metadata(self) -> list[tuple[int, str]]: ...
@@ -59,7 +62,8 @@ class MetadataReader(Protocol):
     def capture_times(self, ids: Iterable[int]) -> dict[int, tuple[float | None, int | None]]: ...
     def items(self, ids: Iterable[int]) -> dict[int, ItemRow]: ...
     def item_files(self, ids: Iterable[int]) -> dict[int, tuple[str, str]]: ...
-    def vectors(self, kind: str, ids: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def vectors(self, kind: str, ids: np.ndarray | None = None,
+                model: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
     def close(self) -> None: ...
 
 
@@ -68,6 +72,9 @@ class MetadataWriter(Protocol):
     when it changes items."""
 
     def claim_model(self, manifest: ModelManifest) -> None: ...
+    def add_model(self, manifest: ModelManifest) -> bool: ...
+    def remove_model(self, key: str) -> int: ...
+    def add_vectors(self, key: str, ids: np.ndarray, vectors: np.ndarray) -> None: ...
     def set_setting(self, key: str, value: str | None) -> None: ...
     def add_roots(self, paths: Iterable[str], options: dict[str, RootOptions] | None = None) -> None: ...
     def set_root_options(self, options: dict[str, RootOptions]) -> None: ...
@@ -87,13 +94,19 @@ class VectorKey(NamedTuple):
     model: str
     kind: str
 
+    def name(self, default: str) -> str:
+        """The set's name in file and setting names: the kind alone for the index's `default` model (as
+        before there were several), else the model's key and the kind."""
+        return self.kind if self.model == default else f"{self.model}-{self.kind}"
+
 
 def model_key(manifest: ModelManifest) -> str:
-    """A short, file-name-safe key of a model: its name and a hash of what identifies it."""
+    """A short, file-name-safe key of a model: its name (a config file's by its file name) and a hash
+    of what identifies it."""
     import hashlib
 
     digest = hashlib.sha256(repr(manifest.identity()).encode()).hexdigest()[:10]
-    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', manifest.name)}-{digest}"
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(manifest.name).name)}-{digest}"
 
 
 class VectorSet(Protocol):
@@ -121,7 +134,7 @@ class VectorStore(Protocol):
     the generation it reflects; `refresh` takes up, for the sets loaded, what another process
     saved since (returning the keys swapped); `relayout` has sets rebuilt at the next save (a
     new memory budget); `rebuild` makes sets afresh from the metadata store (a layout given is
-    kept for them), all or none.
+    kept for them), all or none; `drop` deletes sets (a model removed).
     """
 
     def get(self, key: VectorKey) -> VectorSet: ...
@@ -131,6 +144,7 @@ class VectorStore(Protocol):
     def refresh(self) -> list[VectorKey]: ...
     def relayout(self, keys: Sequence[VectorKey]) -> None: ...
     def rebuild(self, keys: Sequence[VectorKey], layout: str | None = None) -> Mapping[VectorKey, VectorSet]: ...
+    def drop(self, keys: Sequence[VectorKey]) -> None: ...
 
 
 class Storage(ABC):
@@ -186,37 +200,47 @@ class Storage(ABC):
 
     # --- the same for every back end ---------------------------------------------------------
 
-    def manifest(self) -> ModelManifest | None:
-        """The model that built this index (None while it is new or empty)."""
+    def manifest(self, model: str | None = None) -> ModelManifest | None:
+        """The index's default model (None while it is new or empty), or the model of key `model`."""
+        if model is not None:
+            return self.models().get(model)
         return self.reader.manifest() if self.exists else None
 
+    def models(self) -> dict[str, ModelManifest]:
+        """Every model of the index by key, the default first (read each time: another process may add one)."""
+        return self.reader.models() if self.exists else {}
+
     def model(self) -> str | None:
-        """`model_key` of the index's model (None while none is recorded); never changes once recorded."""
+        """`model_key` of the index's default model (None while none is recorded); never changes once recorded."""
         if self._model is None:
             manifest = self.manifest()
             self._model = model_key(manifest) if manifest is not None else None
         return self._model
 
-    def key(self, kind: str) -> VectorKey:
-        """The vector set of `kind` for the index's model."""
-        model = self.model()
-        if model is None:
+    def key(self, kind: str, model: str | None = None) -> VectorKey:
+        """The vector set of `kind` for the model of key `model` (None: the default)."""
+        default = self.model()
+        if default is None:
             raise self.empty_index_error()
-        return VectorKey(model, kind)
+        return VectorKey(model or default, kind)
+
+    def keys(self) -> list[VectorKey]:
+        """Every vector set of the index: each kind of each model."""
+        return [self.key(kind, model) for model in self.models() for kind in KINDS]
 
     def empty_index_error(self) -> EmptyIndex:
         """The error for an index that has no model recorded yet, hence no vectors."""
         return EmptyIndex(f"index {self.location} is empty: run `mmsearch index PATH` first")
 
-    def vector_set(self, kind: str) -> VectorSet:
-        """The searchable vectors of one kind, up to date with the metadata store."""
-        return self.vectors.get(self.key(kind))
+    def vector_set(self, kind: str, model: str | None = None) -> VectorSet:
+        """The searchable vectors of one kind (of model `model`, None: the default), up to date with the metadata store."""
+        return self.vectors.get(self.key(kind, model))
 
     def load_vectors(self) -> None:
-        """Load every vector set of the index's model (nothing while there is none)."""
+        """Load every vector set of every model of the index (nothing while there is none)."""
         if self.model() is not None:
-            for kind in KINDS:
-                self.vector_set(kind)
+            for key in self.keys():
+                self.vectors.get(key)
 
     def set_memory_budget(self, max_memory: int) -> None:
         """Keep a memory budget (bytes; 0 clears it) for the automatic vector layouts; the vector
@@ -225,24 +249,47 @@ class Storage(ABC):
         if value != self.reader.setting(MAX_MEMORY_SETTING):
             self.writer.set_setting(MAX_MEMORY_SETTING, value)
             if self.model() is not None:
-                self.vectors.relayout([self.key(kind) for kind in KINDS])
+                self.vectors.relayout(self.keys())
 
     def claim_model(self, manifest: ModelManifest) -> None:
         """Record (or check: ModelMismatch) the index's model, then load its vector sets."""
         self.writer.claim_model(manifest)
         self.load_vectors()
 
+    def add_model(self, manifest: ModelManifest) -> str:
+        """Record another model of the index (nothing if it is one already); returns its key.
+        Its vectors come with `add_vectors`."""
+        if self.model() is None:
+            raise self.empty_index_error()
+        self.writer.add_model(manifest)
+        return model_key(manifest)
+
+    def remove_model(self, model: str) -> int:
+        """Delete a model's vectors, its vector sets and its record (ModelInUse for the default);
+        returns how many vectors were deleted."""
+        removed = self.writer.remove_model(model)
+        self.vectors.drop([VectorKey(model, kind) for kind in KINDS])
+        return removed
+
     def commit(self, **changes: Any) -> dict[str, np.ndarray]:
         """One batch (see `MetadataWriter.commit`) into the metadata store, then mirrored into the
-        vector sets; returns the item ids deleted, per kind."""
+        vector sets (an item removed leaves every model's); returns the item ids deleted, per kind."""
         self.load_vectors()
+        models = list(self.models())
         ids, vecs, gone = self.writer.commit(**changes)
         for kind, removed in gone.items():
-            if len(removed):
-                self.vectors.remove(self.key(kind), removed)
+            for model in models if len(removed) else ():
+                self.vectors.remove(self.key(kind, model), removed)
         for kind, new in ids.items():
             self.vectors.add(self.key(kind), new, vecs[kind])
         return gone
+
+    def add_vectors(self, model: str, kind: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Vectors of model `model` for existing items of one kind, into the metadata store, then its vector set."""
+        key = self.key(kind, model)
+        self.vectors.get(key)  # loaded before the write, so the batch is applied once
+        self.writer.add_vectors(model, ids, vectors)
+        self.vectors.add(key, ids, vectors)
 
     @contextmanager
     def writing(self, wait: float = 0.0) -> Iterator[None]:

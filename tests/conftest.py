@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("models") / "tiny-clip.json"
     path.write_text(json.dumps(TINY_CONFIG))
     return str(path)
+
+
+def release_index_copy(name: str, tmp_path: Path) -> Path:
+    """A copy of the index a previous release made (`tests/data/NAME`), its model's checkpoint pointed
+    at this checkout's bundled one."""
+    import shutil
+
+    from retrieval.config import BUNDLED_DIR
+
+    index = tmp_path / name
+    shutil.copytree(Path(__file__).parent / "data" / name, index)
+    with sqlite3.connect(index / "mmsearch.db") as db:
+        model = json.loads(db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0])
+        model["pretrained"] = str(BUNDLED_DIR / "shapes-mini.pt")
+        db.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps(model),))
+    db.close()
+    return index
 
 
 def solid_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (48, 40), **save: object) -> Path:

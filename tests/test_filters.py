@@ -26,7 +26,7 @@ from retrieval.encoder import Encoder
 from retrieval.errors import BadQuery
 from retrieval.filters import parse_filters
 
-from conftest import invoke, solid_image
+from conftest import invoke, release_index_copy, solid_image
 
 FIXTURE = Path(__file__).parent / "data" / "index-v2"
 
@@ -129,16 +129,9 @@ def test_cli_filters_and_json(runner, library) -> None:
 
 # --- the previous release's index (schema 0002) ---------------------------------------------
 
-def v2_copy(tmp_path: Path, fixture: Path = FIXTURE) -> Path:
-    """A copy of the previous release's index (or another `fixture`), its model's checkpoint pointed at this checkout's."""
-    index = tmp_path / fixture.name
-    shutil.copytree(fixture, index)
-    with sqlite3.connect(index / "mmsearch.db") as db:
-        model = json.loads(db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0])
-        model["pretrained"] = str(BUNDLED_DIR / "shapes-mini.pt")
-        db.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps(model),))
-    db.close()
-    return index
+def v2_copy(tmp_path: Path) -> Path:
+    """A copy of the previous release's index, its model's checkpoint pointed at this checkout's."""
+    return release_index_copy("index-v2", tmp_path)
 
 
 def restore_sources(index: Path) -> None:

@@ -143,7 +143,7 @@ def test_vector_sets_are_keyed_by_model_and_kind_with_the_old_file_names(tmp_pat
         assert key == VectorKey(model_key(idx.manifest), "image")
         assert idx.storage.vectors.path(key) == index / "vectors-image.faiss"
         assert len(idx.vectors("image")) == 6 and idx.info()["texts"] == 4
-        with pytest.raises(ValueError, match="no vectors of model"):
+        with pytest.raises(retrieval.BadQuery, match="no vectors of model"):
             idx.storage.vectors.get(VectorKey("another-model", "image"))
     assert {p.name: p.read_bytes() for p in index.glob("*.faiss")} == before  # opened, not rebuilt
 

@@ -56,6 +56,7 @@ def test_reader_sees_each_commit_and_the_vectors_written(pair, monkeypatch) -> N
 
 def test_folder_filters_match_whole_path_components(pair) -> None:
     store, reader = pair
+    store.claim_model(ModelManifest("tiny", None, "ab" * 32, 8))
     store.commit(added=_files(["/a/b/1.jpg", "/a/b/sub/2.jpg", "/a/bc/3.jpg", "/a/b"]))
     assert set(reader.files_under("/a/b")) == {"/a/b/1.jpg", "/a/b/sub/2.jpg", "/a/b"}
     under = reader.items(reader.ids_under("/a/b/sub", "image"))
@@ -66,6 +67,7 @@ def test_folder_filters_match_whole_path_components(pair) -> None:
 def test_new_database_packs_vectors_into_large_pages(pair, tmp_path) -> None:
     """16 KB pages: a 512-d float32 vector costs ~2.4 KB on disk, not a whole 4 KB page."""
     store, _ = pair
+    store.claim_model(ModelManifest("tiny", None, "ab" * 32, 512))
     db = tmp_path / "idx" / DB_NAME
 
     def size_after(paths: list[str]) -> int:
@@ -92,6 +94,7 @@ def test_removing_more_files_than_one_statement_takes(pair) -> None:
     from sqlalchemy import event
 
     store, reader = pair
+    store.claim_model(ModelManifest("tiny", None, "ab" * 32, 4))
     n = reader_module.CHUNK + 5000
     ids, _, _ = store.commit(added=_files([f"/big/{i}.jpg" for i in range(n)], dim=4))
     store.engine.dispose()
@@ -116,16 +119,17 @@ def _schema_text(db: Path) -> str:
 def test_schema_built_from_plain_data_is_the_released_one(tmp_path) -> None:
     """A new index, and the first release's index once migrated, have exactly the schema of the
     release before the schema became plain data plus migration 0003's five nullable `files` columns
-    (dumps taken with `sqlite3 mmsearch.db .schema`; the 0002 dumps differed only by those columns),
-    followed by migration 0005's `words` table and its FTS5 index and triggers."""
+    and 0004's `models` and `vectors` tables, `items` without its `vector` column (dumps taken with
+    `sqlite3 mmsearch.db .schema`; the 0003 dumps differed only by those), followed by migration
+    0005's `words` table and its FTS5 index and triggers."""
     import shutil
 
     words = (DATA / "schema-0005-words.sql").read_text()
     Store.open(tmp_path / "new").close()
-    assert _schema_text(tmp_path / "new" / DB_NAME) == (DATA / "schema-0003.sql").read_text() + words
+    assert _schema_text(tmp_path / "new" / DB_NAME) == (DATA / "schema-0004.sql").read_text() + words
     shutil.copytree(DATA / "index-v1", tmp_path / "v1")
     Store.open(tmp_path / "v1").close()
-    assert _schema_text(tmp_path / "v1" / DB_NAME) == (DATA / "schema-v1-migrated-0003.sql").read_text() + words
+    assert _schema_text(tmp_path / "v1" / DB_NAME) == (DATA / "schema-v1-migrated-0004.sql").read_text() + words
 
 
 def test_reader_sql_names_only_columns_of_the_schema() -> None:

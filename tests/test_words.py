@@ -21,7 +21,7 @@ from retrieval.local import LocalStorage
 from retrieval.reader import StoreReader
 from retrieval.words import RRF_K, fuse, item_words, query_terms, ranks, split_words
 
-from conftest import invoke, run_mmsearch, solid_image
+from conftest import invoke, release_index_copy, run_mmsearch, solid_image
 from test_filters import exif_bytes, restore_sources, v2_copy
 
 DEMO = BUNDLED_DIR / "demo"
@@ -268,7 +268,7 @@ def test_ocr_asked_for_without_the_engine_is_a_one_line_error(tmp_path: Path, ru
 
 def v3_copy(tmp_path: Path) -> Path:
     """A copy of the previous release's index, its model's checkpoint pointed at this checkout's."""
-    return v2_copy(tmp_path, V3)
+    return release_index_copy("index-v3", tmp_path)
 
 
 def test_previous_release_index_migrates_with_its_words_searchable_at_once(tmp_path: Path, monkeypatch) -> None:
