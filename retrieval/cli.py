@@ -41,6 +41,7 @@ Environment variables:
   MMSEARCH_GPU_DECODE  auto (JPEGs decoded on the GPU when the model runs on CUDA), on or off
   MMSEARCH_TOKEN       the secret of `serve --token`
   MMSEARCH_RAY         `index --ray`: embed images on Ray (local, auto or ray://HOST:PORT)
+  MMSEARCH_OCR         auto (read the text in images where the ocr extra is installed), on or off
   MMSEARCH_PRUNE_MAX_SHARE, MMSEARCH_PRUNE_MAX_FILES
                        a re-scan keeps a folder's missing files when more than this
                        share (0.2) and this many (10) are gone, unless --prune
@@ -184,6 +185,10 @@ def cli() -> None:
 @click.option("--ray", "ray_address", envvar="MMSEARCH_RAY", metavar="ADDRESS",
               help="Decode and embed the images on Ray Data: local (start Ray here), auto (the cluster running "
                    "on this machine) or ray://HOST:PORT; needs pip install 'mmsearch[cluster]'.")
+@click.option("--ocr/--no-ocr", default=None,
+              help="Read the text in images for words search (needs the ocr extra and Tesseract; slow: 0.1-1 s "
+                   "an image, more than embedding it). Default: $MMSEARCH_OCR (auto, on, off), auto = where installed. "
+                   "--ocr on an index also reads the images indexed before.")
 @_max_memory_option
 @_wait_option
 @_quiet_option
@@ -191,7 +196,7 @@ def cli() -> None:
 def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pretrained: str | None, add_model: bool,
           device: str, precision: str | None, batch_size: int, workers: int | None, text_field: str | None, exclude: tuple[str, ...],
           include_hidden: bool | None, prune: bool, failures_file: Path | None, ray_address: str | None,
-          max_memory: int | None, wait: float, quiet: bool, db: str | None, vectors: str | None) -> None:
+          ocr: bool | None, max_memory: int | None, wait: float, quiet: bool, db: str | None, vectors: str | None) -> None:
     """Index image folders and text corpora (.txt, .jsonl, .json, .csv), incrementally.
 
     With no PATHS, re-scans every folder indexed before, each with its stored options; with
@@ -215,7 +220,7 @@ def index(paths: tuple[Path, ...], index_dir: Path | None, model: str | None, pr
                 click.echo(f"{model} is a model of this index already, with a vector for every item", err=True)
         if paths or not add_model:
             report = idx.add(list(paths), text_field=text_field, exclude=list(exclude) if exclude else None,
-                             include_hidden=include_hidden, prune=prune, batch_size=batch_size, workers=workers,
+                             include_hidden=include_hidden, prune=prune, batch_size=batch_size, workers=workers, ocr=ocr,
                              progress=bar.update, on_total=lambda n: bar.reset(total=n), max_memory=max_memory,
                              ray=ray_address)
     bar.close()
@@ -264,7 +269,17 @@ Examples:
   mmsearch query "a blue star" --min-score auto --json   # only clear matches; JSON has `relevance`
   mmsearch query "a red circle" --within 0.05 --collapse
   mmsearch query "a beach" --after 2024-06-01 --before 2024-09-01 --camera pixel --min-size 800x600
+  mmsearch query "germany" --sort date           # words and meaning, oldest first
+  mmsearch query "invoice" --words-only --json   # file/folder names, EXIF, text read by OCR
   mmsearch query "a dog" --model ViT-L-14        # with another model of the index (index --add-model)
+
+\b
+Words as well as meaning: a text query also matches the words of each item (file and folder
+names, EXIF camera, capture year and month, text read from images by OCR, a text's own words).
+Where some match, the two rankings are fused by reciprocal rank fusion,
+  rrf(item) = sum over rankings of 1 / (60 + rank),
+else it is the meaning ranking alone. --semantic-only or --words-only picks one. Every
+result's score is its cosine; --json gives each result's `ranks` (and `words_score`, `fused`).
 """
 
 
@@ -295,6 +310,11 @@ Examples:
 @click.option("--ext", metavar="EXTS", help="Only files with these extensions, e.g. jpg,png.")
 @click.option("--min-size", metavar="WxH", help="Only images at least W pixels wide and H high, e.g. 800x600.")
 @_model_choice_option
+@click.option("--semantic-only", is_flag=True, help="Rank by meaning (CLIP) alone.")
+@click.option("--words-only", is_flag=True,
+              help="Rank by matching words alone (file and folder names, EXIF, OCR text).")
+@click.option("--sort", type=click.Choice(["score", "date"]), default="score", show_default=True,
+              help="Order the results by the ranking, or by capture time (oldest first, undated last).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (with each result's relevance).")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as a self-contained web page (thumbnails inside) to this file.")
@@ -303,20 +323,24 @@ Examples:
 @_reports_errors
 def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subtract: tuple[str, ...],
           exclude: tuple[str, ...], index_dir: Path | None, target: str | None, k: int, min_score: float | str | None,
-          within: float | None, collapse: bool, under: Path | None, model: str | None, as_json: bool,
-          html_file: Path | None, device: str, quiet: bool, db: str | None, vectors: str | None,
-          **filters: str | None) -> None:
+          within: float | None, collapse: bool, under: Path | None, model: str | None, semantic_only: bool,
+          words_only: bool, sort: str, as_json: bool, html_file: Path | None, device: str, quiet: bool,
+          db: str | None, vectors: str | None, **filters: str | None) -> None:
     """The `query` command (its help is QUERY_HELP); `filters` are --after, --before, --camera, --ext, --min-size."""
     _setup_logging(quiet)
     if text is None and not images:
         raise click.UsageError("give a TEXT query, --image PATH, or both")
     if text is not None and not images and not quiet and kind_of(Path(text)) == "image" and os.path.isfile(text):
         click.echo(f"hint: searching for the words {_shown(text)!r}; to search by that image, use --image", err=True)
+    if semantic_only and words_only:
+        raise click.UsageError("--semantic-only and --words-only exclude each other")
+    mode = "semantic" if semantic_only else "words" if words_only else None
     parts = [*images, *([text] if text is not None else [])]
     with retrieval.open_index(index_dir, device=device, create=False, db=db, vectors=vectors) as idx:
         results = idx.search(parts[0] if len(parts) == 1 else parts, k=k, target=target, min_score=min_score,
                              under=under, add=add, subtract=subtract, exclude=exclude, within=within,
-                             collapse=DEFAULT_THRESHOLD if collapse else None, model=model, **filters)
+                             collapse=DEFAULT_THRESHOLD if collapse else None, model=model, mode=mode or "hybrid",
+                             sort=sort, **filters)
         if html_file:
             from retrieval.gallery import Thumbnails, results_html
 
@@ -330,7 +354,8 @@ def query(text: str | None, images: tuple[Path, ...], add: tuple[str, ...], subt
         click.echo("no results", err=True)
     for r in results:
         shown = r.path if r.kind == "image" else f"{r.text}  [{Path(r.path).name}:{r.line}]"
-        click.echo(f"{r.rank:>3}  {r.score:.4f}  {_shown(shown)}")
+        taken = f"{(r.taken or '-')[:16].replace('T', ' '):<16}  " if sort == "date" else ""
+        click.echo(f"{r.rank:>3}  {r.score:.4f}  {taken}{_shown(shown)}")
 
 
 @cli.command()

@@ -344,7 +344,7 @@ class Collection:
     def add(self, paths: Sequence[str | Path] = (), **options: Any) -> IndexReport:
         """Index image files/folders and text corpora (incremental); see `indexer.index_paths`.
 
-        With no paths, re-scans every root indexed before. Options include `prune=True`,
+        With no paths, re-scans every root indexed before. Options include `prune=True`, `ocr=True/False`,
         `exclude=[patterns]`, `include_hidden=True` and `text_field=NAME` (the last three are
         stored with each root; None keeps what is stored), and `ray=ADDRESS` ('local', 'auto',
         'ray://HOST:PORT', or a `ray_ingest.RayIngest`) to embed the images on Ray Data. A new
@@ -353,12 +353,14 @@ class Collection:
         (`add_model`, here).
         """
         from .indexer import check_paths, index_paths
+        from .ocr import wanted
 
         paths = [str(p) for p in _listed(paths, "add")]
         max_memory = options.pop("max_memory", None)
         ingest = _ray_ingest(options.pop("ray", None))  # refused here, before anything is written
         if ingest is not None:
             options["embed_images"] = ingest.embed_images
+        options["ocr"] = wanted(options.get("ocr"))  # OCR asked for and not installed: refused before any write
         if not self.storage.exists:
             check_paths(paths)
             self.encoder  # noqa: B018 - a model that cannot load leaves no index behind
@@ -474,8 +476,9 @@ class Collection:
         """Search by text, image (path or PIL image), vector, or a list of texts and images combined.
 
         Options include `k`, `target`, `under`, `add`/`subtract` (texts, "text::weight"), `exclude`
-        (texts), `min_score` (a cosine or 'auto'), `within`, `collapse` and the filters `after`, `before`,
-        `camera`, `ext`, `min_size`; see `search.search`. `model`: which of the index's models embeds the
+        (texts), `min_score` (a cosine or 'auto'), `within`, `collapse`, the filters `after`, `before`,
+        `camera`, `ext`, `min_size`, `mode` ('hybrid': meaning and words fused, 'semantic', 'words') and
+        `sort` ('score' or 'date'); see `search.search`. `model`: which of the index's models embeds the
         query and whose vectors are searched (a name or key, see `model_of`; default: the first).
         """
         from .search import Searcher, search

@@ -24,7 +24,7 @@ import numpy as np
 # `import retrieval` imports this module, and a query needs none of them.
 from .config import PRUNE_MAX_FILES, PRUNE_MAX_SHARE, kind_of
 from .errors import MMSearchError, NothingToIndex, PathNotFound, UnsupportedFile
-from .reader import is_under
+from .reader import is_under, root_of
 from .scan import Candidate, excluded, read_corpus, scan, type_counts
 from .records import FileRow, NewFile, RootOptions
 
@@ -73,6 +73,8 @@ class IndexReport:
     empty_paths: list[str] = field(default_factory=list)
     #: Number of paths named for this run (0 for a re-scan of the known roots).
     named_paths: int = 0
+    #: Images whose text was read by OCR in this run (see `fill_words`); its seconds are timings["ocr"].
+    ocr: int = 0
     #: Seconds spent on images: "images" (wall time of the image loop), "decode" (reading, hashing
     #: and decoding, summed over the decoders working in parallel with the rest), "wait_decode" (the
     #: loop waiting for decoded images), "embed" (batch stacking, host→device copy, model, copy
@@ -94,6 +96,8 @@ class IndexReport:
             line += f"; kept {self.kept} missing"
         for model, n in self.filled.items():
             line += f"; {n} items embedded with model {model}"
+        if self.ocr:
+            line += f"; read the text in {self.ocr} images ({self.timings.get('ocr', 0.0):.1f} s)"
         ignored = self.ignored_summary()
         return f"{line}\n{ignored}" if ignored else line
 
@@ -294,7 +298,7 @@ def sha256_file_safe(path: str) -> str:
 
 def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Sequence[str], *, text_field: str | None = None,
                 exclude: Sequence[str] | None = None, include_hidden: bool | None = None, prune: bool = False,
-                batch_size: int = 64, workers: int | None = None, draft: bool = True,
+                batch_size: int = 64, workers: int | None = None, draft: bool = True, ocr: bool | None = None,
                 progress: Callable[[int], None] | None = None,
                 on_total: Callable[[int], None] | None = None,
                 embed_images: ImageEmbedder | None = None) -> IndexReport:
@@ -307,18 +311,23 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
     `include_hidden` and `text_field` are stored per root: None keeps the stored value, a value
     replaces it for the roots scanned. Hidden files are skipped unless `include_hidden`.
     `prune` removes gone files even past the prune rule (config.PRUNE_MAX_SHARE/FILES).
+    `ocr`: read the text in images for words search (True: OcrUnavailable without the engine; None:
+    env MMSEARCH_OCR, else where the engine is installed; see `fill_words`).
     `progress(n)` is called as n more files are done; `on_total(n)` once with the number to embed.
     `embed_images`: what embeds and commits the images to index (default: decode processes or a
     thread and the encoder here; `ray_ingest.RayIngest.embed_images` spreads them over a Ray cluster).
     Raises PathNotFound/UnsupportedFile for bad paths, NothingToIndex for no paths and no
     known roots, before changing anything.
     """
+    from .ocr import wanted
+
     report = IndexReport(named_paths=len(paths))
     roots = _resolve_roots(storage, paths, report)
     reader = storage.reader
     stored = reader.root_options()
     options = root_options(stored, roots, exclude, include_hidden, text_field)
     limits = None if prune else prune_limits(reader)  # a bad setting fails before anything changes
+    ocr = wanted(ocr)  # so does OCR asked for and not installed
     encoder = claim_model()
     work = plan(reader, options, stored, report, limits=limits)
     report.unchanged = work.unchanged
@@ -347,6 +356,7 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
         if progress:
             progress(1)
     fill_metadata(storage)
+    fill_words(storage, ocr, report)
     # Stored last: a run cut short re-reads, next time, the corpora a changed text field affects.
     storage.writer.set_root_options({root: opts for root, opts in options.items() if stored.get(root) != opts})
     report.empty_paths = [raw for raw, root in zip(paths, roots) if not reader.has_items(root)]
@@ -367,6 +377,47 @@ def fill_metadata(storage: Storage) -> int:
             continue
     storage.writer.set_file_metadata(rows)
     return len(rows)
+
+
+#: Items whose OCR text is committed together.
+WORDS_BATCH = 64
+
+
+def fill_words(storage: Storage, ocr: bool | None = None, report: IndexReport | None = None) -> int:
+    """Make the searchable words (see `words.item_words`) of the items that lack them: those just
+    added, a renamed file's, and those of an index built before migration 0005 whose metadata it
+    lacked; nothing is embedded. With OCR (`ocr.wanted(ocr)`), also read the text of every image not
+    read yet (an index's older images too, once OCR is installed or asked for). Returns how many items
+    got words; the images read and the time it took go to `report.ocr` and `report.timings["ocr"]`."""
+    from . import ocr as engine
+    from .words import item_words
+
+    read = engine.wanted(ocr)
+    todo = storage.reader.words_todo(read)
+    if not todo:
+        return 0
+    roots = storage.reader.roots()
+    start = time.perf_counter()
+    rows: list[tuple[int, str, str | None]] = []
+    for number, src in enumerate(todo, 1):
+        text = src.ocr
+        if read and src.kind == "image" and text is None:
+            try:
+                text = engine.read_text(src.path)
+            except Exception:  # noqa: BLE001 - gone or unreadable since it was embedded: tried next scan
+                text = None
+            if report is not None:
+                report.ocr += 1
+        words = src.words if src.words is not None else item_words(
+            src.kind, src.path, root_of(src.path, roots), src.text, src.camera, src.taken_at, src.taken_offset)
+        rows.append((src.item_id, words, text))
+        if read and number % WORDS_BATCH == 0:  # OCR takes a while: an interrupted run keeps what was read
+            storage.writer.set_words(rows)
+            rows = []
+    storage.writer.set_words(rows)
+    if read and report is not None:
+        report.timings["ocr"] = report.timings.get("ocr", 0.0) + time.perf_counter() - start
+    return len(todo)
 
 
 @dataclass
@@ -555,6 +606,7 @@ def index_texts(storage: Storage, claim_model: Callable[[], Encoder], texts: lis
     sha = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     kept = [(n, t) for n, t in enumerate(texts, start=1) if t.strip()]
     _commit_texts(storage, encoder, NewFile(source, "text", 0, 0.0, sha), [n for n, _ in kept], [t for _, t in kept], [], report)
+    fill_words(storage, False)
     report.added = 1
     return report
 

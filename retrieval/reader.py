@@ -23,8 +23,10 @@ import numpy as np
 
 from .config import DB_NAME, KINDS
 from .errors import BadQuery, IndexDamaged, IndexInUse, IndexNotFound, IndexReadOnly, IndexTooNew, MMSearchError
-from .records import FileRow, ItemRow, ModelManifest, RootOptions
-from .schema import ANY_ROW, FAILURES, FILES, IGNORED, ITEMS, META, MIGRATIONS, MODELS, ROOTS, SCHEMA_VERSION, VECTORS
+from .records import FileRow, ItemRow, ModelManifest, RootOptions, WordSource
+from .schema import (ANY_ROW, FAILURES, FILES, IGNORED, ITEMS, META, MIGRATIONS, MODELS, ROOTS, SCHEMA_VERSION, VECTORS,
+                     WORDS, WORDS_FTS)
+from .words import query_terms
 
 if TYPE_CHECKING:
     from .filters import Filters
@@ -56,6 +58,11 @@ def database_error(message: str, directory: Path) -> MMSearchError:
 def is_under(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies below it (whole path components)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def root_of(path: str, roots: Iterable[str]) -> str | None:
+    """The innermost of `roots` that `path` is or lies below (None: none)."""
+    return max((r for r in roots if is_under(path, r)), key=len, default=None)
 
 
 #: Column lists of the records read, in their field order, and the join of an item to its file.
@@ -327,6 +334,63 @@ class StoreReader:
         """(id, path) of the image files whose metadata (migration 0003) has not been read yet."""
         return [(i, p) for i, p in self._newer(
             f"SELECT id, path FROM {FILES} WHERE kind = 'image' AND width IS NULL ORDER BY id") or []]
+
+    def words_todo(self, ocr: bool) -> list[WordSource]:
+        """Items whose searchable words (migration 0005) are missing or stale and, with `ocr`, image
+        items not read by OCR yet; none on an index without them (read-only, so not migrated)."""
+        wanted = f"{WORDS.cols('item_id')} IS NULL OR {WORDS.cols('text')} IS NULL"
+        if ocr:
+            wanted += f" OR ({ITEMS.cols('kind')} = 'image' AND {WORDS.cols('ocr')} IS NULL)"
+        rows = self._newer(
+            f"SELECT {ITEMS.cols('id', 'kind')}, {FILES.cols('path')}, {ITEMS.cols('text')}, "
+            f"{FILES.cols('camera', 'taken_at', 'taken_offset')}, {WORDS.cols('text', 'ocr')} "
+            f"FROM {ITEMS} JOIN {FILES} ON {_JOIN} LEFT JOIN {WORDS} ON {WORDS.cols('item_id')} = {ITEMS.cols('id')} "
+            f"WHERE {wanted} ORDER BY {ITEMS.cols('id')}")
+        return [WordSource(*r) for r in rows or []]
+
+    def match_words(self, query: str, kind: str, limit: int, folder: str | None = None,
+                    filters: Filters | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids, scores) of one kind whose words match any word of `query`, best first, at most
+        `limit`; restricted like `ids_filtered`. The score is FTS5's bm25 negated (higher is better); a
+        word found in half the items or more matches nothing.
+
+        The query's words are quoted one by one (`words.query_terms`), so no text is read as FTS5
+        syntax; a query of punctuation only, or an index without words (read-only, not migrated to
+        0005), matches nothing."""
+        empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        quoted = ['"' + term.replace('"', '""') + '"' for term in query_terms(query)]
+        total = self._newer(f"SELECT count(*) FROM {WORDS}")
+        if not quoted or total is None:
+            return empty
+        # A word found in half the items or more tells nothing apart (BM25 weighs it zero, FTS5 at its
+        # 1e-6 floor): the indexed folder's own name, "IMG" in every camera's file names. Left out
+        # before the search, it also costs nothing (ranking 100k matches of "img" took 0.2 s).
+        count = f"SELECT count(*) FROM {WORDS_FTS} WHERE {WORDS_FTS} MATCH ?"
+        kept = [term for term in quoted if 2 * self._all(count, [term])[0][0] < total[0][0]]
+        if not kept:
+            return empty
+        match = " OR ".join(kept)
+        where, params = _under(FILES.cols("path"), folder) if folder else ("1", [])
+        cond, more = filters.sql() if filters else ("1", [])
+        rows = self._newer(
+            f"SELECT {WORDS_FTS}.rowid, bm25({WORDS_FTS}) FROM {WORDS_FTS} "
+            f"JOIN {ITEMS} ON {ITEMS.cols('id')} = {WORDS_FTS}.rowid JOIN {FILES} ON {_JOIN} "
+            f"WHERE {WORDS_FTS} MATCH ? AND {ITEMS.cols('kind')} = ? AND {where} AND {cond} "
+            f"ORDER BY bm25({WORDS_FTS}), {WORDS_FTS}.rowid LIMIT ?", [match, kind, *params, *more, limit])
+        if not rows:
+            return empty
+        return (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+                np.fromiter((-r[1] for r in rows), np.float32, len(rows)))
+
+    def capture_times(self, ids: Iterable[int]) -> dict[int, tuple[float | None, int | None]]:
+        """(taken_at, taken_offset) of the files of item ids (see `schema.FILES`), by id; empty on an
+        index without them (read-only, so not migrated to 0003)."""
+        out: dict[int, tuple[float | None, int | None]] = {}
+        for part in chunks([int(i) for i in ids]):
+            rows = self._newer(f"SELECT {ITEMS.cols('id')}, {FILES.cols('taken_at', 'taken_offset')} FROM {ITEMS} "
+                               f"JOIN {FILES} ON {_JOIN} WHERE {ITEMS.cols('id')} IN ({','.join('?' * len(part))})", part)
+            out.update((r[0], (r[1], r[2])) for r in rows or [])
+        return out
 
     def _by_ids(self, sql: str, ids: Iterable[int], params: Sequence[object] = ()) -> Iterator[list[tuple]]:
         """Rows of `sql`, whose `{ids}` is an IN list after `params`, for `ids` sent CHUNK at a time."""

@@ -96,3 +96,19 @@ class FileMetadata:
     camera: str | None
     width: int
     height: int
+
+
+@dataclass(frozen=True)
+class WordSource:
+    """An item whose searchable words are to be made, or whose image is to be read by OCR (see `words`)."""
+
+    item_id: int
+    kind: str
+    path: str
+    text: str | None
+    camera: str | None
+    taken_at: float | None
+    taken_offset: int | None
+    #: The words stored (None: to be made) and the OCR text stored (None: not read yet).
+    words: str | None
+    ocr: str | None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 #: Name of the last migration in `store.MIGRATIONS`: an index without it is opened for writing
 #: once (which migrates it) before it is read; one with a later name was written by a newer mmsearch.
-SCHEMA_VERSION = "0004_model_vectors"
+SCHEMA_VERSION = "0005_words"
 
 #: An SQL condition that holds for every row (SQLite's bare `1` is no boolean on PostgreSQL).
 ANY_ROW = "1 = 1"
@@ -148,5 +148,20 @@ IGNORED = Table("ignored", (
     Column("at", "float"),
 ))
 
+#: The searchable words of an item (0005), for the full-text half of a hybrid query (see `words`).
+#: The embedded store indexes both text columns with an SQLite FTS5 table, `WORDS_FTS`, kept in step
+#: by triggers; another back end indexes them its own way.
+WORDS = Table("words", (
+    Column("item_id", "integer", primary_key=True, references="items.id"),
+    #: File name and folder names below the root, EXIF camera and capture year and month, or a text
+    #: item's own text; NULL: to be (re)computed by the next scan (a renamed file).
+    Column("text", "text", nullable=True),
+    #: Text read from an image by OCR ('' when none was found); NULL: not read yet.
+    Column("ocr", "text", nullable=True),
+))
+
+#: The FTS5 table over `WORDS` in the embedded store (its rowid is the item id).
+WORDS_FTS = "words_fts"
+
 #: Every table, in the order a new database creates them (a table after those it refers to).
-TABLES = (MIGRATIONS, META, ROOTS, FILES, FAILURES, IGNORED, ITEMS, MODELS, VECTORS)
+TABLES = (MIGRATIONS, META, ROOTS, FILES, FAILURES, IGNORED, ITEMS, MODELS, VECTORS, WORDS)

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from .compose import item_vectors
 from .errors import BadQuery, EmptyIndex, MMSearchError, ModelMismatch
 from .gallery import FileChanged, ItemNotFound, Thumbnails, image_file, item_row
-from .search import TARGETS
+from .search import MODES, SORTS, TARGETS, by_date
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
@@ -191,7 +191,7 @@ def _item_id(request: Request) -> int:
 
 
 def _search_options(params: Any) -> dict[str, Any]:
-    """k, target, min_score, under and model from query or form parameters (BadQuery when malformed)."""
+    """k, target, min_score, under, model and sort from query or form parameters (BadQuery when malformed)."""
     options: dict[str, Any] = {}
     raw_k = params.get("k") or "20"
     if not raw_k.isdecimal() or not 1 <= int(raw_k) <= MAX_K:
@@ -210,6 +210,9 @@ def _search_options(params: Any) -> dict[str, Any]:
             raise BadQuery("min_score must be a finite number")
     options["under"] = params.get("under") or None
     options["model"] = params.get("model") or None
+    options["sort"] = params.get("sort") or "score"
+    if options["sort"] not in SORTS:
+        raise BadQuery(f"sort must be {' or '.join(SORTS)}")
     return options
 
 
@@ -268,8 +271,11 @@ def create_app(collection: Collection, *, host: str = "127.0.0.1", token: str | 
         if not query.strip():
             raise BadQuery("give a query text: /api/search?q=...")
         options["target"] = options["target"] or "images"  # a text finds images unless told otherwise
+        mode = request.query_params.get("mode") or "hybrid"
+        if mode not in MODES:
+            raise BadQuery(f"mode must be {', '.join(MODES)}")
         return _results(await run_in_threadpool(
-            lambda: fresh().search(text_vector(query, options["model"]), **options)))
+            lambda: fresh().search(text_vector(query, options["model"]), words=query, mode=mode, **options)))
 
     async def search_image(request: Request) -> Response:
         image, form = await _upload(request, max_upload, max_pixels)
@@ -417,7 +423,8 @@ def _decode_upload(data: bytes, max_pixels: int) -> Any:
 
 
 def similar_items(collection: Collection, item_id: int, *, k: int = 20, target: str | None = None,
-                  min_score: float | None = None, under: str | None = None, model: str | None = None) -> list[Result]:
+                  min_score: float | None = None, under: str | None = None, model: str | None = None,
+                  sort: str = "score") -> list[Result]:
     """Items like an indexed one, by its stored vector (no re-embedding) under the index's model `model`
     (default: the first); the item itself left out.
 
@@ -429,7 +436,8 @@ def similar_items(collection: Collection, item_id: int, *, k: int = 20, target: 
         raise BadQuery(f"item {item_id} has no vector of model {model} yet (its file changed since it was indexed?)")
     target = target or ("images" if item.kind == "image" else "texts")
     found = collection.search(vector, k=k + 1, target=target, min_score=min_score, under=under, model=model)
-    return [replace(r, rank=rank) for rank, r in enumerate((r for r in found if r.id != item_id), 1)][:k]
+    found = [replace(r, rank=rank) for rank, r in enumerate((r for r in found if r.id != item_id), 1)][:k]
+    return by_date(collection.reader, found) if sort == "date" else found
 
 
 def _params(*names: str) -> list[dict[str, Any]]:
@@ -442,6 +450,11 @@ def _params(*names: str) -> list[dict[str, Any]]:
         "under": ("query", {"type": "string"}, "Only items whose file lies in this folder.", False),
         "model": ("query", {"type": "string"},
                   "Which of the index's models (`index --add-model`): its name or key (default: the first).", False),
+        "mode": ("query", {"type": "string", "enum": list(MODES), "default": "hybrid"},
+                 "hybrid: meaning and matching words (file and folder names, EXIF, OCR text) fused by reciprocal "
+                 "rank fusion, 1/(60 + rank) summed, where words match; semantic or words: one ranking.", False),
+        "sort": ("query", {"type": "string", "enum": list(SORTS), "default": "score"},
+                 "score: the ranking; date: by capture time, oldest first, undated last.", False),
         "id": ("path", {"type": "integer", "minimum": 0}, "Item id (the `id` of a search result).", True),
     }
     return [{"name": n, "in": described[n][0], "schema": described[n][1], "description": described[n][2],
@@ -466,17 +479,19 @@ OPENAPI: dict[str, Any] = {
              "description": "Search an mmsearch index by text or image. With a token, send "
                             "'Authorization: Bearer TOKEN' (or the cookie the page's login sets)."},
     "paths": {
-        "/api/search": {"get": {"summary": "Text query", "parameters": _params("q", "k", "target", "min_score", "under", "model"),
+        "/api/search": {"get": {"summary": "Text query",
+                                "parameters": _params("q", "k", "target", "min_score", "under", "model", "mode", "sort"),
                                 "responses": _responses(_RESULTS, 400, 404)}},
         "/api/search/image": {"post": {
             "summary": "Image query (multipart upload, field 'image'; other parameters as query or form fields)",
-            "parameters": _params("k", "target", "min_score", "under", "model"),
+            "parameters": _params("k", "target", "min_score", "under", "model", "sort"),
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "properties": {"image": {"type": "string", "format": "binary"}},
                 "required": ["image"]}}}},
             "responses": _responses(_RESULTS, 400, 413, 415)}},
         "/api/similar/{id}": {"get": {"summary": "More like an indexed item (its stored vector)",
-                                      "parameters": _params("id", "k", "target", "min_score", "under", "model"),
+                                      "parameters": _params("id", "k", "target", "min_score", "under", "model",
+                                                            "sort"),
                                       "responses": _responses(_RESULTS, 400, 404)}},
         "/api/info": {"get": {"summary": "What `mmsearch info --json` prints",
                               "responses": _responses({"description": "Index information",
@@ -494,7 +509,11 @@ OPENAPI: dict[str, Any] = {
         "Result": {"type": "object", "required": ["rank", "score", "kind", "path", "id"], "properties": {
             "rank": {"type": "integer"}, "score": {"type": "number", "description": "cosine similarity"},
             "kind": {"type": "string", "enum": ["image", "text"]}, "path": {"type": "string"},
-            "id": {"type": "integer"}, "text": {"type": "string"}, "line": {"type": "integer"}}},
+            "id": {"type": "integer"}, "text": {"type": "string"}, "line": {"type": "integer"},
+            "relevance": {"type": "number"},
+            "ranks": {"type": "object", "description": "rank in each ranking run (semantic, words); null: not in it"},
+            "words_score": {"type": "number"}, "fused": {"type": "number"},
+            "taken": {"type": "string", "description": "capture time (sort=date)"}}},
         "Error": {"type": "object", "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}},
     }},
 }

@@ -47,7 +47,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from . import schema
 from .config import DB_NAME
 from .errors import IndexReadOnly, ModelInUse, ModelMismatch
-from .reader import chunks, database_error, is_under
+from .reader import chunks, database_error, is_under, root_of
 from .schema import SCHEMA_VERSION
 from .records import FileMetadata, ModelManifest, NewFile, RootOptions
 from .stores import model_key
@@ -75,9 +75,9 @@ def _table(metadata: MetaData, table: schema.Table) -> Table:
 METADATA = MetaData()
 for _t in schema.TABLES:
     _table(METADATA, _t)
-Migration, Meta, Root, File, Item, Failure, Ignored, Model, Vector = (METADATA.tables[t.name] for t in (
+Migration, Meta, Root, File, Item, Failure, Ignored, Model, Vector, Words = (METADATA.tables[t.name] for t in (
     schema.MIGRATIONS, schema.META, schema.ROOTS, schema.FILES, schema.ITEMS, schema.FAILURES, schema.IGNORED,
-    schema.MODELS, schema.VECTORS))
+    schema.MODELS, schema.VECTORS, schema.WORDS))
 
 
 def _create(conn: Connection, table: Table) -> None:
@@ -128,9 +128,47 @@ def _m0004_model_vectors(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE items DROP COLUMN vector"))
 
 
+#: SQLite's full-text index over `words` (external content: it stores only the index), kept in step by
+#: triggers on `words`, which fire for the rows a deleted item takes with it too. The porter stemmer
+#: lets "trips" find "trip"; diacritics are folded ("café" finds "cafe").
+_FTS = [
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS {schema.WORDS_FTS} USING fts5(text, ocr, content='words', "
+    "content_rowid='item_id', tokenize='porter unicode61 remove_diacritics 2')",
+    f"CREATE TRIGGER IF NOT EXISTS words_ai AFTER INSERT ON words BEGIN "
+    f"INSERT INTO {schema.WORDS_FTS}(rowid, text, ocr) VALUES (new.item_id, new.text, new.ocr); END",
+    f"CREATE TRIGGER IF NOT EXISTS words_ad AFTER DELETE ON words BEGIN "
+    f"INSERT INTO {schema.WORDS_FTS}({schema.WORDS_FTS}, rowid, text, ocr) VALUES ('delete', old.item_id, old.text, old.ocr); END",
+    f"CREATE TRIGGER IF NOT EXISTS words_au AFTER UPDATE ON words BEGIN "
+    f"INSERT INTO {schema.WORDS_FTS}({schema.WORDS_FTS}, rowid, text, ocr) VALUES ('delete', old.item_id, old.text, old.ocr); "
+    f"INSERT INTO {schema.WORDS_FTS}(rowid, text, ocr) VALUES (new.item_id, new.text, new.ocr); END",
+]
+
+
+def _m0005_words(conn: Connection) -> None:
+    # The words of every item whose file's metadata is known are filled in here from what is stored
+    # (no file is read: a read-only index of this version answers words queries after one writable
+    # open); an image whose metadata an older index lacks gets them from the next scan, after its metadata.
+    from .words import item_words
+
+    _create(conn, Words)
+    if conn.dialect.name == "sqlite":
+        for statement in _FTS:
+            conn.execute(text(statement))
+    roots = list(conn.scalars(select(Root.c.path)))
+    rows = conn.execute(
+        select(Item.c.id, Item.c.kind, File.c.path, Item.c.text, File.c.camera, File.c.taken_at, File.c.taken_offset)
+        .join(File, File.c.id == Item.c.file_id).outerjoin(Words, Words.c.item_id == Item.c.id)
+        .where(Words.c.item_id.is_(None), (Item.c.kind != "image") | File.c.width.is_not(None)))
+    values = [{"item_id": r.id, "text": item_words(r.kind, r.path, root_of(r.path, roots), r.text, r.camera,
+                                                   r.taken_at, r.taken_offset)} for r in rows]
+    if values:
+        conn.execute(insert(Words), values)
+
+
 #: Named schema migrations, applied once each, in order; the last is `reader.SCHEMA_VERSION`.
 MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_root_options_ignored", _m0002_root_options_ignored),
-              ("0003_file_metadata", _m0003_file_metadata), ("0004_model_vectors", _m0004_model_vectors)]
+              ("0003_file_metadata", _m0003_file_metadata), ("0004_model_vectors", _m0004_model_vectors),
+              ("0005_words", _m0005_words)]
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION, "reader.SCHEMA_VERSION must name the last migration"
 
 
@@ -324,6 +362,16 @@ class Store:
             with self.engine.begin() as conn:
                 conn.execute(update(File).where(File.c.id == bindparam("fid")), values)
 
+    def set_words(self, rows: Iterable[tuple[int, str, str | None]]) -> None:
+        """Store (replacing) the searchable words of items: (item id, words, OCR text or None)."""
+        values = [{"item_id": item_id, "text": words, "ocr": ocr} for item_id, words, ocr in rows]
+        if not values:
+            return
+        with self.engine.begin() as conn:
+            for part in chunks(values):
+                conn.execute(delete(Words).where(Words.c.item_id.in_([v["item_id"] for v in part])))
+                conn.execute(insert(Words), list(part))
+
     def commit(
         self,
         added: Iterable[NewFile] = (),
@@ -348,6 +396,9 @@ class Store:
         with self.engine.begin() as conn:
             for file_id, path, size, mtime in moved:
                 conn.execute(update(File).where(File.c.id == file_id).values(path=path, size=size, mtime=mtime))
+                # Its name words are made again by the scan's end (its OCR text still holds: same content).
+                conn.execute(update(Words).where(Words.c.item_id.in_(select(Item.c.id).where(Item.c.file_id == file_id)))
+                             .values(text=None))
             removed = list(removed_files)
             if added:
                 removed.extend(conn.scalars(select(File.c.id).where(File.c.path.in_([nf.path for nf in added]))))

@@ -18,6 +18,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Reading the text in every indexed image (where Tesseract is installed) would slow the whole suite:
+# OCR is off unless a test turns it on (tests/test_words.py). Set here, so module-scoped indexes see it.
+os.environ["MMSEARCH_OCR"] = "off"
+
 #: A tiny CLIP (ViT 2x64, text 2x64, 32 px): random weights, seeded, built in well under a second.
 TINY_CONFIG = {
     "embed_dim": 32,

@@ -94,7 +94,8 @@ def test_image_and_text_together_and_several_images_averaged(idx: retrieval.Coll
     e_circle, e_star = idx.embed_images([circle, star])
     e_text = idx.embed_texts(["blue"])[0]
     ids, stored = _stored(idx)
-    mixed = idx.search([circle, "blue"], k=3)  # a text in the query: images by default
+    # A text in the query: images by default (by meaning alone: the demo's file names say "blue").
+    mixed = idx.search([circle, "blue"], k=3, mode="semantic")
     assert all(r.kind == "image" for r in mixed)
     assert np.isclose(mixed[0].score, float(stored[ids.index(mixed[0].id)] @ _unit(e_circle + e_text)), atol=1e-4)
     assert max(stored @ _unit(e_circle + e_text)) == pytest.approx(mixed[0].score, abs=1e-4)
@@ -116,14 +117,15 @@ def test_not_drops_what_matches_the_excluded_text_better_and_still_returns_k(idx
     ids, stored = _stored(idx)
     q, n = idx.embed_texts([query, avoid])
     passes = {i: float(v @ n) <= float(v @ q) for i, v in zip(ids, stored)}
-    unfiltered = idx.search(query, k=k)
+    # By meaning alone (the demo's file names hold the query's words; hybrid --not is in test_words.py).
+    unfiltered = idx.search(query, k=k, mode="semantic")
     assert not any(passes[r.id] for r in unfiltered)  # the plain top-k is all excluded
-    got = idx.search(query, k=k, exclude=[avoid])
+    got = idx.search(query, k=k, exclude=[avoid], mode="semantic")
     assert len(got) == k and all(passes[r.id] for r in got)
     expected = sorted(((float(v @ q), i) for i, v in zip(ids, stored) if passes[i]), reverse=True)[:k]
     assert [r.id for r in got] == [i for _, i in expected]
     # More asked than pass: all those that pass, and no more.
-    assert len(idx.search(query, k=50, exclude=[avoid])) == sum(passes.values())
+    assert len(idx.search(query, k=50, exclude=[avoid], mode="semantic")) == sum(passes.values())
 
 
 def test_bad_combinations_are_typed_errors(idx: retrieval.Collection) -> None:
@@ -233,9 +235,10 @@ def test_dupes_groups_copies_by_resolution_and_changes_nothing(with_copies: Path
 
 def test_collapse_shows_one_result_per_group(with_copies: Path) -> None:
     index = with_copies / "idx"
-    plain = json.loads(run_mmsearch("query", "a red circle", "--index", index, "-k", "6", "--json").stdout)
+    plain = json.loads(run_mmsearch("query", "a red circle", "--index", index, "-k", "6", "--json",
+                                    "--semantic-only").stdout)
     collapsed = json.loads(run_mmsearch("query", "a red circle", "--index", index, "-k", "6", "--json",
-                                        "--collapse").stdout)
+                                        "--collapse", "--semantic-only").stdout)
     copies = {"red_circle_02.jpg", "copy.jpg", "small.png"}
     assert len([h for h in plain if Path(h["path"]).name in copies]) == 3
     assert len([h for h in collapsed if Path(h["path"]).name in copies]) <= 1

@@ -120,14 +120,16 @@ def test_schema_built_from_plain_data_is_the_released_one(tmp_path) -> None:
     """A new index, and the first release's index once migrated, have exactly the schema of the
     release before the schema became plain data plus migration 0003's five nullable `files` columns
     and 0004's `models` and `vectors` tables, `items` without its `vector` column (dumps taken with
-    `sqlite3 mmsearch.db .schema`; the 0003 dumps differed only by those)."""
+    `sqlite3 mmsearch.db .schema`; the 0003 dumps differed only by those), followed by migration
+    0005's `words` table and its FTS5 index and triggers."""
     import shutil
 
+    words = (DATA / "schema-0005-words.sql").read_text()
     Store.open(tmp_path / "new").close()
-    assert _schema_text(tmp_path / "new" / DB_NAME) == (DATA / "schema-0004.sql").read_text()
+    assert _schema_text(tmp_path / "new" / DB_NAME) == (DATA / "schema-0004.sql").read_text() + words
     shutil.copytree(DATA / "index-v1", tmp_path / "v1")
     Store.open(tmp_path / "v1").close()
-    assert _schema_text(tmp_path / "v1" / DB_NAME) == (DATA / "schema-v1-migrated-0004.sql").read_text()
+    assert _schema_text(tmp_path / "v1" / DB_NAME) == (DATA / "schema-v1-migrated-0004.sql").read_text() + words
 
 
 def test_reader_sql_names_only_columns_of_the_schema() -> None:
