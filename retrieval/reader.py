@@ -358,29 +358,41 @@ class StoreReader:
         syntax; a query of punctuation only, or an index without words (read-only, not migrated to
         0005), matches nothing."""
         empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
-        quoted = ['"' + term.replace('"', '""') + '"' for term in query_terms(query)]
+        terms = query_terms(query)
         total = self._newer(f"SELECT count(*) FROM {WORDS}")
-        if not quoted or total is None:
+        if not terms or total is None:
             return empty
+
+        def matches(term: str) -> int:
+            source, source_params, _, _, cond, params = self._matching([term])
+            return self._all(f"SELECT count(*) FROM {source} WHERE {cond}", [*source_params, *params])[0][0]
+
         # A word found in half the items or more tells nothing apart (BM25 weighs it zero, FTS5 at its
         # 1e-6 floor): the indexed folder's own name, "IMG" in every camera's file names. Left out
         # before the search, it also costs nothing (ranking 100k matches of "img" took 0.2 s).
-        count = f"SELECT count(*) FROM {WORDS_FTS} WHERE {WORDS_FTS} MATCH ?"
-        kept = [term for term in quoted if 2 * self._all(count, [term])[0][0] < total[0][0]]
+        kept = [term for term in terms if 2 * matches(term) < total[0][0]]
         if not kept:
             return empty
-        match = " OR ".join(kept)
-        where, params = _under(FILES.cols("path"), folder) if folder else ("1", [])
-        cond, more = filters.sql() if filters else ("1", [])
+        source, source_params, item, score, cond, params = self._matching(kept)
+        where, under = _under(FILES.cols("path"), folder) if folder else ("1 = 1", [])
+        filtered, more = filters.sql() if filters else ("1 = 1", [])
         rows = self._newer(
-            f"SELECT {WORDS_FTS}.rowid, bm25({WORDS_FTS}) FROM {WORDS_FTS} "
-            f"JOIN {ITEMS} ON {ITEMS.cols('id')} = {WORDS_FTS}.rowid JOIN {FILES} ON {_JOIN} "
-            f"WHERE {WORDS_FTS} MATCH ? AND {ITEMS.cols('kind')} = ? AND {where} AND {cond} "
-            f"ORDER BY bm25({WORDS_FTS}), {WORDS_FTS}.rowid LIMIT ?", [match, kind, *params, *more, limit])
+            f"SELECT {item}, {score} FROM {source} "
+            f"JOIN {ITEMS} ON {ITEMS.cols('id')} = {item} JOIN {FILES} ON {_JOIN} "
+            f"WHERE {cond} AND {ITEMS.cols('kind')} = ? AND {where} AND {filtered} "
+            f"ORDER BY {score} DESC, {item} LIMIT ?", [*source_params, *params, kind, *under, *more, limit])
         if not rows:
             return empty
         return (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
-                np.fromiter((-r[1] for r in rows), np.float32, len(rows)))
+                np.fromiter((r[1] for r in rows), np.float32, len(rows)))
+
+    def _matching(self, terms: Sequence[str]) -> tuple[str, list[object], str, str, str, list[object]]:
+        """How items whose words hold any of `terms` are found, as SQL: (the source to select from and
+        its parameters, its item id column, a score, higher is better, the match condition and its
+        parameters). Here SQLite's FTS5 index with each term quoted, so no text is read as FTS5 syntax;
+        another database overrides this (`sql_store`)."""
+        match = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
+        return WORDS_FTS, [], f"{WORDS_FTS}.rowid", f"-bm25({WORDS_FTS})", f"{WORDS_FTS} MATCH ?", [match]
 
     def capture_times(self, ids: Iterable[int]) -> dict[int, tuple[float | None, int | None]]:
         """(taken_at, taken_offset) of the files of item ids (see `schema.FILES`), by id; empty on an

@@ -162,6 +162,9 @@ WORDS = Table("words", (
 
 #: The FTS5 table over `WORDS` in the embedded store (its rowid is the item id).
 WORDS_FTS = "words_fts"
+#: PostgreSQL's full-text document of a `WORDS` row (English stemming, as FTS5's porter tokenizer);
+#: a GIN index over this very expression (migration 0005) serves the match.
+WORDS_TSVECTOR = "to_tsvector('english', coalesce(words.text, '') || ' ' || coalesce(words.ocr, ''))"
 
 #: Every table, in the order a new database creates them (a table after those it refers to).
 TABLES = (MIGRATIONS, META, ROOTS, FILES, FAILURES, IGNORED, ITEMS, MODELS, VECTORS, WORDS)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,6 +111,15 @@ class SqlReader(StoreReader):
 
     def _tables(self) -> set[str]:
         return set(inspect(self._engine).get_table_names())
+
+    def _matching(self, terms: Sequence[str]) -> tuple[str, list[object], str, str, str, list[object]]:
+        """SQLite's FTS5 match for an `sqlite:///` URL; PostgreSQL's full text otherwise: the words'
+        tsvector (GIN-indexed) against the terms' tsqueries OR-ed, scored by ts_rank."""
+        if self._engine.dialect.name == "sqlite":
+            return super()._matching(terms)
+        query = " || ".join("plainto_tsquery('english', ?)" for _ in terms)
+        return (f"{schema.WORDS} CROSS JOIN (SELECT {query} AS q) AS wanted", list(terms), schema.WORDS.cols("item_id"),
+                f"ts_rank({schema.WORDS_TSVECTOR}, wanted.q)", f"{schema.WORDS_TSVECTOR} @@ wanted.q", [])
 
     def _missing(self, message: str) -> bool:
         return "does not exist" in message or "no such" in message

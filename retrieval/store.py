@@ -154,6 +154,8 @@ def _m0005_words(conn: Connection) -> None:
     if conn.dialect.name == "sqlite":
         for statement in _FTS:
             conn.execute(text(statement))
+    elif conn.dialect.name == "postgresql":
+        conn.execute(text(f"CREATE INDEX IF NOT EXISTS ix_words_tsvector ON words USING GIN ({schema.WORDS_TSVECTOR})"))
     roots = list(conn.scalars(select(Root.c.path)))
     rows = conn.execute(
         select(Item.c.id, Item.c.kind, File.c.path, Item.c.text, File.c.camera, File.c.taken_at, File.c.taken_offset)

@@ -61,6 +61,10 @@ def test_library_suite(where, tiny_model, photos) -> None:
         again = idx.add([photos], workers=0)
         assert (again.added, again.renamed, again.unchanged) == (1, 1, 6)
         assert str(photos / "renamed.png") in {r.path for r in idx.search("a square", k=20)}
+        # Words search (migration 0005: FTS5 in SQLite, a GIN-indexed tsvector in PostgreSQL): the new
+        # file name, stemmed ("renaming" matches "renamed"), and a caption's words, nothing else.
+        assert [r.path for r in idx.search("renaming", mode="words", k=5)] == [str(photos / "renamed.png")]
+        assert {r.text for r in idx.search("green", mode="words", target="texts", k=5)} == {"a green square"}
         removal = idx.remove([photos / "sub"])
         assert removal.files == 1
         data = idx.info()
