@@ -5,23 +5,22 @@ PostgreSQL cases run on a throwaway cluster (`postgres` fixture) and skip where 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import retrieval
 from conftest import REPO, free_port, invoke, run_mmsearch, solid_image
-from retrieval.errors import DatabaseUnavailable, IndexInUse
+from retrieval.errors import IndexInUse
 
-BACKENDS = ["directory", "postgresql", "sqlite-url"]
+#: Where an index's metadata and vectors are: the embedded default (SQLite + FAISS in a directory), a
+#: database URL with FAISS caches (PostgreSQL, SQLite), and the scale-out pair PostgreSQL + Milvus (lite).
+BACKENDS = ["directory", "postgresql", "sqlite-url", "postgresql+milvus"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -31,21 +30,27 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
         return {"directory": str(tmp_path / "idx")}
     if request.param == "sqlite-url":
         return {"db": f"sqlite:///{tmp_path / 'meta.db'}"}
+    if request.param == "postgresql+milvus":
+        pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'mmsearch[cluster]')")
+        return {"db": request.getfixturevalue("pg_db"), "vectors": str(tmp_path / "vectors.db")}
     return {"db": request.getfixturevalue("pg_db")}
 
 
 def cli_args(where: dict[str, str]) -> list[str]:
-    return ["--index", where["directory"]] if "directory" in where else ["--db", where["db"]]
+    """The CLI options of `where`: --index DIR, or --db URL [--vectors URI]."""
+    return [arg for name, value in where.items() for arg in ("--index" if name == "directory" else f"--{name}", value)]
 
 
-def open_kwargs(where: dict[str, str]) -> dict[str, str]:
-    return {"directory": where["directory"]} if "directory" in where else {"db": where["db"]}
+def stores(where: dict[str, str]) -> tuple[str, str]:
+    """The kinds `info` should name for the metadata and the vectors of `where`."""
+    metadata = "sqlite" if "directory" in where or where["db"].startswith("sqlite") else "postgresql"
+    return metadata, "milvus" if "vectors" in where else "faiss"
 
 
 def test_library_suite(where, tiny_model, photos) -> None:
     """Index, incremental re-index, rename, query both ways, a filter, remove, info."""
     (photos / "captions.txt").write_text("a red square\na green square\na blue square\n")
-    with retrieval.open_index(**open_kwargs(where), model=tiny_model, pretrained="random") as idx:
+    with retrieval.open_index(**where, model=tiny_model, pretrained="random") as idx:
         report = idx.add([photos], workers=0)
         assert (report.added, report.unchanged) == (7, 0)
         by_text = idx.search("a red square", k=3)
@@ -57,7 +62,7 @@ def test_library_suite(where, tiny_model, photos) -> None:
         assert {Path(r.path).suffix for r in idx.search("a square", k=10, ext="png,gif")} == {".png", ".gif"}
     (photos / "img1.png").rename(photos / "renamed.png")
     solid_image(photos / "new.jpg", (10, 200, 10))
-    with retrieval.open_index(**open_kwargs(where), create=False) as idx:
+    with retrieval.open_index(**where, create=False) as idx:
         again = idx.add([photos], workers=0)
         assert (again.added, again.renamed, again.unchanged) == (1, 1, 6)
         assert str(photos / "renamed.png") in {r.path for r in idx.search("a square", k=20)}
@@ -69,18 +74,17 @@ def test_library_suite(where, tiny_model, photos) -> None:
         assert removal.files == 1
         data = idx.info()
         assert (data["images"], data["texts"], data["files"]) == (6, 3, 7)
-        kind = "sqlite" if "directory" in where or where["db"].startswith("sqlite") else "postgresql"
-        assert data["backends"]["metadata"]["kind"] == kind and data["backends"]["vectors"]["kind"] == "faiss"
+        assert (data["backends"]["metadata"]["kind"], data["backends"]["vectors"]["kind"]) == stores(where)
         assert str(photos / "sub" / "img5.gif") not in {r.path for r in idx.search("a square", k=20)}
 
 
 def test_a_second_model_in_every_metadata_store(where, tiny_model, photos) -> None:
     """Migration 0004's models and vectors tables: a second model answers as an index of its own."""
-    with retrieval.open_index(**open_kwargs(where), model="shapes-mini") as idx:
+    with retrieval.open_index(**where, model="shapes-mini") as idx:
         idx.add([photos], workers=0)
         first = [(r.path, round(r.score, 4)) for r in idx.search(photos / "img0.jpg", target="images", k=6)]
         assert idx.add_model(tiny_model, "random", workers=0).filled == {idx.model_of(tiny_model): 6}
-    with retrieval.open_index(**open_kwargs(where), create=False) as idx:
+    with retrieval.open_index(**where, create=False) as idx:
         second = [(r.path, round(r.score, 4)) for r in idx.search(photos / "img0.jpg", target="images", k=6,
                                                                   model=tiny_model)]
         assert first[0][0] == second[0][0] == str(photos / "img0.jpg") and first != second  # another model's scores
@@ -92,7 +96,7 @@ def test_words_search_leaves_out_words_of_half_the_items_in_every_store(where, t
     """The rule BM25 implies, kept by PostgreSQL's ranking too: a word in half the items or more
     ("img", "photos": every file's) matches nothing; a query's other words still do."""
     (photos / "captions.txt").write_text("a red square\ntwo green circles\na blue square\n")
-    with retrieval.open_index(**open_kwargs(where), model=tiny_model, pretrained="random") as idx:
+    with retrieval.open_index(**where, model=tiny_model, pretrained="random") as idx:
         idx.add([photos], workers=0)
         assert [Path(h.path).name for h in idx.search("img3", mode="words", k=3)] == ["img3.JPG"]
         assert [t.text for t in idx.search("circle", mode="words", target="texts", k=3)] == ["two green circles"]
@@ -116,7 +120,8 @@ def test_cli_suite(runner, where, tiny_model, photos) -> None:
     assert info["images"] == 5
     text = invoke(runner, "info", *at).stdout
     metadata = info["backends"]["metadata"]
-    assert f"metadata: {metadata['kind']} ({metadata['where']})" in text and "vectors: faiss (" in text
+    assert (metadata["kind"], info["backends"]["vectors"]["kind"]) == stores(where)
+    assert f"metadata: {metadata['kind']} ({metadata['where']})" in text and f"vectors: {stores(where)[1]} (" in text
 
 
 def test_fresh_postgresql_gets_every_migration_as_sqlite_does(pg_db, tmp_path) -> None:
@@ -337,16 +342,14 @@ def test_env_vars_choose_the_back_ends(runner, monkeypatch, tmp_path, tiny_model
     assert invoke(runner, "info", "--index", str(tmp_path / "other")).exit_code == 1
 
 
-def test_vectors_in_milvus_when_available(runner, where, tmp_path, tiny_model, photos) -> None:
-    """`--vectors PATH.db` with each metadata store: milvus-lite through `retrieval.milvus_store`; a
-    clear error where that module is absent."""
+@pytest.mark.parametrize("metadata", ["directory", "sqlite-url"])
+def test_vectors_in_milvus_with_the_embedded_metadata_stores(runner, metadata, tmp_path, tiny_model, photos) -> None:
+    """`--vectors PATH.db` (milvus-lite) beside an index directory or an SQLite URL (PostgreSQL + Milvus
+    runs the suites above)."""
+    pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'mmsearch[cluster]')")
+    where = {"directory": str(tmp_path / "idx")} if metadata == "directory" else {"db": f"sqlite:///{tmp_path / 'm.db'}"}
     at = [*cli_args(where), "--vectors", str(tmp_path / "vectors.db")]
     args = ["index", str(photos), *at, "--model", tiny_model, "--pretrained", "random", "--workers", "0"]
-    if importlib.util.find_spec("retrieval.milvus_store") is None:
-        done = run_mmsearch(*args)
-        assert done.returncode == 1 and "mmsearch[cluster]" in done.stderr, done.stderr
-        pytest.skip("this checkout has no retrieval.milvus_store: only the error was checked")
-    pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'mmsearch[cluster]')")
     assert invoke(runner, *args).exit_code == 0
     hits = json.loads(invoke(runner, "query", "--image", str(photos / "img0.jpg"), "--target", "images", *at,
                              "--json").stdout)
