@@ -88,6 +88,17 @@ def test_a_second_model_in_every_metadata_store(where, tiny_model, photos) -> No
         assert [(m["default"], m["images"]) for m in idx.info()["models"]] == [(True, 6), (False, 6)]
 
 
+def test_words_search_leaves_out_words_of_half_the_items_in_every_store(where, tiny_model, photos) -> None:
+    """The rule BM25 implies, kept by PostgreSQL's ranking too: a word in half the items or more
+    ("img", "photos": every file's) matches nothing; a query's other words still do."""
+    (photos / "captions.txt").write_text("a red square\ntwo green circles\na blue square\n")
+    with retrieval.open_index(**open_kwargs(where), model=tiny_model, pretrained="random") as idx:
+        idx.add([photos], workers=0)
+        assert [Path(h.path).name for h in idx.search("img3", mode="words", k=3)] == ["img3.JPG"]
+        assert [t.text for t in idx.search("circle", mode="words", target="texts", k=3)] == ["two green circles"]
+        assert idx.search("photos", mode="words", k=3) == []
+
+
 def test_cli_suite(runner, where, tiny_model, photos) -> None:
     """`index`, `query` (text and --image), `remove` and `info --json` with --index or --db."""
     at = cli_args(where)

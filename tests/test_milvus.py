@@ -121,7 +121,7 @@ def test_a_collection_made_from_an_existing_index_answers_as_faiss(tmp_path, lit
     with retrieval.open_index(faiss_index, create=False) as ref, milvus(index, lite, None, create=False) as idx:
         for query in QUERIES:
             assert answers(idx.search(query, k=5)) == answers(ref.search(query, k=5))
-        everything = idx.search("a red circle", k=1000, mode="semantic")  # by cosine alone, no words fused
+        everything = idx.search("a red circle", k=1000, mode="semantic")  # by cosine alone: no words fused in
         assert len(everything) == idx.info()["images"]
         assert [h.score for h in everything] == sorted((h.score for h in everything), reverse=True)
         assert answers(everything) == answers(ref.search("a red circle", k=1000, mode="semantic"))
