@@ -75,6 +75,14 @@ def release_index_copy(name: str, tmp_path: Path) -> Path:
     return index
 
 
+def immutable_reader(index: Path):
+    """The library's reader of an index directory's database opened read-only and immutable (as on a
+    read-only medium): nothing can be written or migrated through it."""
+    from retrieval.reader import StoreReader
+
+    return StoreReader(sqlite3.connect(f"file:{index / 'mmsearch.db'}?mode=ro&immutable=1", uri=True), index)
+
+
 def solid_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (48, 40), **save: object) -> Path:
     """Write an image with a colored square on a contrasting background."""
     img = Image.new("RGB", size, tuple(255 - c for c in color))

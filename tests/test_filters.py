@@ -26,7 +26,7 @@ from retrieval.encoder import Encoder
 from retrieval.errors import BadQuery
 from retrieval.filters import parse_filters
 
-from conftest import invoke, release_index_copy, solid_image
+from conftest import immutable_reader, invoke, release_index_copy, solid_image
 
 FIXTURE = Path(__file__).parent / "data" / "index-v2"
 
@@ -178,8 +178,7 @@ def test_previous_release_index_migrates_and_its_rescan_reads_metadata_without_e
 
 def test_read_only_previous_release_index_answers_and_says_what_filters_need(tmp_path) -> None:
     index = v2_copy(tmp_path)
-    reader = retrieval.reader.StoreReader(sqlite3.connect(f"file:{index / 'mmsearch.db'}?mode=ro&immutable=1", uri=True),
-                                          index)
+    reader = immutable_reader(index)
     assert len(reader.ids_filtered("image", None, parse_filters(ext="png"))) == 2
     with pytest.raises(BadQuery, match="run `mmsearch index` on it once"):
         reader.ids_filtered("image", None, parse_filters(camera="canon"))

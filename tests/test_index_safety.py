@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import retrieval
-from conftest import REPO, invoke, solid_image
+from conftest import REPO, immutable_reader, invoke, solid_image
 from retrieval.config import BUNDLED_DIR
 from retrieval.records import RootOptions
 from test_reliability import _read_only_runner, many_images
@@ -90,8 +90,7 @@ def test_read_only_index_from_the_previous_release_answers_without_migrating(tmp
     index = v1_copy(tmp_path)
     before = {p.name: p.read_bytes() for p in index.iterdir()}
     # The library on an immutable connection: the new column and table are missing, reads fall back.
-    reader = retrieval.reader.StoreReader(sqlite3.connect(f"file:{index / 'mmsearch.db'}?mode=ro&immutable=1", uri=True),
-                                          index)
+    reader = immutable_reader(index)
     assert reader.needs_migration()
     assert reader.ignored() == [] and set(reader.root_options()) == set(reader.roots()) and len(reader.roots()) == 2
     reader.close()

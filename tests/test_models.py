@@ -22,7 +22,7 @@ import retrieval
 from retrieval.config import BUNDLED_DIR
 from retrieval.errors import ModelInUse, ModelMismatch
 
-from conftest import REPO, invoke, release_index_copy, solid_image
+from conftest import REPO, immutable_reader, invoke, release_index_copy, solid_image
 from test_reliability import _read_only_runner
 
 DEMO = BUNDLED_DIR / "demo"
@@ -262,8 +262,7 @@ def test_read_only_previous_release_index_answers_without_migrating(tmp_path) ->
     expected = json.loads((V3 / "expected.json").read_text())
     index = v3_copy(tmp_path)
     before = {p.name: p.read_bytes() for p in index.iterdir()}
-    reader = retrieval.reader.StoreReader(sqlite3.connect(f"file:{index / 'mmsearch.db'}?mode=ro&immutable=1", uri=True),
-                                          index)
+    reader = immutable_reader(index)
     assert reader.needs_migration()
     (key, manifest), = reader.models().items()
     assert manifest.name == "shapes-mini" and reader.manifest() == manifest

@@ -18,10 +18,9 @@ from retrieval import ocr
 from retrieval.config import BUNDLED_DIR
 from retrieval.encoder import Encoder
 from retrieval.local import LocalStorage
-from retrieval.reader import StoreReader
 from retrieval.words import RRF_K, fuse, item_words, query_terms, ranks, split_words
 
-from conftest import invoke, release_index_copy, run_mmsearch, solid_image
+from conftest import immutable_reader, invoke, release_index_copy, run_mmsearch, solid_image
 from test_filters import exif_bytes, restore_sources, v2_copy
 
 DEMO = BUNDLED_DIR / "demo"
@@ -299,7 +298,7 @@ def test_read_only_previous_release_index_answers_and_is_left_unchanged(tmp_path
     expected = json.loads((V3 / "expected.json").read_text())
     index = v3_copy(tmp_path)
     before = {p.name: p.read_bytes() for p in index.iterdir()}  # the files the old release wrote
-    reader = StoreReader(sqlite3.connect(f"file:{index / 'mmsearch.db'}?mode=ro&immutable=1", uri=True), index)
+    reader = immutable_reader(index)
     assert reader.needs_migration()
     with retrieval.Collection(index, LocalStorage(index, reader)) as idx:
         hits = idx.search(np.asarray(expected["vector"], np.float32), k=10, target="all")
