@@ -37,8 +37,8 @@ from spawn to exit, its peak resident memory taken from the kernel (wait4 rusage
 `python cli.py index FOLDER --index NEW --model M --pretrained random --device cpu -q --no-ocr --precision P`
 for each --precision value (auto,fp32); --no-ocr because rclip reads no text in images, while mmsearch's
 default (MMSEARCH_OCR=auto) runs Tesseract on every image where it is installed. Its ONNX export is made
-once beforehand (untimed), in --model-cache, as a user's second run finds it. rclip runs `rclip -t 5 QUERY` on an empty database: it indexes, then
-answers one query (rclip cannot index without querying). After the runs, every vector stored by the
+once beforehand (untimed), in --model-cache, as a user's second run finds it. rclip runs `rclip -t 5 QUERY`
+on an empty database: it indexes, then answers one query (rclip cannot index without querying). After the runs, every vector stored by the
 last mmsearch index of each precision is compared with the open_clip reference (PIL decode + the model's
 own preprocess + encode_image in torch, same seeded random weights): min cosine reported.
 
