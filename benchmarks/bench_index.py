@@ -38,9 +38,10 @@ from spawn to exit, its peak resident memory taken from the kernel (wait4 rusage
 for each --precision value (auto,fp32); --no-ocr because rclip reads no text in images, while mmsearch's
 default (MMSEARCH_OCR=auto) runs Tesseract on every image where it is installed. Its ONNX export is made
 once beforehand (untimed), in --model-cache, as a user's second run finds it. rclip runs `rclip -t 5 QUERY`
-on an empty database: it indexes, then answers one query (rclip cannot index without querying). After the runs, every vector stored by the
-last mmsearch index of each precision is compared with the open_clip reference (PIL decode + the model's
-own preprocess + encode_image in torch, same seeded random weights): min cosine reported.
+on an empty database: it indexes, then answers one query (rclip cannot index without querying). After the
+runs, every vector stored by the last mmsearch index of each precision is compared with the open_clip
+reference (PIL decode + the model's own preprocess + encode_image in torch, same seeded random weights):
+min cosine reported.
 
 Where the time goes: naive = decode+preprocess / host->device / model (synchronized per batch);
 mmsearch = decode (summed over the decoders, which run beside the model) / waiting for decoders /
