@@ -34,12 +34,14 @@ Contenders, for each --model, in turn (--repeat rounds, alternating; medians rep
 --whole-process: whole `mmsearch index` processes, start to exit, alternated with whole `rclip` processes
 (a fresh index each time, same folder, --repeat rounds, ABBA order), each started by this script and timed
 from spawn to exit, its peak resident memory taken from the kernel (wait4 rusage, ru_maxrss). mmsearch runs
-`python cli.py index FOLDER --index NEW --model M --pretrained random --device cpu -q --precision P` for
-each --precision value (auto,fp32); its ONNX export is made once beforehand (untimed), in --model-cache,
-as a user's second run finds it. rclip runs `rclip -t 5 QUERY` on an empty database: it indexes, then
-answers one query (rclip cannot index without querying). After the runs, every vector stored by the
-last mmsearch index of each precision is compared with the open_clip reference (PIL decode + the model's
-own preprocess + encode_image in torch, same seeded random weights): min cosine reported.
+`python cli.py index FOLDER --index NEW --model M --pretrained random --device cpu -q --no-ocr --precision P`
+for each --precision value (auto,fp32); --no-ocr because rclip reads no text in images, while mmsearch's
+default (MMSEARCH_OCR=auto) runs Tesseract on every image where it is installed. Its ONNX export is made
+once beforehand (untimed), in --model-cache, as a user's second run finds it. rclip runs `rclip -t 5 QUERY`
+on an empty database: it indexes, then answers one query (rclip cannot index without querying). After the
+runs, every vector stored by the last mmsearch index of each precision is compared with the open_clip
+reference (PIL decode + the model's own preprocess + encode_image in torch, same seeded random weights):
+min cosine reported.
 
 Where the time goes: naive = decode+preprocess / host->device / model (synchronized per batch);
 mmsearch = decode (summed over the decoders, which run beside the model) / waiting for decoders /
@@ -228,7 +230,7 @@ def run_mmsearch(model_name: str, folder: Path, device: str, batch_size: int, wo
                                   precision=precision) as idx:
             encoder = idx.encoder  # loaded (and on CPU exported to ONNX, once) before the clock starts, as for naive
             start = time.perf_counter()
-            report = idx.add([folder], workers=workers, batch_size=batch_size)
+            report = idx.add([folder], workers=workers, batch_size=batch_size, ocr=False)  # rclip reads no text either
             total = time.perf_counter() - start
             images = idx.info()["images"]
     assert report.added == n and images == n, (report.summary(), images)
@@ -315,7 +317,7 @@ def run_process(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
 
 def mmsearch_cmd(folder: Path, index: Path, model: str, precision: str) -> list[str]:
     return [sys.executable, str(REPO / "cli.py"), "index", str(folder), "--index", str(index), "--model", model,
-            "--pretrained", "random", "--device", "cpu", "-q", "--precision", precision]
+            "--pretrained", "random", "--device", "cpu", "-q", "--no-ocr", "--precision", precision]
 
 
 def reference_min_cosine(index: Path, model: str) -> dict:
@@ -376,7 +378,7 @@ def whole_process(args: argparse.Namespace, folder: Path) -> None:
                     f"CPU {res['cpu_s']:5.1f} s  (load {res['load']})")
         fidelity = {name: reference_min_cosine(path, model) for name, path in last_index.items()}
         print(f"\n{model}: fresh index of {args.n} photos, whole process (start-up and model load included, "
-              f"export cached); medians over {args.repeat} rounds; ratios: median of per-round ratios to rclip")
+              f"export cached, mmsearch with --no-ocr); medians over {args.repeat} rounds; ratios: median of per-round ratios to rclip")
         print(f"{'contender':16s} {'wall s':>7s} {'x rclip':>8s} {'peak RSS MB':>11s} {'x rclip':>8s} {'CPU s':>6s}  "
               "stored vectors vs open_clip")
         base = {r["round"]: r for r in runs.get("rclip", [])}

@@ -46,6 +46,10 @@ class ImageEmbedder(Protocol):
 
 #: Seconds between atomic saves of the vector cache during a long run.
 SAVE_EVERY = 60.0
+#: Images in the first batch; each next batch doubles, up to `batch_size`. Until the first batch is
+#: full the model waits (and its session is built only then): a small one lets the model start while
+#: the decoders work ahead, instead of after a whole batch is decoded (75 photos: ~0.3 s of 2.6 s).
+FIRST_BATCH = 8
 
 
 @dataclass
@@ -507,6 +511,7 @@ def _embed_images(storage: Storage, encoder: Encoder, images: list[str], changed
             progress(len(batch))
 
     decoded_stream = decode_many(images, geometry, workers, draft, ahead=max(2 * batch_size, 64))
+    size = min(batch_size, FIRST_BATCH)
     try:
         batch: list = []
         while True:
@@ -517,9 +522,10 @@ def _embed_images(storage: Storage, encoder: Encoder, images: list[str], changed
                 break
             timings["decode"] += decoded.seconds
             batch.append(decoded)
-            if len(batch) >= batch_size:
+            if len(batch) >= size:
                 flush(batch)
                 batch = []
+                size = min(batch_size, 2 * size)
                 if time.monotonic() - last_save > SAVE_EVERY:
                     storage.vectors.save()
                     last_save = time.monotonic()
