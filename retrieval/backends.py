@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urlsplit
 
-from .errors import MMSearchError
+from .config import CLUSTER_EXTRA
+from .errors import BadQuery, MMSearchError
 from .local import LocalStorage
 from .stores import Storage, VectorBackend
-
-#: The fix named when an optional back end is not installed.
-CLUSTER_EXTRA = "pip install 'mmsearch[cluster]'"
-
 
 def open_storage(directory: Path | None, *, db: str | None = None, vectors: str | None = None,
                  create: bool = True) -> Storage:
@@ -39,24 +37,41 @@ def open_storage(directory: Path | None, *, db: str | None = None, vectors: str 
 
 def vector_backend(uri: str) -> VectorBackend:
     """The Milvus vector store at `uri`: a server (`milvus://host:port`, `http(s)://host:port`) or a
-    milvus-lite file (`PATH.db`); `milvus_store` reads the URI itself (as pymilvus' client does)."""
-    if urlsplit(uri).scheme not in ("milvus", "http", "https") and not uri.endswith(".db"):
-        raise MMSearchError(f"--vectors {_without_password(uri)!r}: give milvus://HOST:PORT, http(s)://HOST:PORT "
-                            "(a Milvus server) or a file PATH.db (embedded milvus-lite)")
+    milvus-lite file (`PATH.db`); a URI that can be neither is BadQuery before Milvus is imported."""
+    client_args(uri)
     try:
         from .milvus_store import MilvusVectorStore
     except ImportError as exc:
         missing = "this mmsearch has no Milvus support" if exc.name == f"{__package__}.milvus_store" else \
             f"{exc.name} is not installed"
         raise MMSearchError(f"--vectors needs Milvus ({missing}): {CLUSTER_EXTRA}") from None
-    return VectorBackend("milvus", _without_password(uri), functools.partial(MilvusVectorStore, uri))
+    return VectorBackend("milvus", redacted(uri), functools.partial(MilvusVectorStore, uri))
 
 
-def _without_password(uri: str) -> str:
-    """`uri` as shown: a password in it is left out."""
+def client_args(uri: str) -> dict[str, Any]:
+    """`MilvusClient` arguments for a `--vectors` URI (BadQuery for one it cannot be)."""
     parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + "@"
-    return urlunsplit((parts.scheme, user + netloc[-1], *parts[2:]))
+    if parts.scheme in ("milvus", "http", "https"):
+        if not parts.hostname:
+            raise BadQuery(f"--vectors {redacted(uri)!r}: no host (use milvus://HOST:19530)")
+        scheme = "http" if parts.scheme == "milvus" else parts.scheme
+        args: dict[str, Any] = {"uri": f"{scheme}://{parts.hostname}:{parts.port or 19530}"}
+        if parts.username:
+            args["token"] = f"{parts.username}:{parts.password or ''}"
+        if parts.path.strip("/"):
+            args["db_name"] = parts.path.strip("/")
+        return args
+    path = Path(uri).expanduser()
+    # A one-letter scheme is a Windows drive; a milvus-lite file must end in .db.
+    if (parts.scheme and len(parts.scheme) > 1) or path.suffix != ".db":
+        raise BadQuery(f"--vectors {redacted(uri)!r}: give milvus://HOST:PORT, http(s)://HOST:PORT "
+                       "(a Milvus server) or a file PATH.db (embedded milvus-lite)")
+    return {"uri": str(path.resolve())}
+
+
+def redacted(uri: str) -> str:
+    """The URI without a password, for messages and `info`."""
+    parts = urlsplit(uri)
+    if parts.password:
+        return uri.replace(f":{parts.password}@", ":***@", 1)
+    return uri

@@ -35,6 +35,9 @@ DEFAULT_TAGS = {
 }
 DEFAULT_PRETRAINED = DEFAULT_TAGS[DEFAULT_MODEL]
 
+#: The fix named when an optional back end (PostgreSQL, Milvus, Ray) is not installed.
+CLUSTER_EXTRA = "pip install 'mmsearch[cluster]'"
+
 
 def _bundled_dir() -> Path:
     """Where the bundled model and demo are: the package data `retrieval.bundled`, else index_data/.

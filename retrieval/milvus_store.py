@@ -48,14 +48,13 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from .backends import client_args, redacted
 from .errors import BadQuery, VectorStoreUnavailable
 from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, ModelDims, VectorKey
 from .vectors import (BUILD_BUDGET_CPU_S, FLAT_MAX_FLOATS, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_PROBE_FRACTION,
@@ -81,35 +80,6 @@ RERANK_FACTOR = 4
 #: Seconds to wait for a Milvus server before giving up.
 CONNECT_TIMEOUT_S = 10.0
 _VECTOR, _ID = "vector", "id"
-
-
-def client_args(uri: str) -> dict[str, Any]:
-    """`MilvusClient` arguments for a `--vectors` URI (BadQuery for one it cannot be)."""
-    parts = urlsplit(uri)
-    if parts.scheme in ("milvus", "http", "https"):
-        if not parts.hostname:
-            raise BadQuery(f"--vectors {uri!r}: no host (use milvus://HOST:19530)")
-        scheme = "http" if parts.scheme == "milvus" else parts.scheme
-        args: dict[str, Any] = {"uri": f"{scheme}://{parts.hostname}:{parts.port or 19530}"}
-        if parts.username:
-            args["token"] = f"{parts.username}:{parts.password or ''}"
-        if parts.path.strip("/"):
-            args["db_name"] = parts.path.strip("/")
-        return args
-    if parts.scheme and len(parts.scheme) > 1:  # a one-letter scheme is a Windows drive
-        raise BadQuery(f"--vectors {uri!r}: use milvus://HOST:PORT, http(s)://HOST:PORT or a local PATH.db")
-    path = Path(uri).expanduser()
-    if path.suffix != ".db":
-        raise BadQuery(f"--vectors {uri!r}: a milvus-lite file must end in .db")
-    return {"uri": str(path.resolve())}
-
-
-def redacted(uri: str) -> str:
-    """The URI without a password, for messages and `info`."""
-    parts = urlsplit(uri)
-    if parts.password:
-        return uri.replace(f":{parts.password}@", ":***@", 1)
-    return uri
 
 
 class MilvusVectorStore:

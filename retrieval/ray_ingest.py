@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from .config import CLUSTER_EXTRA
 from .errors import ClusterUnavailable
 from .images import Decoded, Geometry, decode_data, read_file
 from .indexer import SAVE_EVERY, IndexReport, commit_images
@@ -162,7 +163,7 @@ class RayIngest:
         try:
             import ray.data  # noqa: F401 - Ray Data, not only Ray core
         except ImportError:
-            raise ClusterUnavailable("--ray needs Ray Data: pip install 'mmsearch[cluster]'") from None
+            raise ClusterUnavailable(f"--ray needs Ray Data: {CLUSTER_EXTRA}") from None
         if self.address.startswith("ray://"):
             _check_reachable(self.address)
         elif self.address == "auto":

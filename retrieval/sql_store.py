@@ -22,15 +22,13 @@ from sqlalchemy.engine import URL, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from . import schema
-from .config import cache_dir
+from .config import CLUSTER_EXTRA, cache_dir
 from .errors import DatabaseUnavailable, IndexDamaged, IndexNotFound, MMSearchError
 from .local import LocalStorage, acquire, file_lock
 from .reader import StoreReader
 from .store import Store, _sqlite_pragmas
 from .stores import VectorBackend, VectorSet
 
-#: The fix named when the PostgreSQL driver is missing.
-INSTALL_HINT = "pip install 'mmsearch[cluster]'"
 #: Seconds to wait for a database server to answer before giving up (a server down fails fast).
 CONNECT_TIMEOUT = 5
 
@@ -71,7 +69,7 @@ def connect(url: URL) -> Engine:
             engine = create_engine(url)
             event.listen(engine, "connect", _sqlite_pragmas)
     except ImportError as exc:
-        raise DatabaseUnavailable(f"--db {where} needs the database driver {exc.name}: {INSTALL_HINT}") from None
+        raise DatabaseUnavailable(f"--db {where} needs the database driver {exc.name}: {CLUSTER_EXTRA}") from None
     hint = "is the server running, and the URL right?" if url.get_backend_name() == "postgresql" else \
         "does its folder exist, and may it be written?"
     event.listen(engine, "handle_error", lambda context: _raise_typed(context, where, hint))

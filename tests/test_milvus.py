@@ -18,10 +18,11 @@ pytest.importorskip("milvus_lite")
 
 import retrieval  # noqa: E402
 from conftest import free_port  # noqa: E402
+from retrieval.backends import client_args  # noqa: E402
 from retrieval.collection import Collection  # noqa: E402
 from retrieval.errors import BadQuery, VectorStoreUnavailable  # noqa: E402
 from retrieval.local import LocalStorage  # noqa: E402
-from retrieval.milvus_store import MilvusVectorStore, client_args  # noqa: E402
+from retrieval.milvus_store import MilvusVectorStore  # noqa: E402
 from retrieval.records import ModelManifest, NewFile  # noqa: E402
 from retrieval.stores import MAX_MEMORY_SETTING, VectorKey  # noqa: E402
 
