@@ -204,6 +204,7 @@ class _Ranking:
         self.calibrations = {kind: Calibration(load_sample(
             storage.reader, sample_path(storage.cache_dir, storage.key(kind, searcher.model).name(storage.model())),
             kind, searcher.model), vec) for kind in kinds}
+        self._matched: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
 
     def semantic(self, n: int, keep: bool) -> list[tuple[float, ItemRow, float]]:
         """The best `n` items by cosine (score, row, relevance), cut-offs applied; with `keep`, `exclude`
@@ -235,13 +236,16 @@ class _Ranking:
         return score >= floor and not (self.min_score == "auto" and relevance < AUTO_RELEVANCE)
 
     def words(self, text: str, n: int) -> list[tuple[float, int, str]]:
-        """The best `n` items whose words match `text`: (words score, id, kind), best first."""
-        found = []
-        for kind in self.kinds:
-            ids, scores = self.searcher.storage.reader.match_words(text, kind, n, self.folder, self.filters)
-            found.extend((float(s), int(i), kind) for i, s in zip(ids, scores))
-        found.sort(key=lambda hit: -hit[0])  # bm25 over one full-text index: comparable across kinds
-        return found[:n]
+        """The best `n` items whose words match `text`: (words score, id, kind), best first; asked
+        once per (text, n) — a hybrid query first asks whether any match, then fuses the same list."""
+        if (text, n) not in self._matched:
+            found = []
+            for kind in self.kinds:
+                ids, scores = self.searcher.storage.reader.match_words(text, kind, n, self.folder, self.filters)
+                found.extend((float(s), int(i), kind) for i, s in zip(ids, scores))
+            found.sort(key=lambda hit: -hit[0])  # bm25 over one full-text index: comparable across kinds
+            self._matched[(text, n)] = found[:n]
+        return self._matched[(text, n)]
 
     def fused(self, text: str, k: int, mode: str) -> list[Result]:
         """The top `k` of the words ranking ('words') or of its fusion with the meaning ranking ('hybrid')."""
