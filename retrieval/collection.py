@@ -28,7 +28,7 @@ from .backends import open_storage
 from .errors import ModelInUse, ModelMismatch, ModelUnavailable
 from .scan import type_counts
 from .records import ModelManifest
-from .stores import MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, Storage
+from .stores import CONFIG_SETTING, MAX_MEMORY_SETTING, MetadataReader, MetadataWriter, Storage
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 #: Setting (Store.set_setting) holding the image tower's precision: requested, used, int8 gate.
 PRECISION_SETTING = "encoder:precision"
-#: Setting holding a config-file model's content key (`encoder.export_name`): its export is found by it.
-CONFIG_SETTING = "model:config"
 
 
 class Collection:

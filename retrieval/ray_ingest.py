@@ -38,6 +38,7 @@ from .errors import ClusterUnavailable
 from .images import Decoded, Geometry, decode_data, read_file
 from .indexer import SAVE_EVERY, IndexReport, commit_images
 from .records import ModelManifest
+from .stores import CONFIG_SETTING
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -127,9 +128,9 @@ def _check_reachable(address: str) -> None:
     parts = urlsplit(address)
     try:
         port = parts.port or 10001
-    except ValueError:
-        raise ClusterUnavailable(f"bad Ray address {address!r}: use ray://HOST:PORT, auto or local") from None
-    if not parts.hostname:
+    except ValueError:  # a port that is not a number
+        port = None
+    if not parts.hostname or port is None:
         raise ClusterUnavailable(f"bad Ray address {address!r}: use ray://HOST:PORT, auto or local")
     try:
         socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT).close()
@@ -223,7 +224,7 @@ class RayIngest:
         device = "cuda" if gpus else "cpu"
         actors = self.actors or gpus or max(1, sum(1 for node in ray.nodes()
                                                    if node.get("Alive") and node["Resources"].get("CPU")))
-        spec = ModelSpec(encoder.manifest, storage.reader.setting("model:config"),  # collection.CONFIG_SETTING
+        spec = ModelSpec(encoder.manifest, storage.reader.setting(CONFIG_SETTING),
                          "torch" if encoder.backend == "torch" and not gpus else "auto",
                          encoder.precision if encoder.precision in ("fp32", "int8") and not gpus else "auto")
         env = _worker_env()  # the driver's now, also where Ray was initialized by the caller

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 #: Setting (`MetadataWriter.set_setting`) holding the memory budget of the automatic vector layouts, in bytes.
 MAX_MEMORY_SETTING = "max_memory"
+#: Setting holding a config-file model's content key (`encoder.export_name`): its export is found by it.
+CONFIG_SETTING = "model:config"
 
 
 class MetadataReader(Protocol):
