@@ -40,7 +40,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrieval.vectors import VectorIndex, choose_layout  # noqa: E402
+from retrieval.vectors import VectorIndex  # noqa: E402
 
 DIM = 512
 K = 10
@@ -170,10 +170,11 @@ def approx(n: int, dist: str, args: argparse.Namespace, rows: list[dict], x: np.
            max_memory: int | None) -> None:
     """Build, save, mmap-load and time one approximate index (forced layout, auto, or auto
     under a memory budget), with its filtered and efSearch-sweep rows."""
-    layout = forced or choose_layout(n, DIM, max_memory)
     exact = (lambda want: x[want - 1]) if max_memory else None  # ids are 1..n
-    print(f"  building {layout} (load avg {loadavg()}) ...", file=sys.stderr, flush=True)
-    index, b_w, b_c = timed(lambda: VectorIndex.build(ids, x, DIM, layout=layout, max_memory=max_memory))
+    print(f"  building {forced or 'the automatic layout'} (load avg {loadavg()}) ...", file=sys.stderr, flush=True)
+    # The automatic layout is chosen inside build: it also looks at the data's spectrum.
+    index, b_w, b_c = timed(lambda: VectorIndex.build(ids, x, DIM, layout=forced, max_memory=max_memory))
+    layout = index.layout
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         path = Path(tmp) / "vectors.faiss"
         _, save_s, _ = timed(lambda: index.save(path, generation=1))
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dist", nargs="+", default=["clustered", "continuous"],
                     choices=["clustered", "continuous"])
-    ap.add_argument("--layout", help="FAISS factory string instead of choose_layout(n)")
+    ap.add_argument("--layout", help="FAISS factory string instead of the automatic layout")
     ap.add_argument("--ef", type=int, help="override efSearch of an HNSW layout")
     ap.add_argument("--max-memory", type=float, default=None,
                     help="also build the auto layout under this memory budget (bytes, e.g. 3e8)")

@@ -387,6 +387,68 @@ def test_build_tunes_to_the_target_recall(layout: str, tmp_path: Path) -> None:
     assert loaded.describe()["tuning"]["recall"] == t["recall"]
 
 
+def low_rank(rng: np.random.Generator, n: int, d: int, rank: int,
+             offset: np.ndarray | float = 0.0) -> np.ndarray:
+    """Unit vectors near a ``rank``-dimensional subspace, off-centre like CLIP's (their
+    mean is far from zero)."""
+    basis = np.random.default_rng(0).standard_normal((rank, d)).astype(np.float32) / np.sqrt(rank)
+    x = rng.standard_normal((n, rank)).astype(np.float32) @ basis
+    x += rng.standard_normal((n, d)).astype(np.float32) * 0.05 + offset
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_spectrum_decides_a_projected_graph() -> None:
+    rng = np.random.default_rng(30)
+    assert vx.reduced_dim(low_rank(rng, 3000, 128, 8)) == 16
+    assert vx.reduced_dim(low_rank(rng, 3000, 512, 24)) == 32
+    assert vx.reduced_dim(unit(rng, 3000, 128)) is None  # variance spread over every dimension
+    assert vx.reduced_dim(low_rank(rng, 3000, 32, 4)) is None  # would keep > dim/4
+    # a projected graph builds far faster, so it stays in budget where plain HNSW does not
+    assert vx.hnsw_build_cpu_s(1_000_000, 32) < vx.BUILD_BUDGET_CPU_S < vx.hnsw_build_cpu_s(1_000_000, 512)
+    assert choose_layout(1_000_000, 512, reduced=32) == "PCA32,HNSW32,Refine(SQfp16)"
+    assert choose_layout(1000, 512, reduced=32) == "Flat"
+    # the projected graph plus the float16 copy: ~1.4 KB a vector at d=512, under 1.3x raw
+    assert 1.3e9 < vx.layout_bytes("PCA32,HNSW32,Refine(SQfp16)", 1_000_000, 512) < 1.3 * 2.048e9
+
+
+def test_low_rank_collection_gets_a_projected_graph(monkeypatch, tmp_path: Path) -> None:
+    """Above the exact threshold, vectors near a subspace are searched through a graph over
+    their projection: recall on new queries, true cosines, filters, removal and replacement
+    all hold, and the layout survives save and load."""
+    monkeypatch.setattr(vx, "FLAT_MAX_FLOATS", 1000 * 128)
+    rng = np.random.default_rng(31)
+    offset = unit(rng, 1, 128)[0] * 0.8
+    x = low_rank(rng, 6000, 128, 8, offset)
+    q = low_rank(np.random.default_rng(32), 50, 128, 8, offset)
+    ids = np.arange(1, 6001, dtype=np.int64)
+    index = VectorIndex.build(ids, x, dim=128)
+    assert index.layout == "PCA16,HNSW32,Refine(SQfp16)"
+    assert index.tuning["recall"] >= vx.TARGET_RECALL
+    # the projection is not centred: projected inner products follow the true ones up to a
+    # constant per query (centred, FAISS's default, they drift by the item's mean component)
+    pca = vx._transforms(index._index)[0]
+    drift = pca.apply(q) @ pca.apply(x).T - q @ x.T
+    assert drift.std(axis=1).max() < 0.002
+    scores, got = index.search(q, 10)
+    assert recall(got, exact_topk(x, ids, q, 10)[1]) >= 0.9
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, got - 1, axis=1), atol=2e-3)
+
+    path = tmp_path / "v.faiss"
+    index.save(path, generation=1)
+    loaded, _ = VectorIndex.load(path, dim=128)  # memory-mapped, as a query process loads it
+    assert loaded.layout == index.layout and loaded.params == index.params
+    np.testing.assert_array_equal(loaded.search(q, 10)[1], got)
+    for allowed in (ids[:40], ids[::7]):  # gathered exactly, and a wide filter
+        found = loaded.search(q, 10, allowed=allowed)[1]
+        assert np.isin(found, allowed).all() and (found >= 0).all()
+    gone = np.unique(got)
+    loaded.remove(gone)
+    assert not np.isin(loaded.search(q, 10)[1], gone).any()
+    loaded.add(ids[:1], q[:1])  # id 1 now holds the first query itself
+    top_s, top = loaded.search(q[:1], 1)
+    assert top[0, 0] == 1 and top_s[0, 0] == pytest.approx(1.0, abs=2e-3)
+
+
 def test_compressed_layout_reranks_from_exact_vectors() -> None:
     """PQ codes alone misorder neighbours and misstate cosines; with ``exact`` the
     candidates are re-scored: true cosines, and results in allowed sets of any size."""
