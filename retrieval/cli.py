@@ -425,6 +425,7 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
     click.echo(f"texts:    {data['texts']}")
     click.echo(f"files:    {data['files']}")
     click.echo(f"skipped:  {data['failures']}")
+    click.echo(f"words:    {_describe_words(data['words'])}")
     click.echo(f"layout:   {', '.join(f'{k}: {v}' for k, v in data['layouts'].items()) or '-'}")
     click.echo(f"precision: {_describe_precision(data['precision'])}")
     for kind, vec in data["vector_index"].items():
@@ -447,6 +448,13 @@ def info(index_dir: Path | None, as_json: bool, show_failures: bool, quiet: bool
             click.echo(f"... and {len(ignored) - 20} more (`mmsearch info --json` lists them all)")
     for p, r in failures:
         click.echo(f"skipped {_shown(p)}: {_shown(r)}")
+
+
+def _describe_words(counts: dict[str, int] | None) -> str:
+    """'11 items (OCR: 4 images read, 1 with text)'; '-' for an index built before words search."""
+    if counts is None:
+        return "- (index built before words search: `mmsearch index` adds them)"
+    return f"{counts['items']} items (OCR: {counts['ocr_read']} images read, {counts['ocr_text']} with text)"
 
 
 def _describe_precision(setting: dict[str, Any] | None) -> str:

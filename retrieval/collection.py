@@ -494,9 +494,10 @@ class Collection:
                                self.model_of(model))
 
     def info(self) -> dict[str, Any]:
-        """Index path, model (the default), every model with its vectors per kind, counts per kind, FAISS
-        layouts, roots and how each is scanned, files ignored for their type (count, and per type), and
-        size on disk."""
+        """Index path, model (the default), every model with its vectors per kind, counts per kind, the
+        words search's counts (`words`: items with words, images read by OCR and those with text found;
+        None on an index built before it), FAISS layouts, roots and how each is scanned, files ignored
+        for their type (count, and per type), and size on disk."""
         counts = self.reader.counts()
         ignored = self.reader.ignored()
         manifest = self.manifest
@@ -519,6 +520,7 @@ class Collection:
             "texts": counts.get("text", 0),
             "files": counts["files"],
             "failures": counts["failures"],
+            "words": self.reader.word_counts(),
             "layouts": layouts,
             "precision": self.precision_setting() or None,
             "vector_index": vectors,

@@ -108,19 +108,22 @@ class Group:
 
 
 def image_size(path: str) -> tuple[int | None, int | None]:
-    """(width, height) from the file's header (PIL opens lazily: no pixels decoded); None if unreadable."""
-    from PIL import Image
+    """(width, height) as shown, as the index stores it (`images.read_metadata`: the header only, no pixels
+    decoded); None if unreadable."""
+    from .images import read_metadata
 
     try:
-        with Image.open(path) as img:
-            return img.size
+        meta = read_metadata(path)
     except Exception:  # noqa: BLE001 - a file gone or damaged since indexing still belongs to its group
         return None, None
+    return meta.width, meta.height
 
 
-def describe(rows: Sequence[tuple[int, str, str]]) -> Group:
-    """A group from (id, path, sha256) rows: ordered by resolution (then path), exact copies marked."""
-    sized = [(i, path, sha, *image_size(path)) for i, path, sha in rows]
+def describe(rows: Sequence[tuple[int, str, str, int | None, int | None]]) -> Group:
+    """A group from (id, path, sha256, width, height) rows: ordered by resolution (then path), exact
+    copies marked. A size not stored (a file of an index built before 0003) is read from its header."""
+    sized = [(i, path, sha, *((w, h) if w is not None and h is not None else image_size(path)))
+             for i, path, sha, w, h in rows]
     sized.sort(key=lambda r: (-((r[3] or 0) * (r[4] or 0)), r[1]))
     first: dict[str, str] = {}
     members = []
@@ -134,8 +137,9 @@ def find_duplicates(storage: Storage, threshold: float = DEFAULT_THRESHOLD, mode
     """Groups of near-identical images in the index (cosine ≥ `threshold` under the model of key
     `model`, None: the default), biggest group first.
 
-    Reads the stored vectors (the database, not the approximate FAISS layout); only group
-    members' files are opened, and only their headers. Reports only: nothing is changed.
+    Reads the stored vectors (the database, not the approximate FAISS layout) and the stored pixel
+    sizes; a file is opened (its header only) only where its size is not stored. Reports only:
+    nothing is changed.
     """
     if not 0.0 < threshold <= 1.0:  # NaN fails this too
         raise BadQuery(f"threshold must be a cosine similarity in (0, 1], not {threshold}")
@@ -147,8 +151,10 @@ def find_duplicates(storage: Storage, threshold: float = DEFAULT_THRESHOLD, mode
     ids = np.concatenate([c[0] for c in chunks])
     vectors = np.concatenate([c[1] for c in chunks])
     groups = [ids[rows] for rows in group_rows(vectors, threshold - 1e-6)]  # float32 rounding of exact copies
-    files = storage.reader.item_files(np.concatenate(groups)) if groups else {}
-    out = [describe([(int(i), *files[int(i)]) for i in group if int(i) in files]) for group in groups]
+    members = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    files, sizes = storage.reader.item_files(members), storage.reader.image_sizes(members)
+    out = [describe([(int(i), *files[int(i)], *sizes.get(int(i), (None, None))) for i in group if int(i) in files])
+           for group in groups]
     out = [g for g in out if len(g.members) > 1]
     out.sort(key=lambda g: (-len(g.members), g.members[0].path))
     return out

@@ -252,6 +252,16 @@ class StoreReader:
         out["failures"] = self._all(f"SELECT count(*) FROM {FAILURES}")[0][0]
         return out
 
+    def word_counts(self) -> dict[str, int] | None:
+        """Items whose words are indexed (`items`), image items read by OCR (`ocr_read`) and those of
+        them it found text in (`ocr_text`); None on an index without words (read-only, not migrated to 0005)."""
+        rows = self._newer(f"SELECT count({WORDS}.text), count({WORDS}.ocr), "
+                           f"sum(CASE WHEN {WORDS}.ocr <> '' THEN 1 ELSE 0 END) FROM {WORDS}")
+        if rows is None:
+            return None
+        items, read, found = rows[0]
+        return {"items": items, "ocr_read": read, "ocr_text": found or 0}  # sum over no rows is NULL
+
     def roots(self, under: str | None = None) -> list[str]:
         """Every root indexed so far (or those at or below the folder `under`)."""
         where, params = _under("path", under) if under else (ANY_ROW, [])
@@ -350,18 +360,18 @@ class StoreReader:
 
     def match_words(self, query: str, kind: str, limit: int, folder: str | None = None,
                     filters: Filters | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(item ids, scores) of one kind whose words match any word of `query`, best first, at most
-        `limit`; restricted like `ids_filtered`. The score is FTS5's bm25 negated (higher is better); a
-        word found in half the items or more matches nothing.
+        """(item ids, scores) of one kind whose words match any word of `query` but those found in
+        half the items or more: `match_terms` of `rare_terms(query)`."""
+        return self.match_terms(self.rare_terms(query), kind, limit, folder, filters)
 
-        The query's words are quoted one by one (`words.query_terms`), so no text is read as FTS5
-        syntax; a query of punctuation only, or an index without words (read-only, not migrated to
-        0005), matches nothing."""
-        empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    def rare_terms(self, query: str) -> list[str]:
+        """The distinct words of `query` (`words.query_terms`) found in fewer than half the items'
+        words, counted once each: a query asks this once for all its kinds. Empty for a query of
+        punctuation only, and on an index without words (read-only, not migrated to 0005)."""
         terms = query_terms(query)
-        total = self._newer(f"SELECT count(*) FROM {WORDS}")
-        if not terms or total is None:
-            return empty
+        total = self._newer(f"SELECT count(*) FROM {WORDS}") if terms else None
+        if total is None:
+            return []
 
         def matches(term: str) -> int:
             source, source_params, _, _, cond, params = self._matching([term])
@@ -370,10 +380,17 @@ class StoreReader:
         # A word found in half the items or more tells nothing apart (BM25 weighs it zero, FTS5 at its
         # 1e-6 floor): the indexed folder's own name, "IMG" in every camera's file names. Left out
         # before the search, it also costs nothing (ranking 100k matches of "img" took 0.2 s).
-        kept = [term for term in terms if 2 * matches(term) < total[0][0]]
-        if not kept:
+        return [term for term in terms if 2 * matches(term) < total[0][0]]
+
+    def match_terms(self, terms: Sequence[str], kind: str, limit: int, folder: str | None = None,
+                    filters: Filters | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids, scores) of one kind whose words hold any of `terms` (from `rare_terms`), best
+        first, at most `limit`; restricted like `ids_filtered`. The score is FTS5's bm25 negated
+        (higher is better). Each term is quoted, so no text is read as FTS5 syntax; no terms match nothing."""
+        empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if not terms:
             return empty
-        source, source_params, item, score, cond, params = self._matching(kept)
+        source, source_params, item, score, cond, params = self._matching(terms)
         where, under = _under(FILES.cols("path"), folder) if folder else ("1 = 1", [])
         filtered, more = filters.sql() if filters else ("1 = 1", [])
         rows = self._newer(
@@ -397,11 +414,20 @@ class StoreReader:
     def capture_times(self, ids: Iterable[int]) -> dict[int, tuple[float | None, int | None]]:
         """(taken_at, taken_offset) of the files of item ids (see `schema.FILES`), by id; empty on an
         index without them (read-only, so not migrated to 0003)."""
-        out: dict[int, tuple[float | None, int | None]] = {}
+        return self._file_metadata(ids, "taken_at", "taken_offset")
+
+    def image_sizes(self, ids: Iterable[int]) -> dict[int, tuple[int | None, int | None]]:
+        """(width, height) of the files of item ids as stored at index time (see `schema.FILES`; None
+        until a scan reads it), by id; empty on an index without them (read-only, not migrated to 0003)."""
+        return self._file_metadata(ids, "width", "height")
+
+    def _file_metadata(self, ids: Iterable[int], *columns: str) -> dict[int, tuple]:
+        """`columns` of the files of item ids, columns of migration 0003, by id; empty on an index without them."""
+        out: dict[int, tuple] = {}
         for part in chunks([int(i) for i in ids]):
-            rows = self._newer(f"SELECT {ITEMS.cols('id')}, {FILES.cols('taken_at', 'taken_offset')} FROM {ITEMS} "
+            rows = self._newer(f"SELECT {ITEMS.cols('id')}, {FILES.cols(*columns)} FROM {ITEMS} "
                                f"JOIN {FILES} ON {_JOIN} WHERE {ITEMS.cols('id')} IN ({','.join('?' * len(part))})", part)
-            out.update((r[0], (r[1], r[2])) for r in rows or [])
+            out.update((r[0], tuple(r[1:])) for r in rows or [])
         return out
 
     def _by_ids(self, sql: str, ids: Iterable[int], params: Sequence[object] = ()) -> Iterator[list[tuple]]:

@@ -205,6 +205,7 @@ class _Ranking:
             storage.reader, sample_path(storage.cache_dir, storage.key(kind, searcher.model).name(storage.model())),
             kind, searcher.model), vec) for kind in kinds}
         self._matched: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
+        self._terms: dict[str, list[str]] = {}
 
     def semantic(self, n: int, keep: bool) -> list[tuple[float, ItemRow, float]]:
         """The best `n` items by cosine (score, row, relevance), cut-offs applied; with `keep`, `exclude`
@@ -239,9 +240,12 @@ class _Ranking:
         """The best `n` items whose words match `text`: (words score, id, kind), best first; asked
         once per (text, n) — a hybrid query first asks whether any match, then fuses the same list."""
         if (text, n) not in self._matched:
+            reader = self.searcher.storage.reader
+            if text not in self._terms:  # each word counted once for the query, whatever its kinds and depths
+                self._terms[text] = reader.rare_terms(text)
             found = []
             for kind in self.kinds:
-                ids, scores = self.searcher.storage.reader.match_words(text, kind, n, self.folder, self.filters)
+                ids, scores = reader.match_terms(self._terms[text], kind, n, self.folder, self.filters)
                 found.extend((float(s), int(i), kind) for i, s in zip(ids, scores))
             found.sort(key=lambda hit: -hit[0])  # bm25 over one full-text index: comparable across kinds
             self._matched[(text, n)] = found[:n]

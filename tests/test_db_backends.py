@@ -103,6 +103,20 @@ def test_words_search_leaves_out_words_of_half_the_items_in_every_store(where, t
         assert idx.search("photos", mode="words", k=3) == []
 
 
+def test_info_counts_words_and_ocr_text_in_every_store(where, tiny_model, photos, monkeypatch) -> None:
+    """`info`'s words counts (the same SQL in every store): items with words, images read by OCR (its
+    engine stood in for here), those it found text in."""
+    from retrieval import ocr
+
+    monkeypatch.setattr(ocr, "available", lambda: True)
+    monkeypatch.setattr(ocr, "read_text", lambda path: "zanzibar harbour" if path.endswith("img2.webp") else "")
+    (photos / "captions.txt").write_text("a red square\ntwo green circles\n")
+    with retrieval.open_index(**where, model=tiny_model, pretrained="random") as idx:
+        idx.add([photos], workers=0, ocr=True)
+        assert idx.info()["words"] == {"items": 8, "ocr_read": 6, "ocr_text": 1}
+        assert [Path(h.path).name for h in idx.search("zanzibar", mode="words", target="all", k=3)] == ["img2.webp"]
+
+
 def test_cli_suite(runner, where, tiny_model, photos) -> None:
     """`index`, `query` (text and --image), `remove` and `info --json` with --index or --db."""
     at = cli_args(where)

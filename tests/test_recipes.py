@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import retrieval
 from conftest import REPO, run_mmsearch
 from retrieval.calibrate import SAMPLE_SIZE, sample_ids
 from retrieval.compose import item_vectors, parse_weight
+from retrieval import dupes
 from retrieval.dupes import group_rows
 from retrieval.query_cache import QueryCache
 
@@ -231,6 +233,33 @@ def test_dupes_groups_copies_by_resolution_and_changes_nothing(with_copies: Path
     assert sorted(p.name for p in photos.iterdir()) == before
     table = run_mmsearch("dupes", "--index", index, "--threshold", "0.99")
     assert "nothing was changed" in table.stderr and "= " in table.stdout and "~" in table.stdout
+
+
+def test_dupes_takes_sizes_from_the_index_and_opens_only_files_without_one(with_copies: Path, monkeypatch) -> None:
+    index, photos = with_copies / "idx", with_copies / "photos"
+    real = {}
+    for path in photos.iterdir():
+        if path.suffix == ".txt":  # the captions
+            continue
+        with Image.open(path) as img:
+            real[str(path)] = img.size
+    opened: list[str] = []
+    monkeypatch.setattr(dupes, "image_size", lambda path: opened.append(path) or real[path])
+    # The photos moved away after indexing: their sizes are still known, and no file is opened.
+    photos.rename(with_copies / "moved")
+    with retrieval.open_index(index, create=False) as idx:
+        groups = idx.duplicates(0.99)
+        members = [m for g in groups for m in g.members]
+        assert len(members) >= 3 and opened == []
+        assert {m.path: (m.width, m.height) for m in members} == {m.path: real[m.path] for m in members}
+    # A row without a stored size (an index from before 0003 keeps them NULL until a scan) is read from its file.
+    small = str(photos / "small.png")
+    with sqlite3.connect(index / "mmsearch.db") as db:
+        db.execute("UPDATE files SET width = NULL, height = NULL WHERE path = ?", (small,))
+    db.close()
+    with retrieval.open_index(index, create=False) as idx:
+        sized = {m.path: (m.width, m.height) for g in idx.duplicates(0.99) for m in g.members}
+    assert opened == [small] and sized[small] == real[small]
 
 
 def test_collapse_shows_one_result_per_group(with_copies: Path) -> None:

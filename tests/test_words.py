@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,12 @@ from retrieval import ocr
 from retrieval.config import BUNDLED_DIR
 from retrieval.encoder import Encoder
 from retrieval.local import LocalStorage
+from retrieval.reader import StoreReader
 from retrieval.words import RRF_K, fuse, item_words, query_terms, ranks, split_words
 
-from conftest import immutable_reader, invoke, release_index_copy, run_mmsearch, solid_image
+from conftest import REPO, immutable_reader, invoke, release_index_copy, run_mmsearch, solid_image
 from test_filters import exif_bytes, restore_sources, v2_copy
+from test_reliability import _read_only_runner
 
 DEMO = BUNDLED_DIR / "demo"
 V3 = Path(__file__).parent / "data" / "index-v3"
@@ -152,6 +156,29 @@ def test_texts_match_by_their_own_words(tmp_path: Path) -> None:
     assert [r.text for r in found] == ["the zanzibar harbour"]
 
 
+def test_a_query_counts_each_word_once_whatever_its_kinds(trip: Path, monkeypatch) -> None:
+    """A word in half the items or more is left out (see `rare_terms`): one count per word for the
+    query, not one per kind (a hybrid query's check for a match and its fusion share them too)."""
+    with retrieval.open_index(trip, create=False) as idx:
+        idx.add_texts(["a note from the germany trip", "a red circle"], source="notes")
+        expected = sorted((round(float(s), 6), int(i)) for kind in ("image", "text")
+                          for i, s in zip(*idx.reader.match_words("germany circle", kind, 50)))
+        statements: list[str] = []
+        all_rows = StoreReader._all
+        monkeypatch.setattr(StoreReader, "_all", lambda self, sql, params=(): statements.append(sql) or all_rows(
+            self, sql, params))
+        words = idx.search("germany circle", k=50, target="all", mode="words")
+        counted = [sql for sql in statements if sql.startswith("SELECT count(*) FROM words_fts")]
+        assert len(counted) == 2  # "germany" and "circle", once each
+        statements.clear()
+        hybrid = idx.search("germany circle", k=13, target="all")
+        assert len([sql for sql in statements if sql.startswith("SELECT count(*) FROM words_fts")]) == 2
+    # The same matches and scores as asking each kind on its own (ties are ordered by cosine).
+    assert sorted((r.words_score, r.id) for r in words) == expected
+    assert [r.words_score for r in words] == sorted((r.words_score for r in words), reverse=True)
+    assert {r.kind for r in words} == {"image", "text"} and len(hybrid) == 13
+
+
 # --- --sort date ----------------------------------------------------------------------------------
 
 def test_sort_date_orders_by_capture_time_undated_last(tmp_path: Path, runner) -> None:
@@ -263,6 +290,25 @@ def test_ocr_asked_for_without_the_engine_is_a_one_line_error(tmp_path: Path, ru
     assert invoke(runner, "index", tmp_path / "photos", "--index", tmp_path / "index", "--model", "shapes-mini").exit_code == 0
 
 
+# --- what `info` says of words search ---------------------------------------------------------------
+
+def test_info_counts_items_with_words_and_images_with_ocr_text(trip: Path, tmp_path: Path, runner,
+                                                               monkeypatch) -> None:
+    assert json.loads(invoke(runner, "info", "--index", trip, "--json").stdout)["words"] == {
+        "items": 11, "ocr_read": 0, "ocr_text": 0}  # indexed without OCR (conftest)
+    # OCR asked for later (its engine stood in for): every image is read, one scan holds text.
+    monkeypatch.setattr(ocr, "available", lambda: True)
+    monkeypatch.setattr(ocr, "read_text", lambda path: "ZANZIBAR 2019" if path.endswith("scan_001.png") else "")
+    shutil.copy(DEMO / "white_circle_01.png", tmp_path / "photos" / "scan_001.png")
+    with retrieval.open_index(trip, create=False) as idx:
+        assert idx.add(workers=0, ocr=True).added == 1
+        idx.add_texts(["the zanzibar harbour"], source="notes")
+        assert names(idx.search("zanzibar", k=3, target="images", mode="words")) == ["scan_001.png"]
+    data = json.loads(invoke(runner, "info", "--index", trip, "--json").stdout)
+    assert data["words"] == {"items": 13, "ocr_read": 12, "ocr_text": 1}
+    assert "words:    13 items (OCR: 12 images read, 1 with text)" in invoke(runner, "info", "--index", trip).stdout
+
+
 # --- the previous release's index (schema 0003) -------------------------------------------------------
 
 def v3_copy(tmp_path: Path) -> Path:
@@ -306,7 +352,27 @@ def test_read_only_previous_release_index_answers_and_is_left_unchanged(tmp_path
         assert names(idx.search("a red circle", k=3)) == names(idx.search("a red circle", k=3, mode="semantic"))
         assert idx.search("circle", k=3, mode="words") == []  # no words before 0005: nothing matches
         assert reader.words_todo(ocr=True) == []
+        assert idx.info()["words"] is None and idx.info()["images"] == 6
     assert {name: (index / name).read_bytes() for name in before} == before
+
+
+def test_info_on_a_read_only_previous_release_index_says_it_has_no_words(tmp_path: Path) -> None:
+    index = v3_copy(tmp_path)
+    before = {p.name: p.read_bytes() for p in index.iterdir()}
+    prefix = _read_only_runner(index)
+    if prefix is None:
+        pytest.skip("no way to make a read-only directory here")
+    try:
+        cmd = [*prefix, sys.executable, str(REPO / "cli.py"), "info", "--index", str(index)]
+        data = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120)
+        assert data.returncode == 0, data.stderr
+        assert json.loads(data.stdout)["words"] is None and json.loads(data.stdout)["images"] == 6
+        shown = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        assert "words:    - (index built before words search" in shown.stdout
+    finally:
+        index.chmod(0o755)
+    assert {p.name: p.read_bytes() for p in index.iterdir()} == before
 
 
 def test_an_index_without_image_metadata_gets_image_words_from_its_next_scan(tmp_path: Path) -> None:
