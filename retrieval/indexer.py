@@ -351,7 +351,7 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
     storage.writer.add_roots(roots, options)  # already absolute; known roots keep theirs until the end
     sidecars = set(work.sidecars)  # failed as text corpora before they were told apart: not failures now
     readable_again = [path for root in options for path, reason in reader.failures(under=root)
-                      if reason.startswith("cannot read folder") and path not in work.unreadable or path in sidecars]
+                      if (reason.startswith("cannot read folder") and path not in work.unreadable) or path in sidecars]
     if work.moved or work.gone or report.failures or readable_again:
         storage.commit(removed_files=[row.id for row in work.gone], moved=work.moved,
                        failures=report.failures, cleared_failures=readable_again)
