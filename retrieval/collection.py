@@ -367,6 +367,8 @@ class Collection:
                 self.storage.set_memory_budget(max_memory)
             report = index_paths(self.storage, self.claim_model, paths, **options)
             self._fill_models(report, options.get("workers"))
+            if report.removed or report.updated:  # their items went: so go their thumbnails
+                self.prune_thumbnails()
             return report
 
     def _fill_models(self, report: IndexReport, workers: int | None = None) -> None:
@@ -428,7 +430,16 @@ class Collection:
 
         paths = [str(p) for p in _listed(paths, "remove")]
         with self.writing():
-            return remove_paths(self.storage, paths)
+            removal = remove_paths(self.storage, paths)
+            self.prune_thumbnails()
+            return removal
+
+    def prune_thumbnails(self) -> int:
+        """Delete the cached thumbnails of items gone or changed (see `gallery.prune_thumbnails`); run
+        by `add` when files went or changed, `remove` and `reindex`. Returns how many were deleted."""
+        from .gallery import Thumbnails
+
+        return Thumbnails(self).prune()
 
     def add_texts(self, texts: Sequence[str], source: str) -> IndexReport:
         """Index texts that live in no file, under the name `source` (replacing earlier ones)."""
@@ -454,6 +465,7 @@ class Collection:
             if max_memory is not None:
                 self.storage.set_memory_budget(max_memory)
             built = self.storage.vectors.rebuild(self.storage.keys(), layout)
+            self.prune_thumbnails()
         return {key.name(self.storage.model()): index.layout for key, index in built.items()}
 
     def vectors(self, kind: str, model: str | None = None) -> VectorSet:

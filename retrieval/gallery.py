@@ -12,6 +12,7 @@ import hashlib
 import html
 import io
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,13 @@ if TYPE_CHECKING:
     from .collection import Collection
     from .records import FileRow, ItemRow
     from .search import Result
+    from .stores import MetadataReader
 
 #: Long side of a thumbnail, in pixels.
 THUMB_SIZE = 256
 THUMB_QUALITY = 85
+#: A cached thumbnail's name: item id and the first 24 hex digits of its file's sha256.
+THUMB_NAME = re.compile(r"(\d+)-([0-9a-f]{24})\.jpg")
 
 
 class ItemNotFound(MMSearchError):
@@ -131,6 +135,37 @@ class Thumbnails:
             raise FileChanged(f"item {item_id} cannot be decoded: {describe_error(exc)}") from None
         write_cache_file(cached, thumb)
         return thumb
+
+    def prune(self) -> int:
+        """Delete the cached thumbnails of items gone from the index or whose file changed since (see
+        `prune_thumbnails`); returns how many were deleted."""
+        return prune_thumbnails(self.directory, self.collection.reader)
+
+
+def prune_thumbnails(directory: Path, reader: MetadataReader) -> int:
+    """Delete the thumbnails in `directory` (named as `Thumbnails` names them) whose item is gone or
+    whose file's hash is not the one they were made of; returns how many were deleted.
+
+    One listing of the folder and one lookup of its item ids: for after a change that removed items
+    (a remove, a re-scan that found files gone or changed), never on a query. Only regular files of
+    the thumbnail name pattern in `directory` itself are touched.
+    """
+    try:
+        entries = [(entry, match) for entry in os.scandir(directory)
+                   if (match := THUMB_NAME.fullmatch(entry.name)) and entry.is_file(follow_symlinks=False)]
+    except OSError:  # no thumbnail made yet, or not readable: nothing to prune
+        return 0
+    current = reader.item_files({int(m.group(1)) for _, m in entries})
+    deleted = 0
+    for entry, match in entries:
+        item = current.get(int(match.group(1)))
+        if item is None or not item[1].startswith(match.group(2)):
+            try:
+                os.unlink(entry.path)
+                deleted += 1
+            except OSError:  # deleted meanwhile, or not ours to delete: left
+                continue
+    return deleted
 
 
 def results_html(query: str, results: Sequence[Result], thumbnails: Thumbnails) -> str:

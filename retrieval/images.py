@@ -157,13 +157,14 @@ def fit(img: Image.Image, geometry: Geometry) -> np.ndarray:
 _EXIF_IFD, _TAKEN, _OFFSET, _MAKE, _MODEL = 0x8769, 36867, 36881, 271, 272
 
 
-def read_metadata(path: str) -> FileMetadata:
+def read_metadata(path: str, sidecar_time: float | None = None) -> FileMetadata:
     """Capture time, camera and pixel size (as shown, EXIF orientation applied) of an image, from its
     header only (no pixels decoded).
 
     The capture time is EXIF DateTimeOriginal, read as UTC shifted by OffsetTimeOriginal where that
-    is present and as the camera's local time otherwise; without an EXIF date, the file's mtime
-    (with this machine's UTC offset at that time). Raises OSError or a decoder error for unreadable files.
+    is present and as the camera's local time otherwise; without an EXIF date, `sidecar_time` (epoch
+    seconds, as a Google Photos sidecar gives it) or else the file's mtime, each with this machine's
+    UTC offset at that time. Raises OSError or a decoder error for unreadable files.
     """
     from datetime import datetime, timezone
 
@@ -179,8 +180,8 @@ def read_metadata(path: str) -> FileMetadata:
     try:
         wall = datetime.strptime(str(taken).strip("\x00 "), "%Y:%m:%d %H:%M:%S").replace(tzinfo=timezone.utc)
     except (TypeError, ValueError):
-        mtime = os.stat(path).st_mtime
-        return FileMetadata(mtime, time.localtime(mtime).tm_gmtoff, camera, width, height)
+        instant = os.stat(path).st_mtime if sidecar_time is None else sidecar_time
+        return FileMetadata(instant, time.localtime(instant).tm_gmtoff, camera, width, height)
     offset = _offset_seconds(str(offset_text)) if offset_text else None
     return FileMetadata(wall.timestamp() - (offset or 0), offset, camera, width, height)
 

@@ -71,6 +71,8 @@ class IndexReport:
     kept: int = 0
     #: Files skipped for their type (not failures): .heic, .cr2, no extension, ...
     ignored: list[str] = field(default_factory=list)
+    #: Google Photos metadata files (Takeout .json sidecars) read for capture times, not indexed.
+    sidecars: int = 0
     #: What was logged as a warning during the run, one line each.
     warnings: list[str] = field(default_factory=list)
     #: Paths named for this run (as given) from which the index now holds nothing.
@@ -102,6 +104,8 @@ class IndexReport:
             line += f"; {n} items embedded with model {model}"
         if self.ocr:
             line += f"; read the text in {self.ocr} images ({self.timings.get('ocr', 0.0):.1f} s)"
+        if self.sidecars:
+            line += f"; {self.sidecars} Google Photos metadata files read, not indexed"
         ignored = self.ignored_summary()
         return f"{line}\n{ignored}" if ignored else line
 
@@ -137,6 +141,10 @@ class Plan:
     unreadable: list[str] = field(default_factory=list)
     #: The text field of each corpus to read, from its root's options.
     text_fields: dict[str, str | None] = field(default_factory=dict)
+    #: Google Photos metadata files found (see `scan.google_metadata`).
+    sidecars: list[str] = field(default_factory=list)
+    #: Capture times from those files, by photo path (for photos without an EXIF date).
+    taken: dict[str, float] = field(default_factory=dict)
 
 
 def _resolve_roots(storage: Storage, paths: Sequence[str], report: IndexReport) -> list[str]:
@@ -219,6 +227,8 @@ def plan(reader: MetadataReader, options: dict[str, RootOptions], stored: dict[s
         report.failures.extend(scanned.failures)
         report.ignored.extend(scanned.ignored)
         result.unreadable.extend(scanned.unreadable)
+        result.sidecars.extend(scanned.sidecars)
+        result.taken.update(scanned.taken)
         found.update((c.path, c) for c in scanned.candidates)
         for cand in scanned.candidates:
             if cand.kind == "text":
@@ -258,6 +268,8 @@ def plan(reader: MetadataReader, options: dict[str, RootOptions], stored: dict[s
     moved_ids = {m[0] for m in result.moved}
     gone = [row for row in gone if row.id not in moved_ids]
     report.ignored = list(dict.fromkeys(report.ignored))  # a nested root's files are seen twice
+    result.sidecars = list(dict.fromkeys(result.sidecars))
+    report.sidecars = len(result.sidecars)
     result.gone = _apply_prune_rule(gone, options, known_per_root, result.unreadable, report, limits)
     return result
 
@@ -337,8 +349,9 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
     report.unchanged = work.unchanged
     report.skipped = len(report.failures)
     storage.writer.add_roots(roots, options)  # already absolute; known roots keep theirs until the end
+    sidecars = set(work.sidecars)  # failed as text corpora before they were told apart: not failures now
     readable_again = [path for root in options for path, reason in reader.failures(under=root)
-                      if reason.startswith("cannot read folder") and path not in work.unreadable]
+                      if (reason.startswith("cannot read folder") and path not in work.unreadable) or path in sidecars]
     if work.moved or work.gone or report.failures or readable_again:
         storage.commit(removed_files=[row.id for row in work.gone], moved=work.moved,
                        failures=report.failures, cleared_failures=readable_again)
@@ -359,7 +372,7 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
         _index_corpus(storage, encoder, path, work.text_fields.get(path), path in changed, report)
         if progress:
             progress(1)
-    fill_metadata(storage)
+    fill_metadata(storage, work.taken)
     fill_words(storage, ocr, report)
     # Stored last: a run cut short re-reads, next time, the corpora a changed text field affects.
     storage.writer.set_root_options({root: opts for root, opts in options.items() if stored.get(root) != opts})
@@ -367,16 +380,18 @@ def index_paths(storage: Storage, claim_model: Callable[[], Encoder], paths: Seq
     return report
 
 
-def fill_metadata(storage: Storage) -> int:
+def fill_metadata(storage: Storage, taken: dict[str, float] | None = None) -> int:
     """Read capture time, camera and pixel size (see `images.read_metadata`) of the image files that
     lack them: those just added, and every file of an index built before migration 0003, whose next
-    scan fills them in without re-embedding anything. Returns how many were read."""
+    scan fills them in without re-embedding anything. `taken`: capture times by path (from Google
+    Photos metadata files) for images without an EXIF date. Returns how many were read."""
     from .images import read_metadata
 
+    taken = taken or {}
     rows = []
     for file_id, path in storage.reader.files_without_metadata():
         try:
-            rows.append((file_id, read_metadata(path)))
+            rows.append((file_id, read_metadata(path, taken.get(path))))
         except Exception:  # noqa: BLE001 - gone or unreadable since it was embedded: left empty, tried next scan
             continue
     storage.writer.set_file_metadata(rows)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import fnmatch
 import io
+import itertools
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,12 +35,16 @@ class ScanResult:
 
     `unreadable`: folders that could not be listed and files that could not be looked at:
     what the index holds there must be kept. `ignored`: files skipped for their type.
+    `sidecars`: Google Photos metadata files skipped (see `google_metadata`); `taken`: the capture
+    time (epoch seconds) their `photoTakenTime` gives, by the path of their photo.
     """
 
     candidates: list[Candidate]
     failures: list[tuple[str, str]]
     unreadable: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    sidecars: list[str] = field(default_factory=list)
+    taken: dict[str, float] = field(default_factory=dict)
 
 
 def excluded(relative: str, patterns: Sequence[str], include_hidden: bool) -> bool:
@@ -87,8 +94,9 @@ def scan(root: str, exclude: Sequence[str] = (), include_hidden: bool = False) -
 
     Below the root, hidden files and folders (unless `include_hidden`) and paths matching an
     `exclude` pattern (see `excluded`) are left out; other files of no known type are listed
-    as ignored. Symlinked folders are followed once: a folder already visited (same device and
-    inode) is skipped, so symlink loops end. A folder that cannot be listed is a failure and
+    as ignored. Google Photos metadata files (.json) are no candidates: they give their photos'
+    capture times (`ScanResult.taken`). Symlinked folders are followed once: a folder already
+    visited (same device and inode) is skipped, so symlink loops end. A folder that cannot be listed is a failure and
     is listed as unreadable.
     """
     result = ScanResult([], [])
@@ -116,16 +124,105 @@ def scan(root: str, exclude: Sequence[str] = (), include_hidden: bool = False) -
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not skip(os.path.join(folder, d)))
-        for name in sorted(files):
+        names = sorted(files)
+        for name in names:
             path = os.path.join(folder, name)
             if skip(path):
                 continue
             kind = kind_of(Path(name))
             if kind is None:
                 result.ignored.append(path)
+            elif name.lower().endswith(".json") and (meta := _read_sidecar(path)) is not None:
+                result.sidecars.append(path)
+                photo = sidecar_photo(name, meta.get("title"), names)
+                taken = _taken_time(meta)
+                if photo and taken is not None:
+                    result.taken[os.path.join(folder, photo)] = taken
             elif found := _candidate(path, kind, result):
                 result.candidates.append(found)
     return result
+
+
+#: Keys of a Google Photos Takeout sidecar (`IMG_1.jpg.json`, `IMG_1.jpg.supplemental-metadata.json`)
+#: or album `metadata.json`, each of which also has a "title" (an old album file: only "albumData").
+GOOGLE_KEYS = frozenset({"photoTakenTime", "creationTime", "photoLastModifiedTime", "geoData", "geoDataExif",
+                         "imageViews", "url", "googlePhotosOrigin", "people", "description", "access", "date"})
+#: Sidecars are a few KB; a larger .json is not read to find out (it is a corpus, or fails as one).
+SIDECAR_MAX_BYTES = 1 << 20
+
+
+def google_metadata(value: object) -> bool:
+    """Whether parsed JSON is a Google Photos Takeout metadata file (a photo's sidecar or an album's)."""
+    if not isinstance(value, dict):
+        return False
+    return "albumData" in value or ("title" in value and not GOOGLE_KEYS.isdisjoint(value))
+
+
+def _read_sidecar(path: str) -> dict | None:
+    """The content of a Google Photos metadata file, or None for anything else (left to be read as
+    a corpus, which reports what is wrong with it). A corpus array is told by its first byte."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(64)
+            if not data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+                return None
+            data += fh.read(SIDECAR_MAX_BYTES)
+    except OSError:
+        return None
+    if len(data) > SIDECAR_MAX_BYTES:
+        return None
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if google_metadata(value) else None
+
+
+def _taken_time(meta: dict) -> float | None:
+    """`photoTakenTime.timestamp` (epoch seconds, a string in Takeout), or None."""
+    taken = meta.get("photoTakenTime")
+    try:
+        seconds = float(taken["timestamp"]) if isinstance(taken, dict) else None
+    except (KeyError, TypeError, ValueError):
+        return None
+    return seconds if seconds and seconds > 0 else None
+
+
+#: A name's duplicate number as Takeout writes it: `IMG.jpg(1).json` is the sidecar of `IMG(1).jpg`.
+_NUMBERED = re.compile(r"(.*)\((\d+)\)")
+#: Takeout cuts a file name to this many characters (with ".json"): a longer name's end is lost.
+_TAKEOUT_NAME_MAX = 46
+
+
+def sidecar_photo(name: str, title: object, names: Sequence[str]) -> str | None:
+    """The name, among `names` (its folder's files, sorted), of the image a Takeout sidecar `name` describes.
+
+    `IMG.jpg.json`, `IMG.jpg.supplemental-metadata.json` (or that suffix cut short, as Takeout cuts
+    long names) and `IMG.jpg(1).json` / `IMG.jpg.supplemental-metadata(1).json` (for `IMG(1).jpg`);
+    else the sidecar's `title`; else, for a name cut short, the one image whose name starts with
+    what is left. None when no image matches (an album's metadata.json, a video's sidecar).
+    """
+    base = name[: -len(".json")]
+    numbered = _NUMBERED.fullmatch(base)
+    if numbered:
+        base = numbered.group(1)
+    head, dot, tail = base.rpartition(".")
+    if dot and tail and "supplemental-metadata".startswith(tail.lower()) and Path(head).suffix:
+        base = head
+    if numbered:
+        stem, ext = os.path.splitext(base)
+        base = f"{stem}({numbered.group(2)}){ext}"
+    wanted = [base] + ([title] if isinstance(title, str) and not numbered else [])
+    for photo in wanted:
+        at = bisect.bisect_left(names, photo)
+        if at < len(names) and names[at] == photo and kind_of(Path(photo)) == "image":
+            return photo
+    if len(name) < _TAKEOUT_NAME_MAX:
+        return None
+    at = bisect.bisect_left(names, base)  # names starting with `base` follow it, in order
+    following = (names[i] for i in range(at, len(names)))
+    cut = [n for n in itertools.takewhile(lambda n: n.startswith(base), following) if kind_of(Path(n)) == "image"]
+    return cut[0] if len(cut) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -214,6 +311,8 @@ def read_corpus(path: str, text_field: str | None = None) -> Corpus:
             records = json.loads(data.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UnsupportedFile(f"not a JSON array of records: {exc}") from None
+        if google_metadata(records):
+            raise UnsupportedFile("a Google Photos metadata file (Takeout sidecar), not a text corpus")
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             held = "an array of non-objects" if isinstance(records, list) else f"a JSON {_JSON_TYPES[type(records)]}"
             raise UnsupportedFile(f"not a JSON array of records: it holds {held}")

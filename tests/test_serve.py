@@ -190,7 +190,8 @@ def test_thumbnail_is_an_upright_jpeg_cached_by_file_hash(tmp_path: Path) -> Non
         idx.add()
         item = idx.search("a red square", k=1)[0].id
         assert Image.open(BytesIO(client.get(f"/thumb/{item}").content)).size == (85, 256)
-        assert len(list((tmp_path / "idx" / "thumbs").glob("*.jpg"))) == 2
+        assert not cached[0].exists()  # the old content's thumbnail went with the re-scan
+        assert len(list((tmp_path / "idx" / "thumbs").glob("*.jpg"))) == 1
 
 
 def test_read_only_index_caches_thumbnails_per_user(gallery_index: Path, tmp_path: Path, model_cache: Path) -> None:
