@@ -8,6 +8,7 @@ const K = 48;
 // (the model's is the index's default, known once /api/info answers). Defaults stay out of the URL.
 const CHOICES = { target: "", mode: "hybrid", sort: "score", model: "" };
 let defaultModel = "";
+let latest = 0;  // the newest search: an older answer arriving late (switches flipped quickly) is dropped
 
 function setStatus(text, isError) {
   $("status").textContent = text;
@@ -99,21 +100,25 @@ function apiQuery(p, names) {
 
 async function run() {
   const p = params();
+  const mine = ++latest;
   restore(p);
   try {
+    let url, what;
     if (p.get("similar")) {
-      setStatus("searching…");
-      const id = p.get("similar");
-      const query = apiQuery(p, ["target", "sort", "model"]);
-      show(await call("/api/similar/" + encodeURIComponent(id) + "?" + query), "item " + id);
+      url = "/api/similar/" + encodeURIComponent(p.get("similar")) + "?" + apiQuery(p, ["target", "sort", "model"]);
+      what = "item " + p.get("similar");
     } else if (p.get("q")) {
-      const q = p.get("q");
-      $("q").value = q;
-      setStatus("searching…");
-      show(await call("/api/search?" + apiQuery(p, ["q", "target", "mode", "sort", "model"])), "“" + q + "”");
+      $("q").value = p.get("q");
+      url = "/api/search?" + apiQuery(p, ["q", "target", "mode", "sort", "model"]);
+      what = "“" + p.get("q") + "”";
+    } else {
+      return;
     }
+    setStatus("searching…");
+    const results = await call(url);
+    if (mine === latest) show(results, what);
   } catch (err) {
-    setStatus(err.message, true);
+    if (mine === latest) setStatus(err.message, true);
   }
 }
 
@@ -143,13 +148,15 @@ async function searchImage(file) {
   const chosen = choices();
   for (const name of ["target", "sort", "model"]) if (chosen[name]) form.append(name, chosen[name]);
   form.append("k", String(K));
+  const mine = ++latest;
   setStatus("searching by " + file.name + "…");
   try {
     const results = await call("/api/search/image", { method: "POST", body: form });
+    if (mine !== latest) return;
     history.pushState(null, "", pageUrl(chosen));  // an uploaded image cannot be bookmarked, its choices can
     show(results, "image " + file.name);
   } catch (err) {
-    setStatus(err.message, true);
+    if (mine === latest) setStatus(err.message, true);
   }
 }
 
