@@ -224,3 +224,141 @@ def test_login_form_with_a_token(browser, gallery_index: Path, model_cache: Path
         assert "browser-secret" not in browser.execute_script("return document.cookie")  # HttpOnly
     finally:
         stop_server(proc)
+
+
+# --- the mode, sort and model switches -----------------------------------------------------------
+
+
+def _api(url: str, **params: object) -> list[dict]:
+    """The JSON API's answer to a text search, as the page would ask it (k=48)."""
+    import json
+    from urllib.parse import urlencode
+    from urllib.request import urlopen
+
+    with urlopen(f"{url}/api/search?{urlencode({'k': 48, **params})}", timeout=30) as response:
+        return json.load(response)
+
+
+def _api_names(url: str, **params: object) -> list[str]:
+    return [Path(r["path"]).name for r in _api(url, **params)]
+
+
+def _query(driver) -> dict[str, list[str]]:
+    return parse_qs(urlparse(driver.current_url).query)
+
+
+def _choose(driver, control: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, control)).select_by_value(value)
+
+
+def _chosen(driver, control: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, control).get_attribute("value")
+
+
+def _shows(driver, want: list[str]) -> bool:
+    """Whether the page shows exactly `want` (its search has finished)."""
+    from selenium.webdriver.common.by import By
+
+    return "searching" not in driver.find_element(By.ID, "status").text and _names(driver) == want
+
+
+def _search_here(driver, text: str) -> None:
+    """Type a query into the page on show (keeping its switches) and send it."""
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys(text + "\n")
+
+
+def test_words_only_switch_asks_the_api_in_words_mode_and_a_reload_keeps_it(browser, served: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    _search(browser, served, "blue star")
+    hybrid, words = _api_names(served, q="blue star"), _api_names(served, q="blue star", mode="words")
+    assert _names(browser) == hybrid and words != hybrid  # words only: just the files whose names say so
+    assert _chosen(browser, "mode") == "hybrid" and "mode" not in _query(browser)  # the default stays out of the URL
+    assert not browser.find_element(By.ID, "model").is_displayed()  # one model: nothing to choose
+
+    _choose(browser, "mode", "words")  # the search on show runs again, words only
+    _wait(browser, lambda d: _shows(d, words))
+    assert _query(browser) == {"q": ["blue star"], "mode": ["words"]}
+
+    browser.refresh()
+    _wait(browser, lambda d: _shows(d, words))
+    assert _chosen(browser, "mode") == "words"
+    _search_here(browser, "a red circle")  # a new search keeps the switch
+    red = _api_names(served, q="a red circle", mode="words")
+    _wait(browser, lambda d: _shows(d, red))
+    assert _query(browser)["mode"] == ["words"]
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, tiny_model: str) -> Iterator[str]:
+    """A server over a few demo images indexed with shapes-mini and the tiny random model, their files
+    dated newest first by name (so a date order is not the score order)."""
+    import shutil
+
+    import retrieval
+
+    root = tmp_path_factory.mktemp("two-models")
+    (root / "photos").mkdir()
+    names = sorted(p.name for p in DEMO.iterdir() if p.name.startswith(("red_", "blue_")))
+    for day, name in enumerate(reversed(names)):
+        shutil.copy(DEMO / name, root / "photos" / name)
+        os.utime(root / "photos" / name, (1.7e9 + day * 86400,) * 2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMSEARCH_CACHE", str(model_cache))
+        mp.setenv("MMSEARCH_OFFLINE", "1")
+        with retrieval.open_index(root / "index", model="shapes-mini") as idx:
+            idx.add([root / "photos"], workers=0)
+            idx.add_model(tiny_model, "random", workers=0)
+    proc, url = start_server(root / "index", env={"MMSEARCH_CACHE": str(model_cache)})
+    yield url
+    stop_server(proc)
+
+
+def test_model_and_sort_switches_ask_the_api_and_live_in_the_url(browser, two_models: str) -> None:
+    import json
+    from urllib.request import urlopen
+
+    from selenium.webdriver.common.by import By
+
+    url = two_models
+    with urlopen(f"{url}/api/info", timeout=30) as response:
+        default, tiny = (m["key"] for m in json.load(response)["models"])
+    browser.get(url + "/")
+    model = _wait(browser, lambda d: d.find_element(By.ID, "model") if d.find_element(By.ID, "model")
+                  .is_displayed() else None)
+    options = model.find_elements(By.TAG_NAME, "option")
+    assert [o.get_attribute("value") for o in options] == [default, tiny]
+    assert _chosen(browser, "model") == default and "shapes-mini" in options[0].text
+
+    _choose(browser, "model", tiny)
+    _search_here(browser, "a red circle")
+    by_tiny = _api_names(url, q="a red circle", model=tiny)
+    assert by_tiny != _api_names(url, q="a red circle")  # really the other model's ranking
+    _wait(browser, lambda d: _shows(d, by_tiny))
+    assert _query(browser) == {"q": ["a red circle"], "model": [tiny]}
+
+    _choose(browser, "sort", "date")
+    dated = _api(url, q="a red circle", model=tiny, sort="date")
+    assert [Path(r["path"]).name for r in dated] != by_tiny
+    _wait(browser, lambda d: _shows(d, [Path(r["path"]).name for r in dated]))
+    assert _query(browser) == {"q": ["a red circle"], "model": [tiny], "sort": ["date"]}
+    first_date = browser.find_element(By.CSS_SELECTOR, "#results figure .taken").text
+    assert first_date == dated[0]["taken"].replace("T", " ")  # the order shown is explained
+
+    browser.refresh()  # a reload (or the link, shared) gives the same page
+    _wait(browser, lambda d: _shows(d, [Path(r["path"]).name for r in dated]) and _chosen(d, "model") == tiny)
+    assert _chosen(browser, "sort") == "date"
+
+    browser.get(url + "/?q=a+red+circle&model=nope")  # a link from another index: the API's error, one line
+    status = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#status.error"))
+    assert "no model nope" in status.text and not _results(browser)
+    assert _chosen(browser, "model") == default and "images" in browser.find_element(By.ID, "footer").text

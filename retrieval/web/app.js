@@ -4,6 +4,11 @@
 
 const $ = (id) => document.getElementById(id);
 const K = 48;
+// The choices a search carries besides its query, each with the value the API takes when it is left out
+// (the model's is the index's default, known once /api/info answers). Defaults stay out of the URL.
+const CHOICES = { target: "", mode: "hybrid", sort: "score", model: "" };
+let defaultModel = "";
+let latest = 0;  // the newest search: an older answer arriving late (switches flipped quickly) is dropped
 
 function setStatus(text, isError) {
   $("status").textContent = text;
@@ -40,7 +45,7 @@ function card(result) {
   const name = baseName(result.path);
   const score = el("span", { className: "score", textContent: result.score.toFixed(3) });
   const more = el("button", { type: "button", className: "more", textContent: "More like this" });
-  more.addEventListener("click", () => navigate({ similar: String(result.id), target: $("target").value }));
+  more.addEventListener("click", () => navigate(Object.assign({ similar: String(result.id) }, choices())));
   if (result.kind === "text") {
     const where = el("span", { className: "name", textContent: name + ":" + result.line, title: result.path });
     return el("figure", { className: "text result" }, [
@@ -51,6 +56,7 @@ function card(result) {
                          title: result.path }, [img]);
   link.setAttribute("aria-label", "open " + name);
   const caption = el("figcaption", {}, [score, el("span", { className: "name", textContent: name })]);
+  if (result.taken) caption.append(el("span", { className: "taken", textContent: result.taken.replace("T", " ") }));
   return el("figure", { className: "image result" }, [link, caption, more]);
 }
 
@@ -63,49 +69,108 @@ function params() {
   return new URLSearchParams(window.location.search);
 }
 
-async function run() {
-  const p = params();
-  const target = p.get("target") || "";
-  $("target").value = target;
-  const extra = "&k=" + K + (target ? "&target=" + encodeURIComponent(target) : "");
-  try {
-    if (p.get("similar")) {
-      setStatus("searching…");
-      const id = p.get("similar");
-      show(await call("/api/similar/" + encodeURIComponent(id) + "?" + extra.slice(1)), "item " + id);
-    } else if (p.get("q")) {
-      const q = p.get("q");
-      $("q").value = q;
-      setStatus("searching…");
-      show(await call("/api/search?q=" + encodeURIComponent(q) + extra), "“" + q + "”");
-    }
-  } catch (err) {
-    setStatus(err.message, true);
+function fallback(name) {
+  return name === "model" ? defaultModel : CHOICES[name];
+}
+
+// The form's current choices, by parameter name.
+function choices() {
+  const out = {};
+  for (const name of Object.keys(CHOICES)) out[name] = $(name).value;
+  return out;
+}
+
+// Show the URL's choices on the form; a value the form does not offer (an old or foreign link) shows
+// the default, while the request still sends it, so the API's error says what is wrong.
+function restore(p) {
+  for (const name of Object.keys(CHOICES)) {
+    const control = $(name);
+    control.value = p.get(name) || fallback(name);
+    if (control.selectedIndex < 0) control.value = fallback(name);
   }
 }
 
-function navigate(state) {
+// The API's query string: the URL's `names` that are set, and k.
+function apiQuery(p, names) {
+  const out = new URLSearchParams();
+  for (const name of names) if (p.get(name)) out.set(name, p.get(name));
+  out.set("k", String(K));
+  return out.toString();
+}
+
+async function run() {
+  const p = params();
+  const mine = ++latest;
+  restore(p);
+  try {
+    let url, what;
+    if (p.get("similar")) {
+      url = "/api/similar/" + encodeURIComponent(p.get("similar")) + "?" + apiQuery(p, ["target", "sort", "model"]);
+      what = "item " + p.get("similar");
+    } else if (p.get("q")) {
+      $("q").value = p.get("q");
+      url = "/api/search?" + apiQuery(p, ["q", "target", "mode", "sort", "model"]);
+      what = "“" + p.get("q") + "”";
+    } else {
+      return;
+    }
+    setStatus("searching…");
+    const results = await call(url);
+    if (mine === latest) show(results, what);
+  } catch (err) {
+    if (mine === latest) setStatus(err.message, true);
+  }
+}
+
+function pageUrl(state) {
   const p = new URLSearchParams();
-  for (const [key, value] of Object.entries(state)) if (value) p.set(key, value);
-  history.pushState(null, "", "?" + p.toString());
+  for (const [key, value] of Object.entries(state)) if (value && value !== fallback(key)) p.set(key, value);
+  return "?" + p.toString();
+}
+
+function navigate(state) {
+  history.pushState(null, "", pageUrl(state));
   run();
+}
+
+// A changed choice applies to the search on show (an image search has to be made again).
+function rerun() {
+  const p = params();
+  if (p.get("similar")) navigate(Object.assign({ similar: p.get("similar") }, choices()));
+  else if (p.get("q")) navigate(Object.assign({ q: p.get("q") }, choices()));
+  else history.replaceState(null, "", pageUrl(choices()));
 }
 
 async function searchImage(file) {
   if (!file) return;
   const form = new FormData();
   form.append("image", file);
-  const target = $("target").value;
-  if (target) form.append("target", target);
+  const chosen = choices();
+  for (const name of ["target", "sort", "model"]) if (chosen[name]) form.append(name, chosen[name]);
   form.append("k", String(K));
+  const mine = ++latest;
   setStatus("searching by " + file.name + "…");
   try {
     const results = await call("/api/search/image", { method: "POST", body: form });
-    history.pushState(null, "", "?");  // an uploaded image cannot be bookmarked
+    if (mine !== latest) return;
+    history.pushState(null, "", pageUrl(chosen));  // an uploaded image cannot be bookmarked, its choices can
     show(results, "image " + file.name);
   } catch (err) {
-    setStatus(err.message, true);
+    if (mine === latest) setStatus(err.message, true);
   }
+}
+
+// The model selector, shown when the index has several models; the default preselected.
+function showModels(models) {
+  const select = $("model");
+  select.replaceChildren(...models.map((m) => el("option", {
+    value: m.key, title: m.name,
+    textContent: baseName(m.name) + " / " + (m.pretrained ? baseName(m.pretrained) : "random") + ", dim " + m.dim,
+  })));
+  const chosen = models.find((m) => m.default);
+  defaultModel = chosen ? chosen.key : "";
+  select.hidden = models.length < 2;
+  restore(params());
 }
 
 async function footer() {
@@ -114,6 +179,7 @@ async function footer() {
     const model = info.model ? info.model.name + " / " + (info.model.pretrained || "random") : "no model yet";
     $("footer").textContent = "model " + model + " · " + info.images + " images · " + info.texts +
       " texts · " + info.files + " files";
+    showModels(info.models || []);
   } catch (err) {
     $("footer").textContent = "";
   }
@@ -123,8 +189,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("search").addEventListener("submit", (event) => {
     event.preventDefault();
     const q = $("q").value.trim();
-    if (q) navigate({ q: q, target: $("target").value });
+    if (q) navigate(Object.assign({ q: q }, choices()));
   });
+  for (const name of Object.keys(CHOICES)) $(name).addEventListener("change", rerun);
   $("image").addEventListener("change", () => searchImage($("image").files[0]));
   $("login").addEventListener("submit", async (event) => {
     event.preventDefault();
