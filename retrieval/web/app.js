@@ -165,7 +165,10 @@ function pageUrl(state) {
 }
 
 function navigate(state) {
-  history.pushState(null, "", pageUrl(state));
+  const url = pageUrl(state);
+  // The same search again (Enter pressed twice) is one step of history, so Back leaves it.
+  if (url === (window.location.search || "?")) history.replaceState(null, "", url);
+  else history.pushState(null, "", url);
   run();
 }
 
