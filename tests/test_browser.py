@@ -56,9 +56,11 @@ def served(gallery_index: Path, model_cache: Path) -> Iterator[str]:
 
 
 def _wait(driver, condition, timeout: float = 30):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(condition)
+    # An element found just before the page replaced its results is stale: ask the condition again.
+    return WebDriverWait(driver, timeout, ignored_exceptions=[StaleElementReferenceException]).until(condition)
 
 
 def _results(driver) -> list:
@@ -239,6 +241,15 @@ def _api(url: str, **params: object) -> list[dict]:
         return json.load(response)
 
 
+def _info(url: str) -> dict:
+    """The server's /api/info."""
+    import json
+    from urllib.request import urlopen
+
+    with urlopen(f"{url}/api/info", timeout=30) as response:
+        return json.load(response)
+
+
 def _api_names(url: str, **params: object) -> list[str]:
     return [Path(r["path"]).name for r in _api(url, **params)]
 
@@ -298,6 +309,37 @@ def test_words_only_switch_asks_the_api_in_words_mode_and_a_reload_keeps_it(brow
     assert _query(browser)["mode"] == ["words"]
 
 
+def test_mode_switch_is_off_where_the_api_ignores_it_and_keeps_its_choice(browser, served: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    mode = lambda d: d.find_element(By.ID, "mode")  # noqa: E731
+    browser.get(served + "/?q=a+red+circle&mode=words")
+    _wait(browser, lambda d: _shows(d, _api_names(served, q="a red circle", mode="words")))
+    assert mode(browser).is_enabled()
+    text_title = mode(browser).get_attribute("title")
+
+    _results(browser)[0].find_element(By.CSS_SELECTOR, "button.more").click()  # /api/similar takes no mode
+    _wait(browser, lambda d: "for item" in d.find_element(By.ID, "status").text)
+    assert not mode(browser).is_enabled() and _chosen(browser, "mode") == "words"
+    assert "More like this" in mode(browser).get_attribute("title")
+    browser.back()
+    _wait(browser, lambda d: "for “a red circle”" in d.find_element(By.ID, "status").text)
+    assert mode(browser).is_enabled() and mode(browser).get_attribute("title") == text_title
+
+    browser.find_element(By.ID, "image").send_keys(str(DEMO / "blue_star_01.webp"))  # nor an image search
+    _wait(browser, lambda d: "image blue_star_01.webp" in d.find_element(By.ID, "status").text)
+    assert not mode(browser).is_enabled() and "image search" in mode(browser).get_attribute("title")
+    assert "text" in _results(browser)[0].get_attribute("class")
+    _choose(browser, "target", "images")  # the other switches still apply: the image is searched again
+    _wait(browser, lambda d: "image" in _results(d)[0].get_attribute("class")
+          and "searching" not in d.find_element(By.ID, "status").text)
+    assert not mode(browser).is_enabled()
+
+    _search_here(browser, "a blue star")  # a text search again: the mode chosen before
+    _wait(browser, lambda d: "for “a blue star”" in d.find_element(By.ID, "status").text)
+    assert mode(browser).is_enabled() and _query(browser)["mode"] == ["words"]
+
+
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, tiny_model: str) -> Iterator[str]:
     """A server over a few demo images indexed with shapes-mini and the tiny random model, their files
@@ -324,14 +366,10 @@ def two_models(tmp_path_factory: pytest.TempPathFactory, model_cache: Path, tiny
 
 
 def test_model_and_sort_switches_ask_the_api_and_live_in_the_url(browser, two_models: str) -> None:
-    import json
-    from urllib.request import urlopen
-
     from selenium.webdriver.common.by import By
 
     url = two_models
-    with urlopen(f"{url}/api/info", timeout=30) as response:
-        default, tiny = (m["key"] for m in json.load(response)["models"])
+    default, tiny = (m["key"] for m in _info(url)["models"])
     browser.get(url + "/")
     model = _wait(browser, lambda d: d.find_element(By.ID, "model") if d.find_element(By.ID, "model")
                   .is_displayed() else None)
@@ -362,3 +400,17 @@ def test_model_and_sort_switches_ask_the_api_and_live_in_the_url(browser, two_mo
     status = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#status.error"))
     assert "no model nope" in status.text and not _results(browser)
     assert _chosen(browser, "model") == default and "images" in browser.find_element(By.ID, "footer").text
+
+
+def test_footer_names_the_model_of_the_results_on_show(browser, two_models: str, tiny_model: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    url = two_models
+    default, tiny = (m["key"] for m in _info(url)["models"])
+    footer = lambda d: d.find_element(By.ID, "footer").text  # noqa: E731
+    browser.get(f"{url}/?q=a+red+circle&model={tiny}")
+    _wait(browser, lambda d: _shows(d, _api_names(url, q="a red circle", model=tiny)) and "images" in footer(d))
+    assert f"{tiny_model} / random" in footer(browser) and "shapes-mini" not in footer(browser)
+    _choose(browser, "model", default)
+    _wait(browser, lambda d: _shows(d, _api_names(url, q="a red circle")))
+    assert "model shapes-mini / " in footer(browser) and tiny_model not in footer(browser)

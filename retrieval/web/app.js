@@ -9,6 +9,10 @@ const K = 48;
 const CHOICES = { target: "", mode: "hybrid", sort: "score", model: "" };
 let defaultModel = "";
 let latest = 0;  // the newest search: an older answer arriving late (switches flipped quickly) is dropped
+let info = null;  // /api/info's answer, once it has come
+let shownModel = null;  // the model asked for by the results on show ("": the default); null: none on show
+let imageOnShow = null;  // the File of the image search on show: a changed switch searches with it again
+const MODE_OFF = "Only for a text search: “More like this” and an image search always match by meaning";
 
 function setStatus(text, isError) {
   $("status").textContent = text;
@@ -16,7 +20,12 @@ function setStatus(text, isError) {
 }
 
 async function call(url, options) {
-  const response = await fetch(url, Object.assign({ credentials: "same-origin" }, options));
+  let response;
+  try {
+    response = await fetch(url, Object.assign({ credentials: "same-origin" }, options));
+  } catch (err) {  // no HTTP answer at all (fetch says only "Failed to fetch")
+    throw new Error("the server does not answer: is mmsearch serve still running?");
+  }
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
   if (response.status === 401) {
@@ -60,9 +69,33 @@ function card(result) {
   return el("figure", { className: "image result" }, [link, caption, more]);
 }
 
-function show(results, what) {
+// A query or file name for the status line: a long one is cut short, so the line stays one line.
+function clip(text) {
+  return text.length > 80 ? text.slice(0, 79) + "…" : text;
+}
+
+function show(results, what, model) {
   $("results").replaceChildren(...results.map(card));
   setStatus(results.length ? results.length + " results for " + what : "no results for " + what);
+  shownModel = model;
+  showFooter();
+}
+
+// No results on show, with `text` on the status line: after a failed search (so no results of an
+// earlier one look like its own) or where the URL holds no search.
+function nothingShown(text, isError) {
+  $("results").replaceChildren();
+  setStatus(text, isError);
+  shownModel = null;
+  showFooter();
+}
+
+// The mode switch applies to text searches only; it keeps its value while it does not.
+function modeApplies(yes) {
+  const mode = $("mode");
+  if (mode.dataset.title === undefined) mode.dataset.title = mode.title;
+  mode.disabled = !yes;
+  mode.title = yes ? mode.dataset.title : MODE_OFF;
 }
 
 function params() {
@@ -102,23 +135,26 @@ async function run() {
   const p = params();
   const mine = ++latest;
   restore(p);
+  imageOnShow = null;
+  modeApplies(!p.get("similar"));
   try {
     let url, what;
     if (p.get("similar")) {
       url = "/api/similar/" + encodeURIComponent(p.get("similar")) + "?" + apiQuery(p, ["target", "sort", "model"]);
-      what = "item " + p.get("similar");
+      what = "item " + clip(p.get("similar"));
     } else if (p.get("q")) {
       $("q").value = p.get("q");
       url = "/api/search?" + apiQuery(p, ["q", "target", "mode", "sort", "model"]);
-      what = "“" + p.get("q") + "”";
-    } else {
+      what = "“" + clip(p.get("q")) + "”";
+    } else {  // no search here (back to the start, or to an image search, which a URL cannot hold)
+      nothingShown("");
       return;
     }
     setStatus("searching…");
     const results = await call(url);
-    if (mine === latest) show(results, what);
+    if (mine === latest) show(results, what, p.get("model") || "");
   } catch (err) {
-    if (mine === latest) setStatus(err.message, true);
+    if (mine === latest) nothingShown(err.message, true);
   }
 }
 
@@ -129,16 +165,23 @@ function pageUrl(state) {
 }
 
 function navigate(state) {
-  history.pushState(null, "", pageUrl(state));
+  const url = pageUrl(state);
+  // The same search again (Enter pressed twice) is one step of history, so Back leaves it.
+  if (url === (window.location.search || "?")) history.replaceState(null, "", url);
+  else history.pushState(null, "", url);
   run();
 }
 
-// A changed choice applies to the search on show (an image search has to be made again).
+// A changed choice applies to the search on show (an image search is made again with the same file).
 function rerun() {
   const p = params();
-  if (p.get("similar")) navigate(Object.assign({ similar: p.get("similar") }, choices()));
+  if (imageOnShow) searchImage(imageOnShow);
+  else if (p.get("similar")) navigate(Object.assign({ similar: p.get("similar") }, choices()));
   else if (p.get("q")) navigate(Object.assign({ q: p.get("q") }, choices()));
-  else history.replaceState(null, "", pageUrl(choices()));
+  else {
+    history.replaceState(null, "", pageUrl(choices()));
+    showFooter();  // nothing on show: the footer names the model chosen
+  }
 }
 
 async function searchImage(file) {
@@ -149,14 +192,19 @@ async function searchImage(file) {
   for (const name of ["target", "sort", "model"]) if (chosen[name]) form.append(name, chosen[name]);
   form.append("k", String(K));
   const mine = ++latest;
-  setStatus("searching by " + file.name + "…");
+  modeApplies(false);
+  setStatus("searching by " + clip(file.name) + "…");
   try {
     const results = await call("/api/search/image", { method: "POST", body: form });
     if (mine !== latest) return;
     history.pushState(null, "", pageUrl(chosen));  // an uploaded image cannot be bookmarked, its choices can
-    show(results, "image " + file.name);
+    imageOnShow = file;
+    show(results, "image " + clip(file.name), chosen.model);
   } catch (err) {
-    if (mine === latest) setStatus(err.message, true);
+    if (mine === latest) {
+      nothingShown(err.message, true);
+      modeApplies(true);  // nothing on show: the switch is for the next search, a text one or not
+    }
   }
 }
 
@@ -173,13 +221,23 @@ function showModels(models) {
   restore(params());
 }
 
+// The footer: the model of the results on show (with none, the one chosen) and the index's counts.
+function showFooter() {
+  if (!info) return;
+  const asked = shownModel !== null ? shownModel : $("model").value;
+  const models = info.models || [];
+  // The URL may name a model by key or by name; none: the index's default.
+  const used = models.find((m) => (asked ? m.key === asked || m.name === asked : m.default)) || info.model;
+  const model = used ? used.name + " / " + (used.pretrained || "random") : "no model yet";
+  $("footer").textContent = "model " + model + " · " + info.images + " images · " + info.texts +
+    " texts · " + info.files + " files";
+}
+
 async function footer() {
   try {
-    const info = await call("/api/info");
-    const model = info.model ? info.model.name + " / " + (info.model.pretrained || "random") : "no model yet";
-    $("footer").textContent = "model " + model + " · " + info.images + " images · " + info.texts +
-      " texts · " + info.files + " files";
+    info = await call("/api/info");
     showModels(info.models || []);
+    showFooter();
   } catch (err) {
     $("footer").textContent = "";
   }
