@@ -167,6 +167,9 @@ class GeneratedReader:
     def item_ids(self, kind: str, model: str | None = None) -> np.ndarray:
         return self.ids if kind == "image" else np.zeros(0, np.int64)
 
+    def top_item_id(self, kind: str, model: str | None = None) -> int:
+        return int(self.item_ids(kind, model).max(initial=0))
+
     def vectors(self, kind: str, ids: np.ndarray | None = None,
                 model: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if kind != "image":
