@@ -27,9 +27,9 @@ unless vectors of the model were written for older items since (a backfill: the 
 generation moved). The common reconcile (after a crash, the metadata store ahead) therefore
 upserts the ids above the top and counts: with every wanted id held, equal counts mean no orphan.
 Only when counts differ, no top was recorded, a backfill happened or the metadata store is not
-ahead are all ids read back from Milvus and compared (at 1M on milvus-lite that read takes minutes). Searches drop any id the metadata store no
-longer holds (`search._search_kind`), so a removed item is never returned even while a
-reconcile is pending. Orphans are deleted only when the metadata store's generation did not
+ahead are all ids read back from Milvus and compared (at 1M on milvus-lite that read takes
+minutes). Searches drop any id the metadata store no longer holds (`search._search_kind`), so a
+removed item is never returned even while a reconcile is pending. Orphans are deleted only when the metadata store's generation did not
 move during the reconcile (an id committed and mirrored meanwhile by a writer is never taken for one).
 
 Index type by size, like the FAISS layouts: FLAT (exact) while a scan is cheap, HNSW above,
