@@ -20,6 +20,14 @@ search are printed as JSON.
 
     .venv/bin/python benchmarks/bench_cluster.py --part vectors --n 100000 [--dim 512] [--queries 300]
 
+`--part reconcile`: time of a Milvus (milvus-lite) reconcile, the repair of a collection whose
+recorded generation differs from the metadata store's (a crash between commit and mirror), over
+`--n` generated vectors, one run, in order: the full comparison (every id read back from Milvus,
+forced by clearing the collection's recorded top), then the common cases on the cheap path
+(nothing to repair; `--added` new items never mirrored), then one orphan (counts differ: full).
+
+    .venv/bin/python benchmarks/bench_cluster.py --part reconcile --n 100000 [--dim 512] [--added 1000]
+
     .venv/bin/python benchmarks/bench_cluster.py --part ingest [--n 100,400] [--model ViT-B-32] [--repeat 3]
         [--batch-size 64] [--photo-size 1280x960] [--unique 32] [--json out.json]
 
@@ -167,6 +175,9 @@ class GeneratedReader:
     def item_ids(self, kind: str, model: str | None = None) -> np.ndarray:
         return self.ids if kind == "image" else np.zeros(0, np.int64)
 
+    def top_item_id(self, kind: str, model: str | None = None) -> int:
+        return int(self.item_ids(kind, model).max(initial=0))
+
     def vectors(self, kind: str, ids: np.ndarray | None = None,
                 model: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if kind != "image":
@@ -255,6 +266,40 @@ def part_vectors_cli(args: argparse.Namespace) -> None:
     result = part_vectors(args.n, args.dim, args.queries)
     result["machine"] = f"{platform.node()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
     print(json.dumps(result, indent=1))
+
+
+def part_reconcile_cli(args: argparse.Namespace) -> None:
+    """`--part reconcile`: seconds of each reconcile case, as JSON with the machine and its load."""
+    from retrieval.milvus_store import TOP_PROPERTY, MilvusVectorStore
+    from retrieval.stores import VectorKey
+
+    n = args.n
+    reader = GeneratedReader(generated(n + args.added, args.dim))
+    everything, reader.ids = reader.ids, reader.ids[:n]
+    key = VectorKey("bench", "image")
+    out: dict[str, object] = {"n": n, "dim": args.dim, "load_start": loadavg()}
+
+    def reconcile(case: str, generation: int) -> None:
+        reader.generation = lambda model=None: generation
+        start = time.perf_counter()
+        vector_set = MilvusVectorStore(uri, reader, "bench", lambda: reader).get(key)  # type: ignore[arg-type]
+        out[case + "_s"] = round(time.perf_counter() - start, 2)
+        assert len(vector_set) == len(reader.ids) and vector_set.generation() == generation, case
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = str(Path(tmp) / "bench.db")
+        start = time.perf_counter()
+        vector_set = MilvusVectorStore(uri, reader, "bench", lambda: reader).get(key)  # type: ignore[arg-type]
+        out["fill_s"] = round(time.perf_counter() - start, 1)
+        vector_set._client.alter_collection_properties(vector_set.name, properties={TOP_PROPERTY: ""})
+        reconcile("full_nothing_to_repair", 2)  # no top recorded: every id read back (the only way before)
+        reconcile("nothing_to_repair", 3)
+        reader.ids = everything
+        reconcile(f"{args.added}_added", 4)
+        reader.ids = np.delete(everything, 5)
+        reconcile("one_orphan", 5)
+    out["machine"] = f"{platform.node()} {os.cpu_count()} CPUs, load at the end {loadavg()}"
+    print(json.dumps(out, indent=1))
 
 
 def _session_cpu(session: int, seen: dict[int, float]) -> None:
@@ -372,6 +417,13 @@ def vectors_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--queries", type=int, default=300)
 
 
+def reconcile_options(ap: argparse.ArgumentParser) -> None:
+    """Options of `--part reconcile`."""
+    ap.add_argument("--n", type=int, default=100_000, help="vectors in the collection")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--added", type=int, default=1000, help="new items the crash left unmirrored")
+
+
 def ingest_options(ap: argparse.ArgumentParser) -> None:
     """Options of `--part ingest`."""
     ap.add_argument("--n", default="100,400", help="comma-separated folder sizes (two give Ray's fixed cost)")
@@ -388,7 +440,7 @@ def ingest_options(ap: argparse.ArgumentParser) -> None:
 
 #: Each part: the options it takes, and what it runs.
 PARTS = {"metadata": (metadata_options, part_metadata), "vectors": (vectors_options, part_vectors_cli),
-         "ingest": (ingest_options, part_ingest_cli)}
+         "ingest": (ingest_options, part_ingest_cli), "reconcile": (reconcile_options, part_reconcile_cli)}
 
 
 def main() -> None:

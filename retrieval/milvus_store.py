@@ -18,11 +18,18 @@ it reflects. A batch is committed to the metadata store, then mirrored into Milv
 deletes, applied at once, seen by the next search: consistency level Strong); when the writer
 saves, what it wrote is flushed (sealed, indexed) and the generation recorded. A set whose
 recorded generation differs from the metadata store's (a crash between commit and mirror, a new
-collection, another Milvus) is reconciled by id when first used: missing vectors are upserted
-from the metadata store, orphans deleted. Item ids are never reused and a vector never changes
-under its id, so an id present in both is current. Searches drop any id the metadata store no
-longer holds (`search._search_kind`), so a removed item is never returned even while a
-reconcile is pending. Orphans are deleted only when the metadata store's generation did not
+collection, another Milvus) is reconciled when first used: missing vectors are upserted from the
+metadata store, orphans deleted. Item ids are never reused and a vector never changes under its
+id, so an id present in both is current. Ids only grow (one writer at a time), so with each
+generation the collection also records its top (the highest id the metadata store then held for
+it, and its model's own generation): a later state lacks in Milvus at most the ids above that top,
+unless vectors of the model were written for older items since (a backfill: the model's own
+generation moved). The common reconcile (after a crash, the metadata store ahead) therefore
+upserts the ids above the top and counts: with every wanted id held, equal counts mean no orphan.
+Only when counts differ, no top was recorded, a backfill happened or the metadata store is not
+ahead are all ids read back from Milvus and compared (at 1M on milvus-lite that read takes
+minutes). Searches drop any id the metadata store no longer holds (`search._search_kind`), so a
+removed item is never returned even while a reconcile is pending. Orphans are deleted only when the metadata store's generation did not
 move during the reconcile (an id committed and mirrored meanwhile by a writer is never taken for one).
 
 Index type by size, like the FAISS layouts: FLAT (exact) while a scan is cheap, HNSW above,
@@ -69,6 +76,9 @@ INDEX_ID_SETTING = "vectors_id"
 GENERATION_PROPERTY = "mmsearch.generation"
 LAYOUT_PROPERTY = "mmsearch.layout"
 INDEX_PARAMS_PROPERTY = "mmsearch.index_params"
+#: Collection property: JSON {"id", "model_generation"}: the highest item id of the set at a recorded
+#: generation, and its model's own generation then (see the module docstring; `_reconcile`).
+TOP_PROPERTY = "mmsearch.top"
 #: Index types milvus-lite builds (3.x; AUTOINDEX is HNSW there); a server builds these and more.
 LITE_INDEX_TYPES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8", "AUTOINDEX")
 #: Rows per upsert and ids per `id in [...]` filter: well under Milvus' 64 MB per request at d=2048.
@@ -194,7 +204,7 @@ class MilvusVectorStore:
                 if vector_set.unflushed:
                     vector_set.flush()
                 if vector_set.generation() != generation:
-                    vector_set.set_generation(generation)
+                    vector_set.set_generation(generation, self._top(key))
         self._changed.clear()
         self._relayout.clear()
 
@@ -277,25 +287,52 @@ class MilvusVectorStore:
             return "IVF_SQ8"
         return "IVF_FLAT" if hnsw_build_cpu_s(n, dim) > BUILD_BUDGET_CPU_S else "HNSW"
 
+    def _top(self, key: VectorKey) -> tuple[int, int]:
+        """The set's highest item id in the metadata store and its model's own generation (the writes
+        of its vectors alone, `reader.generation`), to record with a generation the set reflects."""
+        own = self._reader.generation(key.model) - self._reader.generation()
+        return self._reader.top_item_id(key.kind, key.model), own
+
     def _reconcile(self, vector_set: MilvusVectorSet) -> None:
-        """Bring a collection to the metadata store's items by id: upsert missing, delete orphans."""
+        """Bring a collection to the metadata store's items: upsert missing, delete orphans. Cheap
+        when the collection's recorded top says which ids it can lack (see the module docstring):
+        those are upserted, and Milvus' count then tells whether any orphan is left; otherwise, or
+        when the counts differ, every id is read back from Milvus and compared."""
         model, kind = vector_set.key
         generation = self._reader.generation(model)  # first: the ids read next are at least this new
+        own = generation - self._reader.generation()
         want = self._reader.item_ids(kind, model)
-        have = vector_set.ids()
-        missing = np.setdiff1d(want, have, assume_unique=True)
-        orphans = np.setdiff1d(have, want, assume_unique=True)
-        for ids, vecs in self._reader.vectors(kind, missing, model):
-            vector_set.upsert(ids, vecs)
+        held, top = len(vector_set), vector_set.top()
+        missing: np.ndarray | None = None  # None: not known without reading every id
+        if not held:
+            missing = want
+        elif top is not None and top[1] == own and generation > vector_set.generation():
+            missing = want[np.searchsorted(want, top[0], side="right"):]  # may hold some already mirrored
+        orphans = np.zeros(0, np.int64)
+        if missing is not None:
+            self._upsert_from_metadata(vector_set, missing)
+            if len(vector_set) != len(want):  # every wanted id is held: more rows are orphans (or a writer's)
+                missing = None
+        if missing is None:
+            have = vector_set.ids()
+            missing = np.setdiff1d(want, have, assume_unique=True)
+            orphans = np.setdiff1d(have, want, assume_unique=True)
+            self._upsert_from_metadata(vector_set, missing)
         settled = self._reader.generation(model) == generation
         if len(orphans) and settled:  # else a writer is at work: an id may be newer than `want`
             vector_set.delete(orphans)
         if vector_set.unflushed:
             vector_set.flush()
         if settled:
-            vector_set.set_generation(generation)
-        log.info("vector collection %s: %d added, %d removed to match the metadata store",
+            vector_set.set_generation(generation, (int(want[-1]) if len(want) else 0, own))
+        log.info("vector collection %s: %d upserted, %d removed to match the metadata store",
                  vector_set.name, len(missing), len(orphans) if settled else 0)
+
+    def _upsert_from_metadata(self, vector_set: MilvusVectorSet, ids: np.ndarray) -> None:
+        """Copy the vectors of `ids` from the metadata store into the collection."""
+        model, kind = vector_set.key
+        for found, vecs in self._reader.vectors(kind, ids, model):
+            vector_set.upsert(found, vecs)
 
 
 class MilvusVectorSet:
@@ -324,9 +361,21 @@ class MilvusVectorSet:
         """The metadata generation this collection reflects (-1: none yet)."""
         return int(self._properties().get(GENERATION_PROPERTY) or -1)
 
-    def set_generation(self, generation: int) -> None:
-        """Record the metadata generation the collection now reflects."""
-        self._client.alter_collection_properties(self.name, properties={GENERATION_PROPERTY: str(generation)})
+    def set_generation(self, generation: int, top: tuple[int, int] | None = None) -> None:
+        """Record the metadata generation the collection now reflects, and with `top` (highest item
+        id, model's own generation) the ids it holds all of (a top recorded before stays true)."""
+        properties = {GENERATION_PROPERTY: str(generation)}
+        if top is not None:
+            properties[TOP_PROPERTY] = json.dumps({"id": top[0], "model_generation": top[1]})
+        self._client.alter_collection_properties(self.name, properties=properties)
+
+    def top(self) -> tuple[int, int] | None:
+        """The (highest item id, model's own generation) recorded with a generation (None: never)."""
+        raw = self._properties().get(TOP_PROPERTY)
+        if not raw:
+            return None
+        found = json.loads(raw)
+        return int(found["id"]), int(found["model_generation"])
 
     def forced_layout(self) -> str | None:
         """The index type `rebuild` was given, kept by later saves (None: automatic)."""

@@ -199,6 +199,65 @@ def test_metadata_ahead_of_milvus_is_reconciled_and_never_answers_stale(tmp_path
         assert vectors.generation() == idx.reader.generation()
 
 
+def test_a_crash_that_only_added_is_repaired_without_reading_every_id(tmp_path, lite, corpus, monkeypatch) -> None:
+    """The common crash: new images committed to the metadata store never reached Milvus. The
+    reconcile upserts the ids above the collection's recorded top and compares counts, without
+    reading every id back from Milvus; the repaired collection answers as FAISS over the same
+    metadata store. A crash that also removed an item leaves an orphan: the counts differ, the ids
+    are read once and the orphan goes."""
+    from retrieval.milvus_store import MilvusVectorSet
+
+    photos = tmp_path / "photos"
+    shutil.copytree(corpus, photos, ignore=shutil.ignore_patterns("*.txt", "blue"))
+    index = tmp_path / "idx"
+    with milvus(index, lite) as idx:
+        idx.add([photos])
+        key = idx.storage.key("image")
+        ids = idx.reader.item_ids("image")
+        generation = idx.reader.generation()
+        rng = np.random.default_rng(0)
+        with idx.storage.lock(0):  # the "crash": three batches of new images, none mirrored
+            for n, (_, vecs) in enumerate(idx.reader.vectors("image", ids[:6:2])):
+                vecs = vecs + 0.5 * rng.standard_normal(vecs.shape).astype(np.float32)
+                for i, vec in enumerate(vecs / np.linalg.norm(vecs, axis=1, keepdims=True)):
+                    idx.storage.writer.commit(added=[NewFile(str(photos / f"new{n}{i}.png"), "image", 1, 1.0,
+                                                             f"{n}{i}".ljust(64, "f"), [0], [None], vec[None, :])])
+        want = idx.reader.item_ids("image")
+        assert len(want) == len(ids) + 3 and idx.reader.generation() == generation + 3
+
+    def every_id(self: MilvusVectorSet) -> np.ndarray:
+        raise AssertionError("every id read back from Milvus")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(MilvusVectorSet, "ids", every_id)
+        with milvus(index, lite, create=False) as idx:
+            vectors = idx.storage.vectors.get(key)
+            assert len(vectors) == len(want) and vectors.generation() == idx.reader.generation()
+            got = {q: idx.search(q, k=8) for q in QUERIES}
+            new_vector = next(idx.reader.vectors("image", want[-1:]))[1][0]
+            got["new"] = idx.search(new_vector, k=3, target="images")
+    with milvus(index, lite, create=False) as idx:
+        assert list(idx.storage.vectors.get(key).ids()) == list(want)
+    with retrieval.open_index(index) as reference:  # FAISS over the same metadata store
+        for q in QUERIES:
+            same(got[q], reference.search(q, k=8))
+        same(got["new"], reference.search(new_vector, k=3, target="images"))
+        assert got["new"][0].id == want[-1]
+
+    with milvus(index, lite, create=False) as idx, idx.storage.lock(0):  # a crash after removing an image
+        gone = idx.reader.file(str(photos / "new00.png"))
+        idx.storage.writer.commit(removed_files=[gone.id])
+    reads, read_ids = [], MilvusVectorSet.ids
+    with monkeypatch.context() as mp:
+        mp.setattr(MilvusVectorSet, "ids", lambda self: reads.append(self.name) or read_ids(self))
+        with milvus(index, lite, create=False) as idx:
+            vectors = idx.storage.vectors.get(key)
+            assert len(reads) == 1 and len(vectors) == len(want) - 1
+    with milvus(index, lite, create=False) as idx:
+        assert list(idx.storage.vectors.get(key).ids()) == list(idx.reader.item_ids("image"))
+        assert want[-3] not in idx.storage.vectors.get(key).ids()
+
+
 def test_an_orphan_left_in_milvus_is_deleted_and_never_returned(tmp_path, lite, corpus) -> None:
     """An id Milvus holds but the metadata store does not (a delete that never reached Milvus) is
     not returned even when it is the best match, and is deleted when the set is reconciled."""
@@ -382,6 +441,9 @@ class Generated:
     def item_ids(self, kind: str, model: str | None = None) -> np.ndarray:
         return self.ids if kind == "image" else self.ids[:0]
 
+    def top_item_id(self, kind: str, model: str | None = None) -> int:
+        return int(self.item_ids(kind, model).max(initial=0))
+
     def vectors(self, kind: str, ids: np.ndarray | None = None, model: str | None = None):
         want = self.ids if ids is None else np.asarray(ids)
         if kind == "image" and len(want):
@@ -448,3 +510,32 @@ def test_a_reconcile_racing_a_writer_deletes_nothing_it_cannot_be_sure_of(lite) 
     reader.generation = lambda model=None: 9  # type: ignore[method-assign] - the writer is done
     vector_set = MilvusVectorStore(lite, reader, "gen", lambda: reader).get(key)  # type: ignore[arg-type]
     assert list(vector_set.ids()) == list(reader.ids) and vector_set.generation() == 9
+
+
+def test_a_backfill_that_an_orphan_hides_from_the_counts_is_still_repaired(lite) -> None:
+    """Vectors written for older items (a model's backfill: its own generation moves) can lack in
+    Milvus below the recorded top; a deletion never mirrored can make the counts equal all the same.
+    The reconcile then compares every id: the backfilled vector is upserted and the orphan deleted."""
+    rng = np.random.default_rng(8)
+    vecs = rng.standard_normal((40, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+
+    class Backfilled(Generated):
+        """A metadata store whose model's own generation counts its backfills."""
+
+        base, own = 1, 0
+
+        def generation(self, model: str | None = None) -> int:
+            return self.base + (self.own if model else 0)
+
+    reader = Backfilled(vecs)
+    everything, reader.ids = reader.ids, reader.ids[::2]  # the odd items have no vector of this model yet
+    key = VectorKey("gen", "image")
+    vector_set = MilvusVectorStore(lite, reader, "gen", lambda: reader).get(key)  # type: ignore[arg-type]
+    assert vector_set.top() == (int(reader.ids[-1]), 0)
+    reader.ids = np.sort(np.concatenate([everything[::2][1:], everything[1:2]]))  # one deleted, one backfilled
+    reader.base, reader.own = 2, 1
+    assert len(reader.ids) == len(vector_set) and everything[1] < vector_set.top()[0]
+    vector_set = MilvusVectorStore(lite, reader, "gen", lambda: reader).get(key)  # type: ignore[arg-type]
+    assert list(vector_set.ids()) == list(reader.ids)
+    assert vector_set.generation() == 3 and vector_set.top() == (int(reader.ids[-1]), 1)

@@ -229,6 +229,31 @@ def test_a_thousand_generated_images_match_the_local_path(tmp_path: Path) -> Non
     _assert_same(tmp_path / "local", tmp_path / "ray")
 
 
+#: The one line Ray 2.60's C++ core prints on the driver's stderr for every Ray Data actor pool (Ray Data
+#: hands its actors their function through the object store; ray-project/ray#57733): see README, "Ingest on a Ray cluster".
+RAY_ACTOR_ARGS_LINE = "has constructor arguments in the object store and max_restarts > 0"
+
+
+@pytest.mark.cluster
+def test_the_cli_with_a_local_ray_prints_only_its_own_lines(tmp_path: Path) -> None:
+    """`mmsearch index --ray local` (a Ray started for the run, ~15 s): stdout empty, stderr mmsearch's
+    summary and at most Ray's one known line; no Ray start-up, progress or worker output."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("red_circle_01.jpg", "blue_square_01.jpg", "black_cross_01.png"):
+        shutil.copy(retrieval.demo_path() / name, photos / name)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MMSEARCH_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "cli.py"), "index", str(photos), "--index", str(tmp_path / "i"),
+                           "--model", "shapes-mini", "--ray", "local"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    ours = [line for line in lines if RAY_ACTOR_ARGS_LINE not in line]
+    assert len(ours) == 1 and ours[0].startswith("added 3, updated 0"), lines
+    assert len(lines) - len(ours) <= 1, lines
+
+
 def test_the_default_path_never_imports_ray(tmp_path: Path) -> None:
     code = (
         "import sys, retrieval, cli\n"
