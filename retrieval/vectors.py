@@ -78,6 +78,11 @@ IVF_PROBE_FRACTION = 1 / 32
 
 #: Rebuild once this share of slots is dead (tombstones cost memory and search effort).
 TOMBSTONE_REBUILD_FRACTION = 0.2
+#: An automatic layout is chosen and tuned for the collection it was built over: once the
+#: collection has grown this many times over, it is chosen and tuned again (a beam tuned at
+#: 100k misses neighbours at 1M, and the data may no longer fit its projection). Sizes
+#: doubling, all the rebuilds together cost less than twice the last one.
+GROWTH_REBUILD_FACTOR = 2
 #: An approximate layout is only worth replacing by Flat once the collection shrank well
 #: below the threshold; the gap avoids flip-flopping around it.
 SHRINK_HYSTERESIS = 0.5
@@ -577,14 +582,17 @@ class VectorIndex:
     def needs_rebuild(self, keep_layout: bool = False) -> bool:
         """True when a rebuild from SQLite would give a better index.
 
-        That is when the collection outgrew an exact layout, shrank well below the
-        threshold of an approximate one, or too many slots are tombstones. With
-        `keep_layout` (a layout the user chose), only tombstones count.
+        That is when the collection outgrew an exact layout, grew
+        :data:`GROWTH_REBUILD_FACTOR` times over since an approximate one was tuned, shrank
+        well below the threshold of an approximate one, or too many slots are tombstones.
+        With `keep_layout` (a layout the user chose), only tombstones count.
         """
         n = len(self)
         if keep_layout:
             return self._n_dead > TOMBSTONE_REBUILD_FRACTION * max(len(self._slot_ids), 1)
         if _is_exact(self.layout) and not _is_exact(choose_layout(n, self.dim)):
+            return True
+        if n > GROWTH_REBUILD_FACTOR * self.tuning.get("n", math.inf):
             return True
         if not _is_exact(self.layout) and n * self.dim <= FLAT_MAX_FLOATS * SHRINK_HYSTERESIS:
             return True

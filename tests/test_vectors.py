@@ -343,6 +343,15 @@ def test_needs_rebuild(monkeypatch, data) -> None:
     assert approx.layout == vx.APPROX_LAYOUT and not approx.needs_rebuild()
     approx.remove(ids[: int(0.25 * len(ids))])  # > 20 % tombstones
     assert approx.tombstones > 0 and approx.needs_rebuild()
+    # grown twice over since it was tuned: chosen and tuned again
+    monkeypatch.setattr(vx, "FLAT_MAX_FLOATS", 200 * 24)
+    grown = VectorIndex.build(ids[:300], x[:300], dim=24)
+    assert grown.layout == vx.APPROX_LAYOUT and grown.tuning["n"] == 300
+    grown.add(ids[300:600], x[300:600])
+    assert not grown.needs_rebuild()
+    grown.add(ids[600:601], x[600:601])
+    assert grown.needs_rebuild() and not grown.needs_rebuild(keep_layout=True)
+    monkeypatch.setattr(vx, "FLAT_MAX_FLOATS", 500 * 24)
     small = VectorIndex.build(ids[:200], x[:200], dim=24, layout="HNSW16")
     assert small.needs_rebuild()  # far below the threshold: Flat is better
     # a layout the user chose is kept; only tombstones still ask for a rebuild
