@@ -999,16 +999,17 @@ def _kind_of(index: faiss.Index) -> str:
 
 def _default_params(index: faiss.Index) -> dict[str, int]:
     kind = _kind_of(index)
+    refined = isinstance(faiss.downcast_index(index), faiss.IndexRefine)
     if kind == "hnsw":
         params = {"efSearch": HNSW_EF_SEARCH}
-        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+        if refined:  # a graph over projected vectors: candidates re-scored from the copy
             params["rerank"] = GRAPH_RERANK_FACTOR
         return params
     if kind == "ivf":
         ivf = faiss.extract_index_ivf(index)
         params = {"nprobe": max(1, min(ivf.nlist, math.ceil(ivf.nlist * IVF_PROBE_FRACTION)))}
         # Lossy codes (PQ): re-rank candidates, from the Refine copy or from exact vectors.
-        if isinstance(faiss.downcast_index(index), faiss.IndexRefine):
+        if refined:
             params["rerank"] = RERANK_FACTOR
         elif isinstance(faiss.downcast_index(ivf), (faiss.IndexIVFPQ, faiss.IndexIVFFastScan)):
             params["rerank"] = EXACT_RERANK_FACTOR
