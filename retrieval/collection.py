@@ -63,7 +63,7 @@ class Collection:
         #: Image tower precision asked for (auto|fp32|int8); None: the index's recorded choice, else auto.
         self.precision = precision
         self._encoder: Encoder | None = None
-        self._query_encoder: Encoder | None = None
+        self._query_encoders: dict[str | None, Encoder] = {}  # by model key, None: the default
         #: Encoders of the index's other models (`add_model`), by model key.
         self._encoders: dict[str, Encoder] = {}
         # Threads of one process (a web server) share this object: the model loads once.
@@ -285,18 +285,15 @@ class Collection:
         manifest = self.storage.manifest(model)
         cache = QueryCache(self.storage.cache_dir / "query-cache", repr(manifest.identity())) if manifest else None
         vector = cache.get(text) if cache else None
-        if vector is None and model is not None:
-            vector = self._encoder_of(model).embed_texts([text])[0]
-            if cache:
-                cache.put(text, vector)
         if vector is None:
             with self._loading:
-                if self._query_encoder is None:
+                if model not in self._query_encoders:
                     # A loaded encoder is used as it is; the ONNX export is loaded only without one.
-                    exported = (self._export(manifest)
-                                if self._encoder is None and manifest and self.backend != "torch" else None)
-                    self._query_encoder = self._encoder or exported or self.encoder
-            vector = self._query_encoder.embed_texts([text])[0]
+                    loaded = self._encoder if model is None else self._encoders.get(model)
+                    exported = (self._export(manifest, model)
+                                if loaded is None and manifest and self.backend != "torch" else None)
+                    self._query_encoders[model] = loaded or exported or self._encoder_of(model)
+            vector = self._query_encoders[model].embed_texts([text])[0]
             if cache:
                 cache.put(text, vector)
         return vector
@@ -422,6 +419,7 @@ class Collection:
         for kind in KINDS:
             sample_path(self.storage.cache_dir, self.storage.key(kind, key).name(self.storage.model())).unlink(missing_ok=True)
         self._encoders.pop(key, None)
+        self._query_encoders.pop(key, None)
         return removed
 
     def remove(self, paths: Sequence[str | Path]) -> Removal:

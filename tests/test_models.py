@@ -113,6 +113,28 @@ def test_a_later_index_run_embeds_new_files_with_every_model(tmp_path, corpus, t
         assert all(Path(h.path).name != "new.png" for h in idx.search("a red circle", k=20, model=tiny_model))
 
 
+def test_a_query_with_another_model_beside_a_gpu_loads_no_torch_model(tmp_path, corpus, tiny_model,
+                                                                        monkeypatch) -> None:
+    """A text query runs on the ONNX text tower even where a GPU would be used, for every model of
+    the index, not only the default: no torch import, no CUDA start for one query."""
+    index = tmp_path / "idx"
+    with retrieval.open_index(index, model="shapes-mini") as idx:
+        idx.add([corpus], workers=0)
+        idx.add_model(tiny_model, "random", workers=0)
+        want = [h.path for h in idx.search("a green square", k=5, model=tiny_model)]
+    from retrieval import encoder
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("a query loaded the torch model")
+
+    monkeypatch.setattr(encoder, "gpu_likely", lambda: True)
+    monkeypatch.setattr(encoder, "load_source", no_torch)
+    with retrieval.open_index(index, create=False, device="auto") as idx:
+        for model in (None, tiny_model):
+            assert len(idx.search("a new query text", k=3, model=model)) == 3
+        assert [h.path for h in idx.search("a green square", k=5, model=tiny_model)] == want
+
+
 def test_removing_a_model_removes_its_vectors_only_and_never_the_default(tmp_path, corpus, tiny_model) -> None:
     index = tmp_path / "idx"
     with retrieval.open_index(index, model="shapes-mini") as idx:
