@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from stat import S_ISREG
 from typing import Any
 
 from .collection import Collection
@@ -37,7 +38,7 @@ def _stat(path: str) -> Stat:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns) if os.path.isfile(path) else None
+    return (st.st_size, st.st_mtime_ns) if S_ISREG(st.st_mode) else None
 
 
 class Watcher:
