@@ -321,18 +321,19 @@ def run_session(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict:
     """Run one process in a session of its own to its exit: wall seconds, and the CPU seconds of every
     process of that session (Ray's raylet, workers and actors too), sampled every 0.1 s (a process's
     last 0.1 s before it exits can be missed)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
     seen: dict[int, float] = {}
-    while proc.poll() is None:
-        _session_cpu(proc.pid, seen)
-        time.sleep(0.1)
-    seconds = time.perf_counter() - t0
-    err = proc.stderr.read()
-    proc.stderr.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {err[-2000:]}")
+    # stderr to a file, not a pipe read after exit: a child writing more than a pipe holds would block forever
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True)
+        while proc.poll() is None:
+            _session_cpu(proc.pid, seen)
+            time.sleep(0.1)
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {err.read()[-2000:]}")
     _session_cpu(proc.pid, seen)  # what the session left behind (Ray processes still exiting)
     return {"seconds": seconds, "cpu_s": sum(seen.values()), "processes": len(seen)}
 
