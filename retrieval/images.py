@@ -219,30 +219,20 @@ def decode_file(path: str, geometry: Geometry, draft: bool = True) -> Decoded:
     return decoded
 
 
-def read_file(path: str) -> tuple[Decoded, bytes]:
-    """Read and hash a file to decode: (its identity, without pixels, and its bytes); never raises.
-
-    A file that cannot be read, or is empty, comes back with its `error` set (and no bytes).
-    """
+def _decode_file(path: str, geometry: Geometry, draft: bool) -> Decoded:
     try:
         size, mtime = file_identity(path)
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
-        return Decoded(path, 0, 0.0, "", None, f"cannot read: {exc.strerror or exc}"), b""
+        return Decoded(path, 0, 0.0, "", None, f"cannot read: {exc.strerror or exc}")
     digest = hashlib.sha256(data).hexdigest()  # of the bytes we decode: the file is read once
-    return Decoded(path, size, mtime, digest, None, None if data else "empty file"), data
-
-
-def _decode_file(path: str, geometry: Geometry, draft: bool) -> Decoded:
-    decoded, data = read_file(path)
-    if decoded.error is not None:
-        return decoded
+    if not data:
+        return Decoded(path, size, mtime, digest, None, "empty file")
     if geometry.jpeg_to_device and (orientation := device_jpeg_orientation(data)) is not None:
-        decoded.jpeg, decoded.orientation = data, orientation
-        return decoded
-    decoded.pixels, decoded.error = decode_data(data, geometry, draft)
-    return decoded
+        return Decoded(path, size, mtime, digest, None, jpeg=data, orientation=orientation)
+    pixels, error = decode_data(data, geometry, draft)
+    return Decoded(path, size, mtime, digest, pixels, error)
 
 
 def decode_data(data: bytes, geometry: Geometry, draft: bool = True) -> tuple[np.ndarray | None, str | None]:

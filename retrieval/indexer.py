@@ -402,17 +402,16 @@ def fill_metadata(storage: Storage, taken: dict[str, float] | None = None) -> in
 WORDS_BATCH = 64
 
 
-def fill_words(storage: Storage, ocr: bool | None = None, report: IndexReport | None = None) -> int:
+def fill_words(storage: Storage, ocr: bool, report: IndexReport | None = None) -> int:
     """Make the searchable words (see `words.item_words`) of the items that lack them: those just
     added, a renamed file's, and those of an index built before migration 0005 whose metadata it
-    lacked; nothing is embedded. With OCR (`ocr.wanted(ocr)`), also read the text of every image not
-    read yet (an index's older images too, once OCR is installed or asked for). Returns how many items
-    got words; the images read and the time it took go to `report.ocr` and `report.timings["ocr"]`."""
-    from . import ocr as engine
+    lacked; nothing is embedded. With `ocr` (as resolved by `ocr.wanted`), also read the text of every
+    image not read yet (an index's older images too, once OCR is installed or asked for). Returns how
+    many items got words; the images read and the time it took go to `report.ocr` and
+    `report.timings["ocr"]`."""
     from .words import item_words
 
-    read = engine.wanted(ocr)
-    todo = storage.reader.words_todo(read)
+    todo = storage.reader.words_todo(ocr)
     if not todo:
         return 0
     roots = storage.reader.roots()
@@ -420,9 +419,11 @@ def fill_words(storage: Storage, ocr: bool | None = None, report: IndexReport | 
     rows: list[tuple[int, str, str | None]] = []
     for number, src in enumerate(todo, 1):
         text = src.ocr
-        if read and src.kind == "image" and text is None:
+        if ocr and src.kind == "image" and text is None:
+            from .ocr import read_text  # only where text is read
+
             try:
-                text = engine.read_text(src.path)
+                text = read_text(src.path)
             except Exception:  # noqa: BLE001 - gone or unreadable since it was embedded: tried next scan
                 text = None
             if report is not None:
@@ -430,11 +431,11 @@ def fill_words(storage: Storage, ocr: bool | None = None, report: IndexReport | 
         words = src.words if src.words is not None else item_words(
             src.kind, src.path, root_of(src.path, roots), src.text, src.camera, src.taken_at, src.taken_offset)
         rows.append((src.item_id, words, text))
-        if read and number % WORDS_BATCH == 0:  # OCR takes a while: an interrupted run keeps what was read
+        if ocr and number % WORDS_BATCH == 0:  # OCR takes a while: an interrupted run keeps what was read
             storage.writer.set_words(rows)
             rows = []
     storage.writer.set_words(rows)
-    if read and report is not None:
+    if ocr and report is not None:
         report.timings["ocr"] = report.timings.get("ocr", 0.0) + time.perf_counter() - start
     return len(todo)
 

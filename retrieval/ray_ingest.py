@@ -35,7 +35,7 @@ import numpy as np
 
 from .config import CLUSTER_EXTRA
 from .errors import ClusterUnavailable
-from .images import Decoded, Geometry, decode_data, read_file
+from .images import Decoded, Geometry, decode_file
 from .indexer import SAVE_EVERY, IndexReport, commit_images
 from .records import ModelManifest
 from .stores import CONFIG_SETTING
@@ -103,9 +103,7 @@ def _read_and_decode(batch: dict[str, np.ndarray], geometry: Geometry, draft: bo
     rows = []
     pixels = np.zeros((len(batch["path"]), geometry.size, geometry.size, 3), np.uint8)
     for i, path in enumerate(batch["path"]):
-        decoded, data = read_file(str(path))
-        if decoded.error is None:
-            decoded.pixels, decoded.error = decode_data(data, geometry, draft)
+        decoded = decode_file(str(path), geometry, draft)  # the Ray path's geometry never sends JPEGs to a device
         if decoded.pixels is not None:
             pixels[i] = decoded.pixels
         rows.append(decoded)

@@ -16,11 +16,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from stat import S_ISREG
 from typing import Any
 
 from .collection import Collection
 from .errors import IndexInUse, MMSearchError, NothingToIndex
 from .indexer import IndexReport
+from .reader import is_under
 
 log = logging.getLogger("mmsearch")
 
@@ -36,11 +38,7 @@ def _stat(path: str) -> Stat:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_size, st.st_mtime_ns) if os.path.isfile(path) else None
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+    return (st.st_size, st.st_mtime_ns) if S_ISREG(st.st_mode) else None
 
 
 class Watcher:
@@ -76,7 +74,7 @@ class Watcher:
         """Note a watchdog event (called by the observer for every change under a root)."""
         for path in (getattr(event, "src_path", ""), getattr(event, "dest_path", "")):
             path = os.fsdecode(path) if path else ""
-            if path and not _under(path, self._index_dir):  # an index kept inside a root changes itself
+            if path and not is_under(path, self._index_dir):  # an index kept inside a root changes itself
                 self.mark(path)
 
     def mark(self, path: str) -> None:
@@ -85,7 +83,7 @@ class Watcher:
         stat, now = _stat(path), time.monotonic()
         with self._lock:
             for root in self.roots:
-                if _under(path, root):
+                if is_under(path, root):
                     self._pending.setdefault(root, set()).add(path)
                     self._last_event = now
                     if self._seen.get(path, (False,))[0] != stat:
