@@ -216,7 +216,8 @@ class SqlStorage(LocalStorage):
         """Bytes of the index's tables (PostgreSQL: with their indexes and TOAST; SQLite: the file),
         plus the cache files."""
         if self.url.get_backend_name() == "postgresql":
-            tables = [name for name in (t.name for t in schema.TABLES) if name in self.reader._tables()]
+            present = self.reader._tables()
+            tables = [name for name in (t.name for t in schema.TABLES) if name in present]
             size = sum(self.reader._all("SELECT pg_total_relation_size(?)", [name])[0][0] for name in tables)
         else:
             size = Path(str(self.url.database)).stat().st_size
