@@ -121,8 +121,9 @@ class StoreReader:
             raise
         return reader
 
-    def check_origin(self) -> None:
-        """Refuse a database that is not an index database of this mmsearch, before anything reads or writes it.
+    def check_origin(self) -> set[str]:
+        """Refuse a database that is not an index database of this mmsearch, before anything reads or
+        writes it; return the names of its tables (empty: a new database), read for the check.
 
         Migration names sort in the order they were added (`0001_…`, `0002_…`), so a name after
         SCHEMA_VERSION is one a newer mmsearch applied: its index must not be "repaired" here.
@@ -135,6 +136,7 @@ class StoreReader:
         if newer:
             raise IndexTooNew(f"index at {self.location} was written by a newer mmsearch (schema {newer[-1]}; "
                               f"this version knows up to {SCHEMA_VERSION}): upgrade mmsearch to use it")
+        return tables
 
     # --- driver hooks (overridden by `sql_store.SqlReader`) ----------------------------------
 

@@ -151,8 +151,7 @@ class SqlStorage(LocalStorage):
         engine = connect(url)
         reader = SqlReader(engine, shown(url))
         try:
-            reader.check_origin()
-            if schema.MIGRATIONS.name not in reader._tables():
+            if schema.MIGRATIONS.name not in reader.check_origin():
                 if not create:
                     raise IndexNotFound(f"no index in database {shown(url)} (run `mmsearch index PATH --db ...` first)")
                 return cls(url, engine, None, vectors)
