@@ -229,7 +229,7 @@ class StoreReader:
     def _vectors_of(self, model: str | None) -> tuple[str, str, str, list[object]]:
         """(FROM clause, vector column, condition, parameters) reading the vectors of `model` (None: the default)."""
         if self._before_models():
-            return str(ITEMS), f"{ITEMS}.vector", "1 = 1", []  # one model, its vectors in the column 0004 moved
+            return str(ITEMS), f"{ITEMS}.vector", ANY_ROW, []  # one model, its vectors in the column 0004 moved
         return _VECTOR_JOIN, VECTORS.cols("vector"), _BY_KEY if model else _BY_DEFAULT, [model] if model else []
 
     def setting(self, key: str) -> str | None:
@@ -402,8 +402,8 @@ class StoreReader:
         if not terms:
             return empty
         source, source_params, item, score, cond, params = self._matching(terms)
-        where, under = _under(FILES.cols("path"), folder) if folder else ("1 = 1", [])
-        filtered, more = filters.sql() if filters else ("1 = 1", [])
+        where, under = _under(FILES.cols("path"), folder) if folder else (ANY_ROW, [])
+        filtered, more = filters.sql() if filters else (ANY_ROW, [])
         rows = self._newer(
             f"SELECT {item}, {score} FROM {source} "
             f"JOIN {ITEMS} ON {ITEMS.cols('id')} = {item} JOIN {FILES} ON {_JOIN} "
