@@ -434,17 +434,17 @@ class StoreReader:
 
     def _file_metadata(self, ids: Iterable[int], *columns: str) -> dict[int, tuple]:
         """`columns` of the files of item ids, columns of migration 0003, by id; empty on an index without them."""
-        out: dict[int, tuple] = {}
-        for part in chunks([int(i) for i in ids]):
-            rows = self._newer(f"SELECT {ITEMS.cols('id')}, {FILES.cols(*columns)} FROM {ITEMS} "
-                               f"JOIN {FILES} ON {_JOIN} WHERE {ITEMS.cols('id')} IN ({','.join('?' * len(part))})", part)
-            out.update((r[0], tuple(r[1:])) for r in rows or [])
-        return out
+        sql = (f"SELECT {ITEMS.cols('id')}, {FILES.cols(*columns)} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
+               f"WHERE {ITEMS.cols('id')} IN ({{ids}})")
+        return {r[0]: tuple(r[1:]) for rows in self._by_ids(sql, ids, newer=True) for r in rows}
 
-    def _by_ids(self, sql: str, ids: Iterable[int], params: Sequence[object] = ()) -> Iterator[list[tuple]]:
-        """Rows of `sql`, whose `{ids}` is an IN list after `params`, for `ids` sent CHUNK at a time."""
+    def _by_ids(self, sql: str, ids: Iterable[int], params: Sequence[object] = (),
+                newer: bool = False) -> Iterator[list[tuple]]:
+        """Rows of `sql`, whose `{ids}` is an IN list after `params`, for `ids` sent CHUNK at a time.
+        `newer`: `sql` reads a table or column of a later migration (see `_newer`); none on an index without it."""
+        run = self._newer if newer else self._all
         for part in chunks([int(i) for i in ids]):
-            yield self._all(sql.format(ids=",".join("?" * len(part))), [*params, *part])
+            yield run(sql.format(ids=",".join("?" * len(part))), [*params, *part]) or []
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
         """Display rows for item ids that still exist (a missing id is simply absent)."""
