@@ -131,8 +131,9 @@ class FaissVectorStore:
     def _follow_metadata(self) -> list[VectorKey]:
         """Sets the metadata store's generation has moved past: loaded again (from this directory's
         file, not the set in use: a running search keeps its own), synced by id, swapped in and kept."""
-        behind = [key for key in self._sets
-                  if key not in self._dirty and self._reader.generation(key.model) != self._generation.get(key)]
+        clean = [key for key in self._sets if key not in self._dirty]
+        current = {model: self._reader.generation(model) for model in {key.model for key in clean}}  # once per model
+        behind = [key for key in clean if current[key.model] != self._generation.get(key)]
         for key in behind:
             self._sets[key] = self._load(key)
         if behind:

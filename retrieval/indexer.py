@@ -188,8 +188,8 @@ def root_options(stored: dict[str, RootOptions], roots: Sequence[str], exclude: 
     """
     options = {}
     for root in sorted(set(roots)):
-        holders = [r for r in stored if is_under(root, r)]
-        base = stored[max(holders, key=len)] if holders else RootOptions()
+        holder = root_of(root, stored)
+        base = stored[holder] if holder is not None else RootOptions()
         options[root] = RootOptions(
             base.exclude if exclude is None else tuple(p for p in exclude if p),
             base.include_hidden if include_hidden is None else include_hidden,
@@ -284,7 +284,7 @@ def _apply_prune_rule(gone: list[FileRow], options: dict[str, RootOptions], know
         if any(is_under(row.path, folder) for folder in unreadable):
             report.kept += 1
             continue
-        root = max((r for r in options if is_under(row.path, r)), key=len)
+        root = root_of(row.path, options)  # never None: each gone file was read from under one of the roots
         opts = options[root]
         if row.path != root and excluded(os.path.relpath(row.path, root), opts.exclude, include_hidden=True):
             remove.append(row)  # left out by the user's patterns: their explicit choice

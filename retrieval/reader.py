@@ -121,8 +121,9 @@ class StoreReader:
             raise
         return reader
 
-    def check_origin(self) -> None:
-        """Refuse a database that is not an index database of this mmsearch, before anything reads or writes it.
+    def check_origin(self) -> set[str]:
+        """Refuse a database that is not an index database of this mmsearch, before anything reads or
+        writes it; return the names of its tables (empty: a new database), read for the check.
 
         Migration names sort in the order they were added (`0001_…`, `0002_…`), so a name after
         SCHEMA_VERSION is one a newer mmsearch applied: its index must not be "repaired" here.
@@ -135,6 +136,7 @@ class StoreReader:
         if newer:
             raise IndexTooNew(f"index at {self.location} was written by a newer mmsearch (schema {newer[-1]}; "
                               f"this version knows up to {SCHEMA_VERSION}): upgrade mmsearch to use it")
+        return tables
 
     # --- driver hooks (overridden by `sql_store.SqlReader`) ----------------------------------
 
@@ -227,7 +229,7 @@ class StoreReader:
     def _vectors_of(self, model: str | None) -> tuple[str, str, str, list[object]]:
         """(FROM clause, vector column, condition, parameters) reading the vectors of `model` (None: the default)."""
         if self._before_models():
-            return str(ITEMS), f"{ITEMS}.vector", "1 = 1", []  # one model, its vectors in the column 0004 moved
+            return str(ITEMS), f"{ITEMS}.vector", ANY_ROW, []  # one model, its vectors in the column 0004 moved
         return _VECTOR_JOIN, VECTORS.cols("vector"), _BY_KEY if model else _BY_DEFAULT, [model] if model else []
 
     def setting(self, key: str) -> str | None:
@@ -400,8 +402,8 @@ class StoreReader:
         if not terms:
             return empty
         source, source_params, item, score, cond, params = self._matching(terms)
-        where, under = _under(FILES.cols("path"), folder) if folder else ("1 = 1", [])
-        filtered, more = filters.sql() if filters else ("1 = 1", [])
+        where, under = _under(FILES.cols("path"), folder) if folder else (ANY_ROW, [])
+        filtered, more = filters.sql() if filters else (ANY_ROW, [])
         rows = self._newer(
             f"SELECT {item}, {score} FROM {source} "
             f"JOIN {ITEMS} ON {ITEMS.cols('id')} = {item} JOIN {FILES} ON {_JOIN} "
@@ -432,17 +434,17 @@ class StoreReader:
 
     def _file_metadata(self, ids: Iterable[int], *columns: str) -> dict[int, tuple]:
         """`columns` of the files of item ids, columns of migration 0003, by id; empty on an index without them."""
-        out: dict[int, tuple] = {}
-        for part in chunks([int(i) for i in ids]):
-            rows = self._newer(f"SELECT {ITEMS.cols('id')}, {FILES.cols(*columns)} FROM {ITEMS} "
-                               f"JOIN {FILES} ON {_JOIN} WHERE {ITEMS.cols('id')} IN ({','.join('?' * len(part))})", part)
-            out.update((r[0], tuple(r[1:])) for r in rows or [])
-        return out
+        sql = (f"SELECT {ITEMS.cols('id')}, {FILES.cols(*columns)} FROM {ITEMS} JOIN {FILES} ON {_JOIN} "
+               f"WHERE {ITEMS.cols('id')} IN ({{ids}})")
+        return {r[0]: tuple(r[1:]) for rows in self._by_ids(sql, ids, newer=True) for r in rows}
 
-    def _by_ids(self, sql: str, ids: Iterable[int], params: Sequence[object] = ()) -> Iterator[list[tuple]]:
-        """Rows of `sql`, whose `{ids}` is an IN list after `params`, for `ids` sent CHUNK at a time."""
+    def _by_ids(self, sql: str, ids: Iterable[int], params: Sequence[object] = (),
+                newer: bool = False) -> Iterator[list[tuple]]:
+        """Rows of `sql`, whose `{ids}` is an IN list after `params`, for `ids` sent CHUNK at a time.
+        `newer`: `sql` reads a table or column of a later migration (see `_newer`); none on an index without it."""
+        run = self._newer if newer else self._all
         for part in chunks([int(i) for i in ids]):
-            yield self._all(sql.format(ids=",".join("?" * len(part))), [*params, *part])
+            yield run(sql.format(ids=",".join("?" * len(part))), [*params, *part]) or []
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemRow]:
         """Display rows for item ids that still exist (a missing id is simply absent)."""

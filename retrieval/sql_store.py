@@ -151,8 +151,7 @@ class SqlStorage(LocalStorage):
         engine = connect(url)
         reader = SqlReader(engine, shown(url))
         try:
-            reader.check_origin()
-            if schema.MIGRATIONS.name not in reader._tables():
+            if schema.MIGRATIONS.name not in reader.check_origin():
                 if not create:
                     raise IndexNotFound(f"no index in database {shown(url)} (run `mmsearch index PATH --db ...` first)")
                 return cls(url, engine, None, vectors)
@@ -216,7 +215,8 @@ class SqlStorage(LocalStorage):
         """Bytes of the index's tables (PostgreSQL: with their indexes and TOAST; SQLite: the file),
         plus the cache files."""
         if self.url.get_backend_name() == "postgresql":
-            tables = [name for name in (t.name for t in schema.TABLES) if name in self.reader._tables()]
+            present = self.reader._tables()
+            tables = [name for name in (t.name for t in schema.TABLES) if name in present]
             size = sum(self.reader._all("SELECT pg_total_relation_size(?)", [name])[0][0] for name in tables)
         else:
             size = Path(str(self.url.database)).stat().st_size
