@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 #: Text → unit vector (the caller's choice of encoder and cache), and images → unit vectors.
 EmbedText = Callable[[str], np.ndarray]
 EmbedImages = Callable[[Sequence["Image.Image"]], np.ndarray]
+#: A filter over ranked (score, row) hits (`compose.exclusion`).
+Keep = Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]]
 
 #: --target value → item kinds searched.
 TARGETS = {"images": ("image",), "texts": ("text",), "all": ("image", "text")}
@@ -206,13 +208,14 @@ class _Ranking:
             kind, searcher.model), vec) for kind in kinds}
         self._matched: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
         self._terms: dict[str, list[str]] = {}
+        self._exclusions: dict[tuple[str, int], Keep | None] = {}
 
     def semantic(self, n: int, keep: bool) -> list[tuple[float, ItemRow, float]]:
         """The best `n` items by cosine (score, row, relevance), cut-offs applied; with `keep`, `exclude`
         and `collapse` too (k still returned when k pass)."""
         found: list[tuple[float, ItemRow, float]] = []
         for kind in self.kinds:
-            kept = exclusion(self.searcher, kind, self.vec, self.exclude, self.collapse, n) if keep else None
+            kept = self._exclusion(kind, n) if keep else None
             found.extend((score, row, self.calibrations[kind].relevance(score)) for score, row in
                          _search_kind(self.searcher.storage, kind, self.vec, n, self.folder, kept, self.filters,
                                       self.searcher.model, None if self.min_score == "auto" else self.min_score))
@@ -225,6 +228,13 @@ class _Ranking:
             if self._passes(score, relevance, floor):
                 out.append((score, row, relevance))
         return out
+
+    def _exclusion(self, kind: str, k: int) -> Keep | None:
+        """`exclusion` of `kind` stopping at `k` kept, built once: building it embeds every `exclude` text,
+        and each widening pass of `fused` asks for it again."""
+        if (kind, k) not in self._exclusions:
+            self._exclusions[(kind, k)] = exclusion(self.searcher, kind, self.vec, self.exclude, self.collapse, k)
+        return self._exclusions[(kind, k)]
 
     def _floor(self, best: float | None) -> float:
         """The lowest cosine `min_score` and `within` (below the `best` cosine) let through."""
@@ -299,7 +309,7 @@ class _Ranking:
         kept: set[int] = set()
         for kind in self.kinds:
             ranked = [hit for hit in hits if hit[1].kind == kind]
-            keep = exclusion(self.searcher, kind, self.vec, self.exclude, self.collapse, k)
+            keep = self._exclusion(kind, k)
             kept.update(row.id for _, row in (keep(ranked) if keep is not None else ranked))
         return kept
 
@@ -337,7 +347,7 @@ def _stored(storage: Storage, kind: str, ids: np.ndarray, model: str | None = No
 
 
 def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: str | None,
-                 keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
+                 keep: Keep | None = None,
                  filters: Filters | None = None, model: str | None = None,
                  min_score: float | None = None) -> list[tuple[float, Any]]:
     index = storage.vector_set(kind, model)
