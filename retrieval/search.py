@@ -265,6 +265,9 @@ class _Ranking:
         """The top `k` of the words ranking ('words') or of its fusion with the meaning ranking ('hybrid')."""
         reader = self.searcher.storage.reader
         depth = max(k, FUSION_DEPTH)
+        # Rows and cosines of items only the words ranking holds, kept across widening passes: each read once.
+        read: dict[int, ItemRow] = {}
+        measured: dict[int, float] = {}
         while True:
             meaning = self.semantic(depth, keep=False) if mode == "hybrid" else []
             matched = self.words(text, depth)
@@ -272,12 +275,14 @@ class _Ranking:
             words_score = {item: round(score, 6) for score, item, _ in matched}
             words_rank = dict(zip(words_score, ranks(list(words_score.values()))))
             rows = {row.id: row for _, row, _ in meaning}
-            rows.update(reader.items(i for i in words_rank if i not in rows))
+            read.update(reader.items(i for i in words_rank if i not in rows and i not in read))
+            rows.update((i, read[i]) for i in words_rank if i not in rows and i in read)
             cosine = {row.id: score for score, row, _ in meaning}
             for kind in self.kinds:
-                missing = [i for i, row in rows.items() if row.kind == kind and i not in cosine]
-                cosine.update((i, float(v @ self.vec))
-                              for i, v in item_vectors(reader, kind, missing, self.searcher.model).items())
+                missing = [i for i, row in rows.items() if row.kind == kind and i not in cosine and i not in measured]
+                measured.update((i, float(v @ self.vec))
+                                for i, v in item_vectors(reader, kind, missing, self.searcher.model).items())
+            cosine.update((i, measured[i]) for i in rows if i not in cosine and i in measured)
             floor = self._floor(max(cosine.values(), default=None))
             passing = {i for i, row in rows.items()
                        if self._passes(cosine[i], self.calibrations[row.kind].relevance(cosine[i]), floor)}
