@@ -175,14 +175,15 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
         counts = storage.reader.counts()
         raise EmptyIndex(f"the index holds no {wanted} to search ({counts.get('image', 0)} images, "
                          f"{counts.get('text', 0)} texts): try --target all")
-    ranking = _Ranking(searcher, kinds, vec, folder=os.path.abspath(os.path.expanduser(str(under))) if under else None,
+    ranking = _Ranking(searcher, kinds, vec, text,
+                       folder=os.path.abspath(os.path.expanduser(str(under))) if under else None,
                        filters=filters, min_score=min_score, within=within, exclude=exclude, collapse=collapse)
-    if mode == "semantic" or (mode == "hybrid" and not ranking.words(text, max(k, FUSION_DEPTH))):
+    if mode == "semantic" or (mode == "hybrid" and not ranking.words(max(k, FUSION_DEPTH))):
         results = [Result(n, round(score, 6), row.kind, row.path, row.text, row.line if row.kind == "text" else None,
                           row.id, round(relevance, 3), {"semantic": n})
                    for n, (score, row, relevance) in enumerate(ranking.semantic(k, keep=True), 1)]
     else:
-        results = ranking.fused(text, k, mode)
+        results = ranking.fused(k, mode)
     return by_date(storage.reader, results) if sort == "date" else results
 
 
@@ -195,19 +196,20 @@ FUSION_DEPTH = 50
 
 
 class _Ranking:
-    """The two rankings of one query (by meaning, by words) under its filters, and their fusion."""
+    """The two rankings of one query (by meaning: `vec`; by words: `text`) under its filters, and their fusion."""
 
-    def __init__(self, searcher: Searcher, kinds: Sequence[str], vec: np.ndarray, *, folder: str | None,
+    def __init__(self, searcher: Searcher, kinds: Sequence[str], vec: np.ndarray, text: str, *, folder: str | None,
                  filters: Filters, min_score: float | str | None, within: float | None, exclude: Sequence[str],
                  collapse: float | None) -> None:
-        self.searcher, self.kinds, self.vec, self.folder, self.filters = searcher, kinds, vec, folder, filters
+        self.searcher, self.kinds, self.vec, self.text, self.folder = searcher, kinds, vec, text, folder
+        self.filters = filters
         self.min_score, self.within, self.exclude, self.collapse = min_score, within, exclude, collapse
         storage = searcher.storage
         self.calibrations = {kind: Calibration(load_sample(
             storage.reader, sample_path(storage.cache_dir, storage.key(kind, searcher.model).name(storage.model())),
             kind, searcher.model), vec) for kind in kinds}
-        self._matched: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
-        self._terms: dict[str, list[str]] = {}
+        self._matched: dict[int, list[tuple[float, int, str]]] = {}
+        self._terms: list[str] | None = None
         self._exclusions: dict[tuple[str, int], Keep | None] = {}
 
     def semantic(self, n: int, keep: bool) -> list[tuple[float, ItemRow, float]]:
@@ -246,22 +248,22 @@ class _Ranking:
         # Relevance is per kind: with --target all it need not fall with the score.
         return score >= floor and not (self.min_score == "auto" and relevance < AUTO_RELEVANCE)
 
-    def words(self, text: str, n: int) -> list[tuple[float, int, str]]:
-        """The best `n` items whose words match `text`: (words score, id, kind), best first; asked
-        once per (text, n) — a hybrid query first asks whether any match, then fuses the same list."""
-        if (text, n) not in self._matched:
+    def words(self, n: int) -> list[tuple[float, int, str]]:
+        """The best `n` items whose words match the query's text: (words score, id, kind), best first;
+        asked once per `n` — a hybrid query first asks whether any match, then fuses the same list."""
+        if n not in self._matched:
             reader = self.searcher.storage.reader
-            if text not in self._terms:  # each word counted once for the query, whatever its kinds and depths
-                self._terms[text] = reader.rare_terms(text)
+            if self._terms is None:  # each word counted once for the query, whatever its kinds and depths
+                self._terms = reader.rare_terms(self.text)
             found = []
             for kind in self.kinds:
-                ids, scores = reader.match_terms(self._terms[text], kind, n, self.folder, self.filters)
+                ids, scores = reader.match_terms(self._terms, kind, n, self.folder, self.filters)
                 found.extend((float(s), int(i), kind) for i, s in zip(ids, scores))
             found.sort(key=lambda hit: -hit[0])  # bm25 over one full-text index: comparable across kinds
-            self._matched[(text, n)] = found[:n]
-        return self._matched[(text, n)]
+            self._matched[n] = found[:n]
+        return self._matched[n]
 
-    def fused(self, text: str, k: int, mode: str) -> list[Result]:
+    def fused(self, k: int, mode: str) -> list[Result]:
         """The top `k` of the words ranking ('words') or of its fusion with the meaning ranking ('hybrid')."""
         reader = self.searcher.storage.reader
         depth = max(k, FUSION_DEPTH)
@@ -270,7 +272,7 @@ class _Ranking:
         measured: dict[int, float] = {}
         while True:
             meaning = self.semantic(depth, keep=False) if mode == "hybrid" else []
-            matched = self.words(text, depth)
+            matched = self.words(depth)
             semantic_rank = {row.id: n for n, (_, row, _) in enumerate(meaning, 1)}
             words_score = {item: round(score, 6) for score, item, _ in matched}
             words_rank = dict(zip(words_score, ranks(list(words_score.values()))))
