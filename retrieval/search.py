@@ -206,8 +206,7 @@ class _Ranking:
         self.min_score, self.within, self.exclude, self.collapse = min_score, within, exclude, collapse
         storage = searcher.storage
         self.calibrations = {kind: Calibration(load_sample(
-            storage.reader, sample_path(storage.cache_dir, storage.key(kind, searcher.model).name(storage.model())),
-            kind, searcher.model), vec) for kind in kinds}
+            storage.reader, sample_path(storage, kind, searcher.model), kind, searcher.model), vec) for kind in kinds}
         self._matched: dict[int, list[tuple[float, int, str]]] = {}
         self._terms: list[str] | None = None
         self._exclusions: dict[tuple[str, int], Keep | None] = {}
