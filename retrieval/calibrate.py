@@ -25,7 +25,7 @@ import numpy as np
 from .config import write_cache_file
 
 if TYPE_CHECKING:
-    from .stores import MetadataReader
+    from .stores import MetadataReader, Storage
 
 #: Vectors per kind in the calibration sample.
 SAMPLE_SIZE = 2000
@@ -49,9 +49,9 @@ def sample_ids(ids: np.ndarray, size: int = SAMPLE_SIZE) -> np.ndarray:
     return np.sort(ids[np.argpartition(keys, size - 1)[:size]])
 
 
-def sample_path(directory: Path, name: str) -> Path:
-    """The cache file of the sample of the vector set `name` (`VectorKey.name`)."""
-    return directory / f"sample-{name}.npz"
+def sample_path(storage: Storage, kind: str, model: str | None = None) -> Path:
+    """The cache file of the sample of one kind and model (None: the default), named after its vector set."""
+    return storage.cache_dir / f"sample-{storage.key(kind, model).name(storage.model())}.npz"
 
 
 def load_sample(reader: MetadataReader, path: Path, kind: str, model: str | None = None) -> np.ndarray:

@@ -417,7 +417,7 @@ class Collection:
             removed = self.storage.remove_model(key)
             self.store.set_setting(self._config_setting(key), None)
         for kind in KINDS:
-            sample_path(self.storage.cache_dir, self.storage.key(kind, key).name(self.storage.model())).unlink(missing_ok=True)
+            sample_path(self.storage, kind, key).unlink(missing_ok=True)
         self._encoders.pop(key, None)
         self._query_encoders.pop(key, None)
         return removed

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 #: Text → unit vector (the caller's choice of encoder and cache), and images → unit vectors.
 EmbedText = Callable[[str], np.ndarray]
 EmbedImages = Callable[[Sequence["Image.Image"]], np.ndarray]
+#: A filter over ranked (score, row) hits (`compose.exclusion`).
+Keep = Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]]
 
 #: --target value → item kinds searched.
 TARGETS = {"images": ("image",), "texts": ("text",), "all": ("image", "text")}
@@ -173,14 +175,15 @@ def search(searcher: Searcher, query: Any, *, k: int = 10, target: str | None = 
         counts = storage.reader.counts()
         raise EmptyIndex(f"the index holds no {wanted} to search ({counts.get('image', 0)} images, "
                          f"{counts.get('text', 0)} texts): try --target all")
-    ranking = _Ranking(searcher, kinds, vec, folder=os.path.abspath(os.path.expanduser(str(under))) if under else None,
+    ranking = _Ranking(searcher, kinds, vec, text,
+                       folder=os.path.abspath(os.path.expanduser(str(under))) if under else None,
                        filters=filters, min_score=min_score, within=within, exclude=exclude, collapse=collapse)
-    if mode == "semantic" or (mode == "hybrid" and not ranking.words(text, max(k, FUSION_DEPTH))):
+    if mode == "semantic" or (mode == "hybrid" and not ranking.words(max(k, FUSION_DEPTH))):
         results = [Result(n, round(score, 6), row.kind, row.path, row.text, row.line if row.kind == "text" else None,
                           row.id, round(relevance, 3), {"semantic": n})
                    for n, (score, row, relevance) in enumerate(ranking.semantic(k, keep=True), 1)]
     else:
-        results = ranking.fused(text, k, mode)
+        results = ranking.fused(k, mode)
     return by_date(storage.reader, results) if sort == "date" else results
 
 
@@ -193,26 +196,27 @@ FUSION_DEPTH = 50
 
 
 class _Ranking:
-    """The two rankings of one query (by meaning, by words) under its filters, and their fusion."""
+    """The two rankings of one query (by meaning: `vec`; by words: `text`) under its filters, and their fusion."""
 
-    def __init__(self, searcher: Searcher, kinds: Sequence[str], vec: np.ndarray, *, folder: str | None,
+    def __init__(self, searcher: Searcher, kinds: Sequence[str], vec: np.ndarray, text: str, *, folder: str | None,
                  filters: Filters, min_score: float | str | None, within: float | None, exclude: Sequence[str],
                  collapse: float | None) -> None:
-        self.searcher, self.kinds, self.vec, self.folder, self.filters = searcher, kinds, vec, folder, filters
+        self.searcher, self.kinds, self.vec, self.text, self.folder = searcher, kinds, vec, text, folder
+        self.filters = filters
         self.min_score, self.within, self.exclude, self.collapse = min_score, within, exclude, collapse
         storage = searcher.storage
         self.calibrations = {kind: Calibration(load_sample(
-            storage.reader, sample_path(storage.cache_dir, storage.key(kind, searcher.model).name(storage.model())),
-            kind, searcher.model), vec) for kind in kinds}
-        self._matched: dict[tuple[str, int], list[tuple[float, int, str]]] = {}
-        self._terms: dict[str, list[str]] = {}
+            storage.reader, sample_path(storage, kind, searcher.model), kind, searcher.model), vec) for kind in kinds}
+        self._matched: dict[int, list[tuple[float, int, str]]] = {}
+        self._terms: list[str] | None = None
+        self._exclusions: dict[tuple[str, int], Keep | None] = {}
 
     def semantic(self, n: int, keep: bool) -> list[tuple[float, ItemRow, float]]:
         """The best `n` items by cosine (score, row, relevance), cut-offs applied; with `keep`, `exclude`
         and `collapse` too (k still returned when k pass)."""
         found: list[tuple[float, ItemRow, float]] = []
         for kind in self.kinds:
-            kept = exclusion(self.searcher, kind, self.vec, self.exclude, self.collapse, n) if keep else None
+            kept = self._exclusion(kind, n) if keep else None
             found.extend((score, row, self.calibrations[kind].relevance(score)) for score, row in
                          _search_kind(self.searcher.storage, kind, self.vec, n, self.folder, kept, self.filters,
                                       self.searcher.model, None if self.min_score == "auto" else self.min_score))
@@ -226,6 +230,13 @@ class _Ranking:
                 out.append((score, row, relevance))
         return out
 
+    def _exclusion(self, kind: str, k: int) -> Keep | None:
+        """`exclusion` of `kind` stopping at `k` kept, built once: building it embeds every `exclude` text,
+        and each widening pass of `fused` asks for it again."""
+        if (kind, k) not in self._exclusions:
+            self._exclusions[(kind, k)] = exclusion(self.searcher, kind, self.vec, self.exclude, self.collapse, k)
+        return self._exclusions[(kind, k)]
+
     def _floor(self, best: float | None) -> float:
         """The lowest cosine `min_score` and `within` (below the `best` cosine) let through."""
         return max(self.min_score if isinstance(self.min_score, float | int) else -math.inf,
@@ -236,38 +247,43 @@ class _Ranking:
         # Relevance is per kind: with --target all it need not fall with the score.
         return score >= floor and not (self.min_score == "auto" and relevance < AUTO_RELEVANCE)
 
-    def words(self, text: str, n: int) -> list[tuple[float, int, str]]:
-        """The best `n` items whose words match `text`: (words score, id, kind), best first; asked
-        once per (text, n) — a hybrid query first asks whether any match, then fuses the same list."""
-        if (text, n) not in self._matched:
+    def words(self, n: int) -> list[tuple[float, int, str]]:
+        """The best `n` items whose words match the query's text: (words score, id, kind), best first;
+        asked once per `n` — a hybrid query first asks whether any match, then fuses the same list."""
+        if n not in self._matched:
             reader = self.searcher.storage.reader
-            if text not in self._terms:  # each word counted once for the query, whatever its kinds and depths
-                self._terms[text] = reader.rare_terms(text)
+            if self._terms is None:  # each word counted once for the query, whatever its kinds and depths
+                self._terms = reader.rare_terms(self.text)
             found = []
             for kind in self.kinds:
-                ids, scores = reader.match_terms(self._terms[text], kind, n, self.folder, self.filters)
+                ids, scores = reader.match_terms(self._terms, kind, n, self.folder, self.filters)
                 found.extend((float(s), int(i), kind) for i, s in zip(ids, scores))
             found.sort(key=lambda hit: -hit[0])  # bm25 over one full-text index: comparable across kinds
-            self._matched[(text, n)] = found[:n]
-        return self._matched[(text, n)]
+            self._matched[n] = found[:n]
+        return self._matched[n]
 
-    def fused(self, text: str, k: int, mode: str) -> list[Result]:
+    def fused(self, k: int, mode: str) -> list[Result]:
         """The top `k` of the words ranking ('words') or of its fusion with the meaning ranking ('hybrid')."""
         reader = self.searcher.storage.reader
         depth = max(k, FUSION_DEPTH)
+        # Rows and cosines of items only the words ranking holds, kept across widening passes: each read once.
+        read: dict[int, ItemRow] = {}
+        measured: dict[int, float] = {}
         while True:
             meaning = self.semantic(depth, keep=False) if mode == "hybrid" else []
-            matched = self.words(text, depth)
+            matched = self.words(depth)
             semantic_rank = {row.id: n for n, (_, row, _) in enumerate(meaning, 1)}
             words_score = {item: round(score, 6) for score, item, _ in matched}
             words_rank = dict(zip(words_score, ranks(list(words_score.values()))))
             rows = {row.id: row for _, row, _ in meaning}
-            rows.update(reader.items(i for i in words_rank if i not in rows))
+            read.update(reader.items(i for i in words_rank if i not in rows and i not in read))
+            rows.update((i, read[i]) for i in words_rank if i not in rows and i in read)
             cosine = {row.id: score for score, row, _ in meaning}
             for kind in self.kinds:
-                missing = [i for i, row in rows.items() if row.kind == kind and i not in cosine]
-                cosine.update((i, float(v @ self.vec))
-                              for i, v in item_vectors(reader, kind, missing, self.searcher.model).items())
+                missing = [i for i, row in rows.items() if row.kind == kind and i not in cosine and i not in measured]
+                measured.update((i, float(v @ self.vec))
+                                for i, v in item_vectors(reader, kind, missing, self.searcher.model).items())
+            cosine.update((i, measured[i]) for i in rows if i not in cosine and i in measured)
             floor = self._floor(max(cosine.values(), default=None))
             passing = {i for i, row in rows.items()
                        if self._passes(cosine[i], self.calibrations[row.kind].relevance(cosine[i]), floor)}
@@ -299,7 +315,7 @@ class _Ranking:
         kept: set[int] = set()
         for kind in self.kinds:
             ranked = [hit for hit in hits if hit[1].kind == kind]
-            keep = exclusion(self.searcher, kind, self.vec, self.exclude, self.collapse, k)
+            keep = self._exclusion(kind, k)
             kept.update(row.id for _, row in (keep(ranked) if keep is not None else ranked))
         return kept
 
@@ -337,7 +353,7 @@ def _stored(storage: Storage, kind: str, ids: np.ndarray, model: str | None = No
 
 
 def _search_kind(storage: Storage, kind: str, vec: np.ndarray, k: int, folder: str | None,
-                 keep: Callable[[list[tuple[float, Any]]], list[tuple[float, Any]]] | None = None,
+                 keep: Keep | None = None,
                  filters: Filters | None = None, model: str | None = None,
                  min_score: float | None = None) -> list[tuple[float, Any]]:
     index = storage.vector_set(kind, model)
